@@ -8,7 +8,8 @@ are imported inside the commands that need them, so ``ncaudit --help`` answers a
 from __future__ import annotations
 
 import sys
-from typing import NoReturn
+from pathlib import Path
+from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -48,6 +49,70 @@ def _root(
 
     Typical use: `ncaudit extract` a checkpoint over a dataset into an HDF5 cache, then `ncaudit report` it.
     """
+
+
+@app.command()
+def report(
+    cache: Path = typer.Argument(..., help="Feature cache (.h5, schema 1) written by `ncaudit extract` or any tool.",
+                                 show_default=False),
+    json_out: bool = typer.Option(False, "--json", help="Print the JSON report (schema ncaudit.report/1) on stdout "
+                                  "instead of the table; nothing else goes to stdout."),
+    fail_if: list[str] = typer.Option(None, "--fail-if", metavar="EXPR",
+                                      help="Fail (exit 1) when EXPR holds, e.g. 'nc1>0.05' or 'accuracy<0.9'. "
+                                           "Repeatable. EXPR is METRIC OP NUMBER, OP one of < <= > >=."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto (CUDA when available). Same numbers either way."),
+    batch_size: int = typer.Option(4096, "--batch-size", min=1, help="Rows per streamed batch (memory only)."),
+    ridge: float = typer.Option(0.0, help="Ridge λ ≥ 0 of the least-squares classifier W_LS = Σ_YH (Σ_T + λI)†."),
+    rcond: Optional[float] = typer.Option(None, help="Relative eigenvalue cut-off of Σ_T† (default p·eps)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial",
+                                       help="Audit the rows written so far of an incomplete cache."),
+    drop_empty_classes: bool = typer.Option(False, "--drop-empty-classes",
+                                            help="Leave out classes without samples and their classifier rows "
+                                                 "(audit a subset of the classes)."),
+    per_class: bool = typer.Option(False, "--per-class", help="Add the per-class table (always in the JSON)."),
+    normalize: bool = typer.Option(False, "--normalize", help="Audit h/‖h‖ and w_c/‖w_c‖ with b = 0 (feature-"
+                                   "normalised or cosine-classifier models)."),
+    layers: bool = typer.Option(False, "--layers", help="Also audit the earlier layers stored under /layers "
+                                "(NC1, CDNV, NC2 of the means, NCC accuracy per layer)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the JSON report to this file "
+                                          "(written only once every metric is computed)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Compute every Neural Collapse metric of a feature cache and gate on thresholds.
+
+    Two streaming passes over the file (statistics, then per-sample decisions); memory does not grow with the
+    number of samples. Exit codes: 0 every check passed, 1 a --fail-if check failed, 2 bad input.
+    """
+    from ncaudit.audit import METRIC_KEYS, AuditOptions, audit
+    from ncaudit.checks import evaluate, parse_checks
+    from ncaudit.progress import RichProgress
+    from ncaudit.report import render_json, render_table
+
+    try:
+        checks = parse_checks(fail_if, METRIC_KEYS)
+        options = AuditOptions(
+            batch_size=batch_size, device=device, ridge=ridge, rcond=rcond, allow_partial=allow_partial,
+            drop_empty_classes=drop_empty_classes, normalize=normalize, layers=[] if layers else None,
+        )
+        result = audit(cache, options, RichProgress(stderr, enabled=not quiet))
+    except InputError as exc:
+        fail(str(exc))
+    result.checks = evaluate(checks, result.metrics)
+    for warning in result.warnings:
+        stderr.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+    text = render_json(result)
+    if output is not None:
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(text + "\n")
+        except OSError as exc:
+            fail(f"cannot write {output}: {exc.strerror or exc}; choose a writable path for --output")
+    if json_out:
+        typer.echo(text)
+    else:
+        render_table(result, Console(highlight=False), per_class=per_class)
+    if not result.passed:
+        raise typer.Exit(code=1)
 
 
 def main() -> None:

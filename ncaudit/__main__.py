@@ -1,0 +1,5 @@
+"""``python -m ncaudit``: the command line."""
+
+from ncaudit.cli import main
+
+main()

@@ -1,0 +1,397 @@
+"""Audit a feature cache: the streaming passes over an HDF5 cache and the assembly of every metric.
+
+Pass 1 accumulates the class statistics (:class:`~ncaudit.stats.ClassStatistics`, one per layer); the metrics that
+are closed forms of the statistics follow (:mod:`ncaudit.metrics`); pass 2 makes the per-sample decisions
+(:class:`~ncaudit.stats.SampleDecisions`). Memory stays O(p^2 + C p) whatever the number of samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from ncaudit import __version__, metrics
+from ncaudit.errors import InputError
+from ncaudit.stats import ClassStatistics, SampleDecisions, Statistics, gemm_dtype_for, resolve_device
+from ncaudit.store import FeatureCache
+from ncaudit.validate import check_classifier, check_finite, check_labels, classes_to_keep
+
+#: Metric keys of the report, in table order (spec "Metrics" and "Beyond the balanced simplex").
+METRIC_KEYS: tuple[str, ...] = (
+    "nc1", "cdnv", "nc1_precision_floor",
+    "nc2_equinorm_means", "nc2_equinorm_classifier", "nc2_equiangle_means", "nc2_equiangle_classifier",
+    "nc2_maxangle_means", "nc2_maxangle_classifier", "nc2_orthogonality_means", "nc2_orthogonality_classifier",
+    "nc3", "nc4", "accuracy", "ncc_accuracy",
+    "mse_loss", "mse_term_a", "mse_term_b", "ls_distance", "ls_cosine",
+)
+
+#: A measured nc1 within this factor of the precision floor measures rounding, not collapse.
+FLOOR_WARNING_FACTOR = 3.0
+
+
+class ProgressTracker(Protocol):
+    """What the audit needs of a progress display: a task with a total, advanced by a number of rows."""
+
+    def task(self, description: str, total: int) -> contextlib.AbstractContextManager[Callable[[int], None]]: ...
+
+
+class _NoProgress:
+    @contextlib.contextmanager
+    def task(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
+        yield lambda n: None
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    """Options of an audit (the ``report`` command's flags).
+
+    Attributes
+    ----------
+    batch_size : rows per streamed batch (results do not depend on it).
+    device : ``cpu``, ``cuda`` or ``auto``.
+    ridge : lambda >= 0 of the least-squares classifier.
+    rcond : relative eigenvalue cut-off of Sigma_T^dagger (default p * eps).
+    allow_partial : read the written rows of an incomplete cache.
+    drop_empty_classes : leave out classes without samples (and their classifier rows).
+    normalize : audit h / ||h|| and w_c / ||w_c|| with b = 0.
+    layers : also audit the cache's ``/layers`` (None: none; empty: all; else these names).
+    """
+
+    batch_size: int = 4096
+    device: str = "cpu"
+    ridge: float = 0.0
+    rcond: float | None = None
+    allow_partial: bool = False
+    drop_empty_classes: bool = False
+    normalize: bool = False
+    layers: Sequence[str] | None = None
+
+
+@dataclass
+class AuditResult:
+    """Everything a report shows: metrics, details, per-class and per-layer blocks (see the JSON schema)."""
+
+    source: dict[str, Any]
+    n_samples: int
+    n_features: int
+    n_classes: int
+    class_counts: list[int]
+    metrics: dict[str, float | None]
+    details: dict[str, Any]
+    per_class: list[dict[str, Any]]
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(check["passed"] for check in self.checks)
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON-safe float: NaN / Inf become None (reported as null)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _unit_rows(a: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(a, axis=1, keepdims=True)
+    return a / np.where(n > 0, n, 1.0)
+
+
+def _to_tensor(x: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    return t.to(torch.float32) if t.dtype == torch.float16 else t
+
+
+def audit(
+    path: str | Path,
+    options: AuditOptions = AuditOptions(),
+    progress: ProgressTracker | None = None,
+) -> AuditResult:
+    """Compute every metric of the cache at ``path``.
+
+    Raises
+    ------
+    InputError
+        Missing or malformed file, labels outside [0, C), NaN / Inf features, a bad classifier shape, an empty class
+        (without ``drop_empty_classes``), an incomplete cache (without ``allow_partial``).
+    """
+    progress = progress or _NoProgress()
+    if options.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {options.batch_size}")
+    if options.ridge < 0 or not math.isfinite(options.ridge):
+        raise InputError(f"--ridge must be a finite number >= 0, got {options.ridge}")
+    if options.rcond is not None and not (0 <= options.rcond < 1):
+        raise InputError(f"--rcond must lie in [0, 1), got {options.rcond}")
+    device = resolve_device(options.device)
+    with FeatureCache(path, allow_partial=options.allow_partial) as cache:
+        info = cache.info
+        where = str(info.path)
+        if info.n_samples == 0:
+            raise InputError(f"{where}: the cache holds no samples; extract some first")
+        layer_names = _select_layers(options.layers, info.layers, where)
+        gemm = gemm_dtype_for(info.feature_dtype)
+        c_all, p = info.num_classes, info.n_features
+        classifier = cache.classifier()
+        if classifier is not None:
+            check_classifier(*classifier, where)
+
+        # Pass 1: class statistics (final layer and every requested layer).
+        accs = {None: ClassStatistics(c_all, p, device=device, gemm_dtype=gemm, normalize=options.normalize)}
+        for name in layer_names:
+            accs[name] = ClassStatistics(c_all, info.layers[name], device=device, gemm_dtype=gemm,
+                                         normalize=options.normalize)
+        with progress.task("pass 1/2: class statistics", info.n_samples) as advance:
+            for start, x, y, extra in cache.iter_batches(options.batch_size, layers=layer_names):
+                h, labels = _to_tensor(x), torch.from_numpy(y)
+                check_labels(labels, c_all, start, where)
+                check_finite(h, start, where)
+                accs[None].update(h, labels)
+                for name in layer_names:
+                    hl = _to_tensor(extra[name])
+                    check_finite(hl, start, where, f"/layers/{name}/features")
+                    accs[name].update(hl, labels)
+                advance(len(y))
+        full_stats = accs[None].compute()
+        keep = classes_to_keep(full_stats.counts, options.drop_empty_classes, where, info.class_names)
+        dropped = [int(c) for c in np.setdiff1d(np.arange(c_all), keep)]
+        stats = full_stats.select(keep)
+        layer_stats = {name: accs[name].compute().select(keep) for name in layer_names}
+        weight = bias = None
+        if classifier is not None:
+            weight = classifier[0][keep]
+            bias = np.zeros(len(keep)) if classifier[1] is None else classifier[1][keep]
+            if options.normalize:
+                weight, bias = _unit_rows(weight), np.zeros(len(keep))
+        remap = torch.full((c_all,), -1, dtype=torch.int64)
+        remap[torch.from_numpy(keep)] = torch.arange(len(keep))
+
+        result = _closed_form(stats, weight, bias, options)
+        basis: metrics.MeansBasis = result.pop("_basis")
+        least_sq: metrics.LeastSquares | None = result.pop("_ls")
+        layer_bases = {name: metrics.means_basis(s.centred_means) for name, s in layer_stats.items()}
+
+        # Pass 2: per-sample decisions, per-class NC1, direct MSE.
+        dec = SampleDecisions(stats.means, stats.global_mean, weight, bias, basis.whitener, device=device,
+                              gemm_dtype=gemm, normalize=options.normalize)
+        layer_dec = {
+            name: SampleDecisions(s.means, s.global_mean, None, None, layer_bases[name].whitener, device=device,
+                                  gemm_dtype=gemm, normalize=options.normalize)
+            for name, s in layer_stats.items()
+        }
+        with progress.task("pass 2/2: decisions", info.n_samples) as advance:
+            for _, x, y, extra in cache.iter_batches(options.batch_size, layers=layer_names):
+                labels = remap[torch.from_numpy(y)]
+                dec.update(_to_tensor(x), labels)
+                for name in layer_names:
+                    layer_dec[name].update(_to_tensor(extra[name]), labels)
+                advance(len(y))
+        decisions = dec.compute()
+        reference = cache.reference_fp32()
+
+    m = result["metrics"]
+    details = result["details"]
+    n = stats.n_samples
+    if decisions.correct is not None:
+        m["accuracy"] = float(decisions.correct.sum()) / n
+        m["nc4"] = float(decisions.disagree) / n
+        direct = 0.5 * float(decisions.squared_error) / n
+        closed = m["mse_loss"]
+        a_plus_b = m["mse_term_a"] + m["mse_term_b"]
+        details["mse_check"] = {
+            "direct": direct,
+            "closed_form": closed,
+            "term_a_plus_b": a_plus_b,
+            "relative_discrepancy": abs(a_plus_b - direct) / max(abs(direct), np.finfo(float).tiny),
+        }
+    m["ncc_accuracy"] = float(decisions.ncc_correct.sum()) / n
+
+    floor = None
+    if reference is not None and basis.rank > 0:
+        _, stored, ref = reference
+        a, b = stored.astype(np.float64), ref.astype(np.float64)
+        if options.normalize:
+            a, b = _unit_rows(a), _unit_rows(b)
+        floor = metrics.nc1_of_deviations(a - b, basis)
+        details["precision_floor_rows"] = int(len(a))
+    m["nc1_precision_floor"] = floor
+
+    warnings: list[str] = []
+    if floor is not None and m["nc1"] is not None and math.isfinite(m["nc1"]) and \
+            m["nc1"] <= FLOOR_WARNING_FACTOR * floor:
+        warnings.append(f"nc1 = {m['nc1']:.3g} is within {FLOOR_WARNING_FACTOR:g}x of the extraction precision floor "
+                        f"{floor:.3g}: it measures rounding, not collapse; re-extract with --precision fp32")
+    if basis.rank < min(p, len(keep) - 1):
+        warnings.append(f"Sigma_B has rank {basis.rank} < min(p, C-1) = {min(p, len(keep) - 1)}: some class means "
+                        "coincide or are collinear, NC1 uses the rank found")
+    if dropped:
+        warnings.append(f"dropped {len(dropped)} empty class(es): {dropped[:20]}{' ...' if len(dropped) > 20 else ''}")
+
+    per_class = _per_class(stats, weight, decisions, keep, info.class_names)
+    layers = {
+        name: _layer_block(layer_stats[name], layer_bases[name], layer_dec[name].compute())
+        for name in layer_names
+    }
+    if least_sq is not None:
+        details["w_ls_norm"] = float(np.linalg.norm(least_sq.weight))
+    details.update({
+        "feature_dtype": info.feature_dtype,
+        "gemm_dtype": str(gemm).replace("torch.", ""),
+        "device": str(device),
+        "batch_size": options.batch_size,
+        "normalized": options.normalize,
+        "has_classifier": weight is not None,
+        "has_bias": bool(info.has_bias) and not options.normalize,
+        "complete": info.complete,
+        "dropped_classes": dropped,
+        "classes": [int(c) for c in keep],
+    })
+    source = {"path": str(info.path), **{k: v for k, v in info.attrs.items() if k != "layer_order"}}
+    return AuditResult(
+        source=source,
+        n_samples=n,
+        n_features=p,
+        n_classes=len(keep),
+        class_counts=[int(v) for v in stats.counts],
+        metrics={k: _finite(m.get(k)) for k in METRIC_KEYS},
+        details=_json_safe(details),
+        per_class=per_class,
+        layers=layers,
+        warnings=warnings,
+    )
+
+
+def _select_layers(requested: Sequence[str] | None, available: dict[str, int], where: str) -> list[str]:
+    if requested is None:
+        return []
+    if not requested:
+        if not available:
+            raise InputError(f"{where}: the cache has no /layers; extract with --layers NAME[,NAME...] first")
+        return list(available)
+    missing = [name for name in requested if name not in available]
+    if missing:
+        have = ", ".join(available) or "none"
+        raise InputError(f"{where}: no layer {missing[0]!r} in the cache (it has: {have}); pick from those")
+    return [name for name in available if name in requested]
+
+
+def _closed_form(stats: Statistics, weight: np.ndarray | None, bias: np.ndarray | None,
+                 options: AuditOptions) -> dict[str, Any]:
+    """Every metric that is a closed form of the statistics (and W, b)."""
+    centred = stats.centred_means
+    basis = metrics.means_basis(centred)
+    m: dict[str, float | None] = {
+        "nc1": metrics.nc1(stats.sigma_w, basis),
+        "cdnv": metrics.cdnv(stats.variances, stats.means),
+        "nc2_equinorm_means": metrics.equinorm(centred),
+        "nc2_equiangle_means": metrics.equiangle(centred),
+        "nc2_maxangle_means": metrics.maxangle(centred),
+        "nc2_orthogonality_means": metrics.orthogonality(stats.means),
+    }
+    details: dict[str, Any] = {
+        "rank_sigma_b": basis.rank,
+        "rank_sigma_b_max": min(stats.n_features, stats.n_classes - 1),
+        "sigma_b_cutoff": basis.cutoff,
+        "ridge": options.ridge,
+        "rcond": options.rcond,
+    }
+    ls = None
+    if weight is not None and bias is not None:
+        ls = metrics.least_squares(stats, options.ridge, options.rcond)
+        m.update({
+            "nc2_equinorm_classifier": metrics.equinorm(weight),
+            "nc2_equiangle_classifier": metrics.equiangle(weight),
+            "nc2_maxangle_classifier": metrics.maxangle(weight),
+            "nc2_orthogonality_classifier": metrics.orthogonality(weight),
+            "nc3": metrics.nc3(weight, centred),
+            "mse_loss": metrics.mse_loss(stats, weight, bias),
+            "mse_term_a": metrics.mse_loss(stats, ls.weight, ls.bias),
+            "mse_term_b": metrics.mse_term_b(stats, weight, bias, ls),
+            "ls_distance": metrics.ls_distance(weight, ls),
+            "ls_cosine": metrics.ls_cosine(weight, ls),
+        })
+        details["rank_sigma_t"] = ls.rank
+        details["sigma_t_cutoff"] = ls.cutoff
+    return {"metrics": m, "details": details, "_basis": basis, "_ls": ls}
+
+
+def _per_class(stats: Statistics, weight: np.ndarray | None, dec: Any, keep: np.ndarray,
+               names: Sequence[str] | None) -> list[dict[str, Any]]:
+    counts = stats.counts
+    mean_norm = np.linalg.norm(stats.centred_means, axis=1)
+    w_norm = np.linalg.norm(weight, axis=1) if weight is not None else None
+    nc1_c = dec.whitened_scatter / np.maximum(counts, 1)
+    rows = []
+    for i, c in enumerate(keep):
+        row: dict[str, Any] = {"class": int(c)}
+        if names is not None:
+            row["name"] = names[int(c)]
+        row.update({
+            "count": int(counts[i]),
+            "mean_norm": _finite(mean_norm[i]),
+            "classifier_norm": None if w_norm is None else _finite(w_norm[i]),
+            "variance": _finite(stats.variances[i]),
+            "nc1": _finite(nc1_c[i]),
+            "accuracy": None if dec.correct is None else float(dec.correct[i]) / counts[i],
+            "ncc_accuracy": float(dec.ncc_correct[i]) / counts[i],
+        })
+        rows.append(row)
+    return rows
+
+
+def _layer_block(stats: Statistics, basis: metrics.MeansBasis, dec: Any) -> dict[str, Any]:
+    centred = stats.centred_means
+    return {
+        "n_features": stats.n_features,
+        "nc1": _finite(metrics.nc1(stats.sigma_w, basis)),
+        "cdnv": _finite(metrics.cdnv(stats.variances, stats.means)),
+        "nc2_equinorm_means": _finite(metrics.equinorm(centred)),
+        "nc2_equiangle_means": _finite(metrics.equiangle(centred)),
+        "ncc_accuracy": float(dec.ncc_correct.sum()) / stats.n_samples,
+        "rank_sigma_b": basis.rank,
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return _finite(float(value))
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+REPORT_SCHEMA = "ncaudit.report/1"
+
+
+def result_to_json(result: AuditResult) -> dict[str, Any]:
+    """The JSON report (schema ``ncaudit.report/1``) as a plain dict (strict JSON: no NaN or Infinity)."""
+    return _json_safe({
+        "schema": REPORT_SCHEMA,
+        "ncaudit_version": __version__,
+        "source": result.source,
+        "n_samples": result.n_samples,
+        "n_features": result.n_features,
+        "n_classes": result.n_classes,
+        "class_counts": result.class_counts,
+        "metrics": result.metrics,
+        "details": result.details,
+        "per_class": result.per_class,
+        "layers": result.layers,
+        "warnings": result.warnings,
+        "checks": result.checks,
+        "passed": result.passed,
+    })

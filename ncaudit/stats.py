@@ -1,0 +1,489 @@
+"""Streaming class statistics: counts, class means, within-class and total covariance, per-class variances.
+
+:class:`ClassStatistics` is a state accumulator in the style of a torchmetrics ``Metric``: :meth:`update` per batch,
+:meth:`merge` of two states (shards, files, processes), :meth:`compute` into a frozen :class:`Statistics`, and
+:meth:`reset`. It does no I/O and no distributed communication.
+
+Accumulation scheme: a per-class shift
+--------------------------------------
+Each class c is shifted by a fixed sample of its own, s_c (the first one the accumulator sees). Per batch, one
+GEMM accumulates the shifted scatter, and per-class row sums accumulate with ``index_add``:
+
+.. math::
+
+    S = \\sum_i (h_i - s_{y_i})(h_i - s_{y_i})^T, \\quad
+    u_c = \\sum_{y_i = c} (h_i - s_c), \\quad
+    q_c = \\sum_{y_i = c} \\lVert h_i - s_c \\rVert^2 .
+
+At the end, with d_c = u_c / n_c = mu_c - s_c, a single correction gives the centred scatter
+
+.. math::
+
+    N \\Sigma_W = S - \\sum_c n_c d_c d_c^T, \\qquad n_c \\mathrm{Var}_c = q_c - n_c \\lVert d_c \\rVert^2 .
+
+Because s_c is a sample of class c, the shifted rows are of the size of the within-class spread, not of the
+features' common offset: nothing cancels catastrophically even when Sigma_W is 1e-10 of the class means (the
+raw-moment formula E[h h^T] - mu mu^T loses every digit there). The batch GEMM therefore may run in float32 for
+float32 / float16 features (the rows are centred), while every accumulator is float64. This costs one p x p GEMM per
+batch, like a bare streamed X^T X, whatever the class mix of the batch (caches in dataset order often hold one class
+per batch); a Chan-style per-batch merge would add a C x p x p correction per batch instead.
+
+:meth:`merge` re-expresses the other state's sums around this state's shifts (exact algebra:
+S += sum_c [n_c D_c D_c^T + u_c D_c^T + D_c u_c^T] with D_c = s_c^{other} - s_c), so the result does not depend on
+how the data were split, batched or ordered beyond floating-point rounding. TF32 and reduced-precision GEMMs are
+switched off while updating, whatever the global torch setting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ncaudit.errors import InputError
+
+
+@contextlib.contextmanager
+def full_precision_matmul() -> Iterator[None]:
+    """Disable TF32 and reduced-precision float32 matmuls inside the block, restoring the settings after."""
+    cuda_tf32 = torch.backends.cuda.matmul.allow_tf32
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    precision = torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = cuda_tf32
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        torch.set_float32_matmul_precision(precision)
+
+
+def resolve_device(device: str | torch.device = "cpu") -> torch.device:
+    """``"auto"`` -> CUDA when available else CPU; ``"cuda"`` without a GPU is an input error."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}; use cpu, cuda or auto") from None
+
+
+def gemm_dtype_for(feature_dtype: str | torch.dtype | np.dtype) -> torch.dtype:
+    """The batch GEMM dtype for features of this dtype: float64 for float64 features, else float32 (centred rows)."""
+    name = str(feature_dtype).replace("torch.", "")
+    return torch.float64 if name == "float64" else torch.float32
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """Class statistics of a feature set (float64 numpy arrays; C classes, p features, N samples).
+
+    Attributes
+    ----------
+    counts : ndarray of shape (C,), int64
+        n_c, samples per class.
+    origin : ndarray of shape (p,)
+        A sample of the data; class means are held relative to it, so that differences of means keep their full
+        precision even when the features carry a large common offset.
+    offsets : ndarray of shape (C, p)
+        mu_c - origin.
+    sigma_w : ndarray of shape (p, p)
+        Within-class covariance Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T (normalised by N).
+    variances : ndarray of shape (C,)
+        Var_c = (1/n_c) sum_{y_i=c} ||h_i - mu_c||^2 (normalised by n_c), the trace of class c's covariance.
+    """
+
+    counts: np.ndarray
+    origin: np.ndarray
+    offsets: np.ndarray
+    sigma_w: np.ndarray
+    variances: np.ndarray
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.counts.sum())
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        return int(self.offsets.shape[1])
+
+    @property
+    def priors(self) -> np.ndarray:
+        """pi_c = n_c / N, shape (C,)."""
+        return self.counts / self.counts.sum()
+
+    @property
+    def means(self) -> np.ndarray:
+        """Class means mu_c = (1/n_c) sum_{y_i=c} h_i, shape (C, p)."""
+        return self.origin + self.offsets
+
+    @property
+    def global_mean(self) -> np.ndarray:
+        """mu_G = (1/N) sum_i h_i = sum_c pi_c mu_c, shape (p,)."""
+        return self.origin + self.priors @ self.offsets
+
+    @property
+    def centred_means(self) -> np.ndarray:
+        """M^T: rows mu_c - mu_G, shape (C, p), computed from the offsets (no cancellation of a common offset)."""
+        return self.offsets - self.priors @ self.offsets
+
+    @property
+    def sigma_b(self) -> np.ndarray:
+        """Between-class covariance Sigma_B = (1/C) M M^T, shape (p, p) (unweighted over classes)."""
+        m = self.centred_means
+        return m.T @ m / self.n_classes
+
+    @property
+    def sigma_t(self) -> np.ndarray:
+        """Total covariance Sigma_T = Sigma_W + M diag(pi) M^T, shape (p, p) (normalised by N)."""
+        m = self.centred_means
+        return self.sigma_w + (m.T * self.priors) @ m
+
+    def select(self, classes: np.ndarray) -> Statistics:
+        """The statistics restricted to ``classes`` (in that order); every class left out must be empty."""
+        classes = np.asarray(classes, dtype=np.int64)
+        if self.counts[classes].sum() != self.counts.sum():
+            raise ValueError("select() may only leave out classes without samples")
+        return Statistics(self.counts[classes], self.origin, self.offsets[classes], self.sigma_w,
+                          self.variances[classes])
+
+
+class ClassStatistics:
+    """Streaming, mergeable accumulator of the class statistics of features ``h`` with labels ``y``.
+
+    Parameters
+    ----------
+    num_classes
+        C; labels must lie in [0, C).
+    num_features
+        p.
+    device
+        Where the accumulators live and the GEMMs run (``cpu``, ``cuda``); results are identical up to rounding.
+    gemm_dtype
+        dtype of the per-batch scatter GEMM on shifted rows: float64 (default) or float32 (fast; exact enough
+        because rows are centred). Accumulators are float64 either way.
+    normalize
+        Project every feature onto the unit sphere, h / ||h||, before accumulating (``report --normalize``).
+
+    Notes
+    -----
+    Memory is O(p^2 + C p), independent of the number of samples. See the module docstring for the scheme.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        num_features: int,
+        *,
+        device: str | torch.device = "cpu",
+        gemm_dtype: torch.dtype = torch.float64,
+        normalize: bool = False,
+    ) -> None:
+        if num_classes < 1 or num_features < 1:
+            raise ValueError(f"need num_classes >= 1 and num_features >= 1, got {num_classes}, {num_features}")
+        self.num_classes = num_classes
+        self.num_features = num_features
+        self.device = torch.device(device)
+        self.gemm_dtype = gemm_dtype
+        self.normalize = normalize
+        self.reset()
+
+    def reset(self) -> None:
+        """Restore the empty state."""
+        c, p, dev = self.num_classes, self.num_features, self.device
+        f64 = torch.float64
+        self.count = torch.zeros(c, dtype=f64, device=dev)
+        self.seen = torch.zeros(c, dtype=torch.bool, device=dev)
+        self.shift = torch.zeros(c, p, dtype=f64, device=dev)
+        self._shift32 = torch.zeros(c, p, dtype=torch.float32, device=dev)  # float32 copy of the shifts, for gathers
+        self.shifted_sum = torch.zeros(c, p, dtype=f64, device=dev)
+        self.shifted_sqnorm = torch.zeros(c, dtype=f64, device=dev)
+        self.scatter = torch.zeros(p, p, dtype=f64, device=dev)
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
+        """Accumulate one batch: ``features`` (B, p), any float dtype; ``labels`` (B,) integers in [0, C).
+
+        Shapes and label range are checked here; finiteness is the caller's check (``validate.check_batch``).
+        """
+        h = torch.as_tensor(features)
+        y = torch.as_tensor(labels)
+        if h.ndim != 2 or h.shape[1] != self.num_features:
+            raise ValueError(f"features must have shape (B, {self.num_features}), got {tuple(h.shape)}")
+        if y.shape != (h.shape[0],):
+            raise ValueError(f"labels must have shape ({h.shape[0]},), got {tuple(y.shape)}")
+        if h.shape[0] == 0:
+            return
+        h = h.to(self.device, non_blocking=True)
+        y = y.to(self.device, dtype=torch.int64, non_blocking=True)
+        if h.dtype != torch.float64:
+            h = h.to(torch.float32)
+        if self.normalize:
+            h = h / torch.linalg.vector_norm(h, dim=1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
+        self._claim_shifts(h, y)
+        # Rows minus their class's shift, in the rows' own precision: exact or nearly so, since both are samples of
+        # the same class (the shifts are stored samples, so the float32 cast of a shift is exact).
+        shift = self.shift if h.dtype == torch.float64 else self._shift32
+        shifted = h - shift.index_select(0, y)
+        gemm_in = shifted.to(self.gemm_dtype)
+        with full_precision_matmul():
+            self.scatter += (gemm_in.T @ gemm_in).to(torch.float64)
+        # Per-class sums of the shifted rows, in float64 (O(B p), small next to the GEMM's O(B p^2)).
+        shifted64 = shifted.to(torch.float64)
+        self.count.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+        self.shifted_sum.index_add_(0, y, shifted64)
+        self.shifted_sqnorm.index_add_(0, y, torch.linalg.vector_norm(shifted64, dim=1).square())
+
+    def _claim_shifts(self, h: torch.Tensor, y: torch.Tensor) -> None:
+        """Fix the shift of every class seen for the first time to its first row in this batch."""
+        b = y.shape[0]
+        first = torch.full((self.num_classes,), b, dtype=torch.int64, device=self.device)
+        first.scatter_reduce_(0, y, torch.arange(b, device=self.device), reduce="amin")
+        new = (first < b) & ~self.seen
+        if bool(new.any()):
+            classes = new.nonzero().squeeze(1)
+            self.shift[classes] = h[first[classes]].to(torch.float64)
+            self._shift32[classes] = h[first[classes]].to(torch.float32)
+            self.seen |= new
+
+    @torch.no_grad()
+    def merge(self, other: ClassStatistics) -> ClassStatistics:
+        """Add ``other``'s samples to this state (exactly: no information is lost) and return ``self``."""
+        if (other.num_classes, other.num_features) != (self.num_classes, self.num_features):
+            raise ValueError("cannot merge statistics of different shapes")
+        if other.normalize != self.normalize:
+            raise ValueError("cannot merge normalised and unnormalised statistics")
+        o_count = other.count.to(self.device)
+        o_seen = other.seen.to(self.device)
+        o_shift = other.shift.to(self.device)
+        o_sum = other.shifted_sum.to(self.device)
+        o_sq = other.shifted_sqnorm.to(self.device)
+        # Classes this state has not seen adopt the other's shift; the rest move the other's sums onto our shift.
+        adopt = o_seen & ~self.seen
+        self.shift[adopt] = o_shift[adopt]
+        self._shift32[adopt] = o_shift[adopt].to(torch.float32)
+        self.seen |= o_seen
+        delta = torch.where(o_seen[:, None], o_shift - self.shift, torch.zeros_like(o_shift))  # D_c
+        nd = o_count[:, None] * delta
+        # sum_c [(u_c + n_c D_c)(u_c + n_c D_c)^T - u_c u_c^T / n_c ... ] written out without cancellation:
+        # S' = S_o + U^T D + D^T U + D^T diag(n) D
+        self.scatter += other.scatter.to(self.device) + o_sum.T @ delta + delta.T @ o_sum + delta.T @ nd
+        self.shifted_sqnorm += o_sq + 2 * (o_sum * delta).sum(1) + o_count * delta.square().sum(1)
+        self.shifted_sum += o_sum + nd
+        self.count += o_count
+        return self
+
+    @torch.no_grad()
+    def compute(self) -> Statistics:
+        """The :class:`Statistics` of everything seen so far (float64 numpy arrays).
+
+        Raises
+        ------
+        ValueError
+            No sample has been seen.
+        """
+        n = self.count
+        total = float(n.sum())
+        if total == 0:
+            raise ValueError("no samples were accumulated")
+        safe_n = n.clamp_min(1.0)
+        d = self.shifted_sum / safe_n[:, None]  # d_c = mu_c - s_c
+        sigma_w = (self.scatter - d.T @ (d * n[:, None])) / total
+        sigma_w = 0.5 * (sigma_w + sigma_w.T)
+        variances = ((self.shifted_sqnorm - n * d.square().sum(1)) / safe_n).clamp_min(0.0)
+        origin = self.shift[int(self.seen.nonzero()[0, 0])]
+        # mu_c - origin = (s_c - origin) + d_c: the shift difference is exact for nearby values (Sterbenz).
+        offsets = torch.where(self.seen[:, None], (self.shift - origin) + d, torch.zeros_like(d))
+        as_np = lambda t: t.detach().cpu().numpy()  # noqa: E731
+        return Statistics(
+            counts=np.rint(as_np(n)).astype(np.int64),
+            origin=as_np(origin).copy(),
+            offsets=as_np(offsets),
+            sigma_w=as_np(sigma_w),
+            variances=as_np(variances),
+        )
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """Per-sample decision counts from the second pass (numpy arrays, C classes).
+
+    Attributes
+    ----------
+    counts : ndarray of shape (C,), int64
+        Samples per class seen in this pass.
+    correct : ndarray of shape (C,), int64 or None
+        Samples of class c with argmax_c' (w_c'^T h + b_c') = c (None without a classifier).
+    ncc_correct : ndarray of shape (C,), int64
+        Samples of class c whose nearest class mean is mu_c.
+    disagree : int or None
+        Samples where the classifier's and the nearest-class-mean decisions differ (NC4 numerator).
+    squared_error : float or None
+        sum_i ||W h_i + b - e_{y_i}||^2, evaluated sample by sample (checks the closed form of the MSE loss).
+    whitened_scatter : ndarray of shape (C,)
+        sum_{y_i=c} ||S^-1 U^T (h_i - mu_c)||^2, so that class c's NC1 = whitened_scatter_c / n_c.
+    variance_sum : ndarray of shape (C,)
+        sum_{y_i=c} ||h_i - mu_c||^2 (two-pass within-class scatter traces).
+    """
+
+    counts: np.ndarray
+    correct: np.ndarray | None
+    ncc_correct: np.ndarray
+    disagree: int | None
+    squared_error: float | None
+    whitened_scatter: np.ndarray
+    variance_sum: np.ndarray
+
+
+class SampleDecisions:
+    """Second streaming pass: classifier and nearest-class-mean decisions, per-class NC1 and the direct MSE.
+
+    The class means, the classifier and the whitener U S^-1 of Sigma_B are fixed (from the first pass). Every
+    batch costs two (B x p x C) GEMMs and one (B x p x r) GEMM; nothing is p x p per class.
+
+    Parameters
+    ----------
+    means : ndarray of shape (C, p)
+        mu_c.
+    global_mean : ndarray of shape (p,)
+        mu_G.
+    weight, bias : ndarray of shape (C, p) and (C,), or None
+        The classifier (``bias`` None means zero).
+    whitener : ndarray of shape (p, r)
+        U S^-1 from :func:`ncaudit.metrics.means_basis`.
+    device, gemm_dtype, normalize
+        As for :class:`ClassStatistics`.
+
+    Notes
+    -----
+    Nearest-class-mean decisions use centred coordinates: argmax_c (h - mu_G)^T (mu_c - mu_G) - 1/2 ||mu_c - mu_G||^2,
+    never raw ||h||^2. Logits are (h - mu_G)^T w_c + (w_c^T mu_G + b_c). With float32 GEMMs, a row whose top-two
+    margin is within the GEMM's worst-case rounding bound is decided again in float64, so every decision equals the
+    float64 one.
+    """
+
+    def __init__(
+        self,
+        means: np.ndarray,
+        global_mean: np.ndarray,
+        weight: np.ndarray | None,
+        bias: np.ndarray | None,
+        whitener: np.ndarray,
+        *,
+        device: str | torch.device = "cpu",
+        gemm_dtype: torch.dtype = torch.float64,
+        normalize: bool = False,
+    ) -> None:
+        self.device = torch.device(device)
+        self.gemm_dtype = gemm_dtype
+        self.normalize = normalize
+        f64 = dict(dtype=torch.float64, device=self.device)
+        self.means = torch.as_tensor(means, **f64)
+        self.global_mean = torch.as_tensor(global_mean, **f64)
+        self.num_classes, self.num_features = self.means.shape
+        centred = self.means - self.global_mean
+        self._ncc_rows = centred
+        self._ncc_const = -0.5 * centred.square().sum(1)
+        self.has_classifier = weight is not None
+        if weight is not None:
+            self._w_rows = torch.as_tensor(weight, **f64)
+            b = torch.zeros(self.num_classes, **f64) if bias is None else torch.as_tensor(bias, **f64)
+            self._w_const = self._w_rows @ self.global_mean + b
+        self.whitener = torch.as_tensor(whitener, **f64)
+        self._cast = {k: v.to(gemm_dtype) for k, v in self._gemm_operands().items()}
+        self.reset()
+
+    def _gemm_operands(self) -> dict[str, torch.Tensor]:
+        ops = {"ncc": self._ncc_rows.T, "white": self.whitener}
+        if self.has_classifier:
+            ops["w"] = self._w_rows.T
+        return ops
+
+    def reset(self) -> None:
+        c, dev = self.num_classes, self.device
+        self.count = torch.zeros(c, dtype=torch.int64, device=dev)
+        self.correct = torch.zeros(c, dtype=torch.int64, device=dev)
+        self.ncc_correct = torch.zeros(c, dtype=torch.int64, device=dev)
+        self.disagree = torch.zeros((), dtype=torch.int64, device=dev)
+        self.squared_error = torch.zeros((), dtype=torch.float64, device=dev)
+        self.whitened_scatter = torch.zeros(c, dtype=torch.float64, device=dev)
+        self.variance_sum = torch.zeros(c, dtype=torch.float64, device=dev)
+
+    def _decide(self, centred: torch.Tensor, rows: str, const: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (B, C) in float64 and their argmax, exact to float64 decisions (see the class notes)."""
+        operand = self._cast[rows]
+        with full_precision_matmul():
+            scores = (centred.to(self.gemm_dtype) @ operand).to(torch.float64) + const
+        pred = scores.argmax(1)
+        if self.gemm_dtype != torch.float64:
+            top = scores.topk(2, dim=1).values
+            margin = top[:, 0] - top[:, 1]
+            unit = torch.finfo(self.gemm_dtype).eps
+            row_norm = torch.linalg.vector_norm(centred, dim=1)
+            col_norm = torch.linalg.vector_norm(operand.to(torch.float64), dim=0).max()
+            bound = 2.0 * (self.num_features + 2) * unit * row_norm * col_norm
+            near = (margin <= bound).nonzero().squeeze(1)
+            if near.numel():
+                exact = centred[near] @ self._gemm_operands()[rows] + const
+                scores[near] = exact
+                pred[near] = exact.argmax(1)
+        return scores, pred
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
+        """Decide one batch: ``features`` (B, p), ``labels`` (B,) in [0, C)."""
+        h = torch.as_tensor(features).to(self.device)
+        y = torch.as_tensor(labels).to(self.device, dtype=torch.int64)
+        if h.shape[0] == 0:
+            return
+        h = h.to(torch.float64)
+        if self.normalize:
+            h = h / torch.linalg.vector_norm(h, dim=1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
+        c = self.num_classes
+        centred = h - self.global_mean
+        _, ncc_pred = self._decide(centred, "ncc", self._ncc_const)
+        self.count += torch.bincount(y, minlength=c)
+        self.ncc_correct += torch.bincount(y[ncc_pred == y], minlength=c)
+        if self.has_classifier:
+            logits, pred = self._decide(centred, "w", self._w_const)
+            self.correct += torch.bincount(y[pred == y], minlength=c)
+            self.disagree += (pred != ncc_pred).sum()
+            logits[torch.arange(y.shape[0], device=self.device), y] -= 1.0
+            self.squared_error += logits.square().sum()
+        within = h - self.means.index_select(0, y)  # float64: h - mu_y keeps its relative precision
+        with full_precision_matmul():
+            z = within.to(self.gemm_dtype) @ self._cast["white"]
+        self.whitened_scatter.index_add_(0, y, torch.linalg.vector_norm(z.to(torch.float64), dim=1).square())
+        self.variance_sum.index_add_(0, y, torch.linalg.vector_norm(within, dim=1).square())
+
+    @torch.no_grad()
+    def merge(self, other: SampleDecisions) -> SampleDecisions:
+        """Add ``other``'s counts and sums (it must use the same means, classifier and whitener)."""
+        for name in ("count", "correct", "ncc_correct", "disagree", "squared_error", "whitened_scatter",
+                     "variance_sum"):
+            getattr(self, name).add_(getattr(other, name).to(self.device))
+        return self
+
+    def compute(self) -> Decisions:
+        as_np = lambda t: t.detach().cpu().numpy()  # noqa: E731
+        return Decisions(
+            counts=as_np(self.count),
+            correct=as_np(self.correct) if self.has_classifier else None,
+            ncc_correct=as_np(self.ncc_correct),
+            disagree=int(self.disagree) if self.has_classifier else None,
+            squared_error=float(self.squared_error) if self.has_classifier else None,
+            whitened_scatter=as_np(self.whitened_scatter),
+            variance_sum=as_np(self.variance_sum),
+        )

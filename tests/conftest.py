@@ -1,0 +1,13 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture
+def cache_path(tmp_path):
+    """A factory of fresh cache paths under tmp_path."""
+    counter = iter(range(10_000))
+    return lambda name="cache": tmp_path / f"{name}_{next(counter)}.h5"

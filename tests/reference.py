@@ -1,0 +1,143 @@
+"""An independent float64 reference of every metric, written plainly: two passes, per-class loops, numpy only.
+
+It shares no code with ncaudit. Least squares is solved on the centred samples with ``np.linalg.lstsq`` (not from the
+statistics), nearest-class-mean decisions use explicit distances, and losses are averaged sample by sample.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _std(x: np.ndarray) -> float:
+    return float(np.std(x, ddof=1))
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def reference_metrics(h, y, W=None, b=None, ridge=0.0, reference_rows=None):
+    """Every metric of the spec for features ``h`` (N, p), labels ``y`` (N,), classifier ``W`` (C, p), ``b`` (C,).
+
+    ``reference_rows`` = (index, fp32 features) gives the precision floor.
+    """
+    h = np.asarray(h, dtype=np.float64)
+    y = np.asarray(y)
+    n_samples, p = h.shape
+    classes = sorted(set(y.tolist()))
+    C = len(classes)
+    counts = np.array([np.sum(y == c) for c in classes], dtype=float)
+    pi = counts / n_samples
+    means = np.zeros((C, p))
+    for k, c in enumerate(classes):
+        means[k] = h[y == c].mean(axis=0)
+    mu_g = h.mean(axis=0)
+    M = (means - mu_g).T  # (p, C)
+
+    sigma_w = np.zeros((p, p))
+    var = np.zeros(C)
+    class_cov = []
+    for k, c in enumerate(classes):
+        d = h[y == c] - means[k]
+        sigma_w += d.T @ d
+        var[k] = np.mean(np.sum(d * d, axis=1))
+        class_cov.append(d.T @ d / len(d))
+    sigma_w /= n_samples
+    sigma_b = M @ M.T / C
+    # Pseudo-inverse of Sigma_B keeping its top min(p, C-1) eigenpairs (generic data: that is its rank).
+    lam, vec = np.linalg.eigh(sigma_b)
+    order = np.argsort(lam)[::-1][: min(p, C - 1)]
+    lam, vec = lam[order], vec[:, order]
+    keep = lam > lam[0] * 1e-13
+    sigma_b_pinv = (vec[:, keep] / lam[keep]) @ vec[:, keep].T
+
+    out = {}
+    out["nc1"] = float(np.trace(sigma_w @ sigma_b_pinv) / C)
+    pairs = [(i, j) for i in range(C) for j in range(C) if i != j]
+    out["cdnv"] = float(np.mean([(var[i] + var[j]) / (2 * np.sum((means[i] - means[j]) ** 2)) for i, j in pairs]))
+    cm = means - mu_g
+    norms = np.linalg.norm(cm, axis=1)
+    out["nc2_equinorm_means"] = _std(norms) / norms.mean()
+    cosm = np.array([_cos(cm[i], cm[j]) for i, j in pairs])
+    out["nc2_equiangle_means"] = _std(cosm)
+    out["nc2_maxangle_means"] = float(np.mean(np.abs(cosm + 1 / (C - 1))))
+    out["nc2_orthogonality_means"] = float(np.mean([abs(_cos(means[i], means[j])) for i, j in pairs]))
+
+    # Nearest class mean, by explicit distances.
+    dist = np.stack([np.sum((h - means[k]) ** 2, axis=1) for k in range(C)], axis=1)
+    ncc = np.array(classes)[np.argmin(dist, axis=1)]
+    out["ncc_accuracy"] = float(np.mean(ncc == y))
+
+    per_class_nc1 = [float(np.trace(cov @ sigma_b_pinv) / C) for cov in class_cov]
+    out["per_class"] = {
+        "count": counts, "variance": var, "nc1": np.array(per_class_nc1), "mean_norm": norms,
+        "ncc_accuracy": np.array([np.mean(ncc[y == c] == c) for c in classes]),
+    }
+
+    if reference_rows is not None:
+        index, ref = reference_rows
+        delta = h[index] - np.asarray(ref, dtype=np.float64)
+        sigma_d = delta.T @ delta / len(index)
+        out["nc1_precision_floor"] = float(np.trace(sigma_d @ sigma_b_pinv) / C)
+
+    if W is None:
+        return out
+    W = np.asarray(W, dtype=np.float64)
+    b = np.zeros(C) if b is None else np.asarray(b, dtype=np.float64)
+    wn = np.linalg.norm(W, axis=1)
+    out["nc2_equinorm_classifier"] = _std(wn) / wn.mean()
+    cosw = np.array([_cos(W[i], W[j]) for i, j in pairs])
+    out["nc2_equiangle_classifier"] = _std(cosw)
+    out["nc2_maxangle_classifier"] = float(np.mean(np.abs(cosw + 1 / (C - 1))))
+    out["nc2_orthogonality_classifier"] = float(np.mean(np.abs(cosw)))
+    out["nc3"] = float(np.sum((W.T / np.linalg.norm(W) - M / np.linalg.norm(M)) ** 2))
+    logits = h @ W.T + b
+    pred = np.array(classes)[np.argmax(logits, axis=1)]
+    out["accuracy"] = float(np.mean(pred == y))
+    out["nc4"] = float(np.mean(pred != ncc))
+    out["per_class"]["accuracy"] = np.array([np.mean(pred[y == c] == c) for c in classes])
+    out["per_class"]["classifier_norm"] = wn
+    Y = np.zeros((n_samples, C))
+    Y[np.arange(n_samples), np.searchsorted(classes, y)] = 1.0
+    out["mse_loss"] = float(0.5 * np.mean(np.sum((h @ W.T + b - Y) ** 2, axis=1)))
+
+    # Least squares on the centred samples (the bias absorbs the means).
+    hc = h - mu_g
+    yc = Y - Y.mean(axis=0)
+    if ridge == 0:
+        w_ls = np.linalg.lstsq(hc, yc, rcond=None)[0].T
+    else:
+        A = np.vstack([hc, np.sqrt(ridge * n_samples) * np.eye(p)])
+        B = np.vstack([yc, np.zeros((p, C))])
+        w_ls = np.linalg.lstsq(A, B, rcond=None)[0].T
+    b_ls = Y.mean(axis=0) - w_ls @ mu_g
+    resid = hc @ w_ls.T - yc  # = h W_LS^T + b_LS - Y, without the offset
+    out["mse_term_a"] = float(0.5 * np.mean(np.sum(resid**2, axis=1)))
+    out["mse_term_b"] = out["mse_loss"] - out["mse_term_a"]
+    out["ls_distance"] = float(np.linalg.norm(W - w_ls) / np.linalg.norm(w_ls))
+    out["ls_cosine"] = float(np.sum(W * w_ls) / (np.linalg.norm(W) * np.linalg.norm(w_ls)))
+    out["w_ls"], out["b_ls"] = w_ls, b_ls
+    return out
+
+
+def simplex_etf(C: int, p: int, radius: float = 1.0, rng: np.random.Generator | None = None) -> np.ndarray:
+    """C points of a simplex ETF of radius ``radius`` in R^p (p >= C), randomly rotated when ``rng`` is given."""
+    E = np.eye(C) - 1.0 / C
+    E *= radius * np.sqrt(C / (C - 1))
+    out = np.zeros((C, p))
+    out[:, :C] = E
+    if rng is not None:
+        q, _ = np.linalg.qr(rng.standard_normal((p, p)))
+        out = out @ q
+    return out
+
+
+def planted(C=6, p=12, n=50, sigma=1e-3, radius=1.0, offset=100.0, seed=0, counts=None):
+    """Planted features: h = offset + r ETF_y + sigma z; returns (h, y, etf)."""
+    rng = np.random.default_rng(seed)
+    etf = simplex_etf(C, p, radius, rng)
+    counts = [n] * C if counts is None else counts
+    y = np.concatenate([np.full(k, c) for c, k in enumerate(counts)])
+    h = offset + etf[y] + sigma * rng.standard_normal((len(y), p))
+    return h, y, etf

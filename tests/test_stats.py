@@ -1,0 +1,170 @@
+"""The streaming statistics: exact merges, invariance to batching / order / sharding, and why centring matters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ncaudit.audit import AuditOptions, audit
+from ncaudit.stats import ClassStatistics
+from ncaudit.store import join_shards, write_cache
+from reference import planted, reference_metrics
+
+
+def two_pass(h, y, C):
+    means = np.stack([h[y == c].mean(0) for c in range(C)])
+    d = h - means[y]
+    return means, d.T @ d / len(y), np.array([np.mean(np.sum(d[y == c] ** 2, 1)) for c in range(C)])
+
+
+def accumulate(h, y, C, batch, order=None, **kw):
+    acc = ClassStatistics(C, h.shape[1], **kw)
+    idx = np.arange(len(y)) if order is None else order
+    for i in range(0, len(idx), batch):
+        sl = idx[i:i + batch]
+        acc.update(h[sl], y[sl])
+    return acc
+
+
+@pytest.fixture(scope="module")
+def data():
+    h, y, etf = planted(C=7, p=9, n=40, sigma=1e-4, offset=100.0, seed=30)
+    return h, y, etf
+
+
+@pytest.mark.parametrize("batch", [1, 7, 4096])
+def test_batch_size_invariance(data, batch):
+    h, y, _ = data
+    means, sw, var = two_pass(h, y, 7)
+    st = accumulate(h, y, 7, batch).compute()
+    np.testing.assert_allclose(st.means, means, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(st.sigma_w, sw, rtol=0, atol=1e-9 * np.abs(sw).max())
+    np.testing.assert_allclose(st.variances, var, rtol=1e-9)
+
+
+def test_order_and_shards(data):
+    h, y, _ = data
+    base = accumulate(h, y, 7, 64).compute()
+    rng = np.random.default_rng(31)
+    shuffled = accumulate(h, y, 7, 64, order=rng.permutation(len(y))).compute()
+    parts = np.array_split(rng.permutation(len(y)), 3)
+    merged = accumulate(h, y, 7, 50, order=parts[0])
+    for part in parts[1:]:
+        merged.merge(accumulate(h, y, 7, 33, order=part))
+    merged = merged.compute()
+    for other in (shuffled, merged):
+        np.testing.assert_array_equal(other.counts, base.counts)
+        np.testing.assert_allclose(other.means, base.means, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(other.centred_means, base.centred_means, rtol=0, atol=1e-13)
+        np.testing.assert_allclose(other.sigma_w, base.sigma_w, rtol=0, atol=1e-9 * np.abs(base.sigma_w).max())
+        np.testing.assert_allclose(other.variances, base.variances, rtol=1e-9)
+
+
+def test_merge_with_classes_missing_from_a_shard(data):
+    h, y, _ = data
+    a = accumulate(h[y < 3], y[y < 3], 7, 16)
+    b = accumulate(h[y >= 3], y[y >= 3], 7, 16)
+    merged = a.merge(b).compute()
+    means, sw, _ = two_pass(h, y, 7)
+    np.testing.assert_allclose(merged.means, means, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(merged.sigma_w, sw, rtol=0, atol=1e-9 * np.abs(sw).max())
+
+
+def test_sorted_by_class_batches(data):
+    """Caches in dataset order often hold one class per batch: the scheme must not care."""
+    h, y, _ = data
+    order = np.argsort(y, kind="stable")
+    st = accumulate(h, y, 7, 40, order=order).compute()
+    means, sw, _ = two_pass(h, y, 7)
+    np.testing.assert_allclose(st.sigma_w, sw, rtol=0, atol=1e-9 * np.abs(sw).max())
+
+
+def test_float32_gemm_on_centred_rows(data):
+    h, y, _ = data
+    h32 = h.astype(np.float32)
+    means, sw, _ = two_pass(h32.astype(np.float64), y, 7)
+    st = accumulate(h32, y, 7, 100, gemm_dtype=torch.float32).compute()
+    # float32 features with a +100 offset and sigma = 1e-4: relative error of Sigma_W stays ~1e-6.
+    assert np.abs(st.sigma_w - sw).max() < 1e-5 * np.abs(np.diag(sw)).max()
+
+
+def test_naive_raw_moments_fail_where_centring_does_not(data):
+    """E[h h^T] - mu mu^T in float32 loses every digit of Sigma_W under a +100 offset; the shifted scheme keeps them."""
+    h, y, _ = data
+    C = 7
+    h = h.astype(np.float32)  # the features as a network stores them; the float64 reference runs on these values
+    means, sw, _ = two_pass(h.astype(np.float64), y, C)
+    x = torch.tensor(h, dtype=torch.float32)
+    second = torch.zeros(h.shape[1], h.shape[1])
+    for c in range(C):  # the raw-moment formula, per class, in float32
+        xc = x[torch.tensor(y == c)]
+        mu = xc.mean(0)
+        second += xc.T @ xc - len(xc) * torch.outer(mu, mu)
+    naive = second.double().numpy() / len(y)
+    naive_err = np.abs(naive - sw).max() / np.abs(np.diag(sw)).max()
+    ours = accumulate(h, y, C, 64, gemm_dtype=torch.float32).compute()
+    ours_err = np.abs(ours.sigma_w - sw).max() / np.abs(np.diag(sw)).max()
+    assert naive_err > 1.0  # more error than signal
+    assert ours_err < 1e-5
+
+
+def test_report_invariant_to_batch_size_and_shards(tmp_path):
+    h, y, etf = planted(C=5, p=8, n=60, sigma=1e-3, offset=100.0, seed=32)
+    rng = np.random.default_rng(33)
+    order = rng.permutation(len(y))
+    h, y = h[order], y[order]
+    W, b = etf + 0.2 * rng.standard_normal(etf.shape), rng.standard_normal(5)
+    whole = write_cache(tmp_path / "whole.h5", h, y, weight=W, bias=b)
+    (tmp_path / "shards").mkdir()
+    shards = []
+    for i, part in enumerate(np.array_split(np.arange(len(y)), 3)):
+        shards.append(write_cache(tmp_path / "shards" / f"rank{i}.h5", h[part], y[part], weight=W, bias=b))
+    joined = join_shards(tmp_path / "joined.h5", shards)
+    ref = reference_metrics(h, y, W, b)
+    results = [audit(whole, AuditOptions(batch_size=bs, device="cpu")) for bs in (1, 7, 4096)]
+    results.append(audit(joined, AuditOptions(batch_size=13, device="cpu")))
+    for res in results:
+        assert res.n_samples == len(y)
+        for key in ("nc1", "cdnv", "nc3", "nc4", "accuracy", "ncc_accuracy", "mse_term_a", "mse_term_b"):
+            assert res.metrics[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-13), key
+
+
+def test_joined_cache_resolves_shards_from_another_directory(tmp_path, monkeypatch):
+    h, y, etf = planted(C=3, p=4, n=10, seed=34)
+    (tmp_path / "d").mkdir()
+    shards = [write_cache(tmp_path / "d" / f"s{i}.h5", h[i::2], y[i::2], weight=etf) for i in range(2)]
+    joined = join_shards(tmp_path / "d" / "all.h5", shards)
+    monkeypatch.chdir(tmp_path)  # the reader's working directory is not the files' directory
+    assert audit(joined, AuditOptions(device="cpu")).n_samples == len(y)
+
+
+def test_normalize_equals_reference_on_normalized_features(cache_path):
+    h, y, etf = planted(C=5, p=8, n=50, sigma=0.05, offset=0.5, seed=35)
+    rng = np.random.default_rng(36)
+    W = etf + 0.1 * rng.standard_normal(etf.shape)
+    path = write_cache(cache_path(), h, y, weight=W, bias=rng.standard_normal(5))
+    result = audit(path, AuditOptions(device="cpu", normalize=True))
+    hn = h / np.linalg.norm(h, axis=1, keepdims=True)
+    Wn = W / np.linalg.norm(W, axis=1, keepdims=True)
+    ref = reference_metrics(hn, y, Wn, np.zeros(5))
+    for key in ("nc1", "cdnv", "nc2_equinorm_means", "nc2_equinorm_classifier", "nc3", "nc4", "accuracy",
+                "mse_term_a", "mse_term_b", "ls_cosine"):
+        assert result.metrics[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-13), key
+    assert result.details["normalized"] is True
+    scaled = write_cache(cache_path(), h * rng.uniform(0.1, 10.0, size=(len(y), 1)), y, weight=W * 3.0,
+                         bias=np.zeros(5))
+    again = audit(scaled, AuditOptions(device="cpu", normalize=True))
+    for key in ("nc1", "nc3", "nc4", "mse_term_b"):
+        assert again.metrics[key] == pytest.approx(result.metrics[key], rel=1e-9, abs=1e-14), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(tmp_path):
+    h, y, etf = planted(C=6, p=16, n=100, sigma=1e-4, offset=100.0, seed=37)
+    path = write_cache(tmp_path / "c.h5", h.astype(np.float32), y, weight=etf, bias=np.zeros(6))
+    cpu = audit(path, AuditOptions(device="cpu"))
+    gpu = audit(path, AuditOptions(device="cuda"))
+    for key, value in cpu.metrics.items():
+        if value is not None:
+            assert gpu.metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-12), key
