@@ -76,7 +76,7 @@ def report(
                                 "(NC1, CDNV, NC2 of the means, NCC accuracy per layer)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the JSON report to this file "
                                           "(written only once every metric is computed)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars (they are drawn only when stderr is a terminal)."),
 ) -> None:
     """Compute every Neural Collapse metric of a feature cache and gate on thresholds.
 
@@ -94,7 +94,7 @@ def report(
             batch_size=batch_size, device=device, ridge=ridge, rcond=rcond, allow_partial=allow_partial,
             drop_empty_classes=drop_empty_classes, normalize=normalize, layers=[] if layers else None,
         )
-        result = audit(cache, options, RichProgress(stderr, enabled=not quiet))
+        result = audit(cache, options, RichProgress(stderr, enabled=False if quiet else None))
     except InputError as exc:
         fail(str(exc))
     result.checks = evaluate(checks, result.metrics)

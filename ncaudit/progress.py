@@ -1,4 +1,4 @@
-"""Progress display on stderr (rich), shared by the commands; silent when stderr is not a terminal or when asked."""
+"""Progress display on stderr (rich), shared by the commands; off when stderr is not a terminal or when asked."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
 class RichProgress:
     """A :class:`~ncaudit.audit.ProgressTracker` drawing one rich bar per task on ``console`` (stderr)."""
 
-    def __init__(self, console: Console, enabled: bool = True) -> None:
+    def __init__(self, console: Console, enabled: bool | None = None) -> None:
         self.console = console
-        self.enabled = enabled
+        self.enabled = console.is_terminal if enabled is None else enabled
 
     @contextlib.contextmanager
     def task(self, description: str, total: int, unit: str = "rows") -> Iterator[Callable[[int], None]]:
@@ -28,4 +28,8 @@ class RichProgress:
         )
         with Progress(*columns, console=self.console, transient=False) as bar:
             task_id = bar.add_task(description, total=total)
-            yield lambda n: bar.advance(task_id, n)
+            try:
+                yield lambda n: bar.advance(task_id, n)
+            except BaseException:
+                bar.remove_task(task_id)  # an error message follows: leave no half-drawn bar above it
+                raise

@@ -241,10 +241,13 @@ class ClassStatistics:
         with full_precision_matmul():
             self.scatter += (gemm_in.T @ gemm_in).to(torch.float64)
         # Per-class sums of the shifted rows, in float64 (O(B p), small next to the GEMM's O(B p^2)).
+        # (index_put_ with accumulate, not index_add_: the latter serialises when a batch holds one class.)
         shifted64 = shifted.to(torch.float64)
-        self.count.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
-        self.shifted_sum.index_add_(0, y, shifted64)
-        self.shifted_sqnorm.index_add_(0, y, torch.linalg.vector_norm(shifted64, dim=1).square())
+        c = self.num_classes
+        self.count += torch.bincount(y, minlength=c).to(torch.float64)
+        self.shifted_sum.index_put_((y,), shifted64, accumulate=True)
+        sqnorm = torch.linalg.vector_norm(shifted, dim=1).to(torch.float64).square()  # positive terms: no cancellation
+        self.shifted_sqnorm += torch.bincount(y, weights=sqnorm, minlength=c)
 
     def _claim_shifts(self, h: torch.Tensor, y: torch.Tensor) -> None:
         """Fix the shift of every class seen for the first time to its first row in this batch."""
@@ -465,8 +468,9 @@ class SampleDecisions:
         within = h - self.means.index_select(0, y)  # float64: h - mu_y keeps its relative precision
         with full_precision_matmul():
             z = within.to(self.gemm_dtype) @ self._cast["white"]
-        self.whitened_scatter.index_add_(0, y, torch.linalg.vector_norm(z.to(torch.float64), dim=1).square())
-        self.variance_sum.index_add_(0, y, torch.linalg.vector_norm(within, dim=1).square())
+        white = torch.linalg.vector_norm(z, dim=1).to(torch.float64).square()
+        self.whitened_scatter += torch.bincount(y, weights=white, minlength=c)
+        self.variance_sum += torch.bincount(y, weights=torch.linalg.vector_norm(within, dim=1).square(), minlength=c)
 
     @torch.no_grad()
     def merge(self, other: SampleDecisions) -> SampleDecisions:
