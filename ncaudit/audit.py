@@ -264,7 +264,7 @@ def audit(
         n_classes=len(keep),
         class_counts=[int(v) for v in stats.counts],
         metrics={k: _finite(m.get(k)) for k in METRIC_KEYS},
-        details=_json_safe(details),
+        details=json_safe(details),
         per_class=per_class,
         layers=layers,
         warnings=warnings,
@@ -362,11 +362,12 @@ def _layer_block(stats: Statistics, basis: metrics.MeansBasis, dec: Any) -> dict
     }
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """Plain JSON values: NaN / Inf to None, numpy scalars to Python ones, recursively."""
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, (float, np.floating)):
         return _finite(float(value))
     if isinstance(value, np.integer):
@@ -379,7 +380,7 @@ REPORT_SCHEMA = "ncaudit.report/1"
 
 def result_to_json(result: AuditResult) -> dict[str, Any]:
     """The JSON report (schema ``ncaudit.report/1``) as a plain dict (strict JSON: no NaN or Infinity)."""
-    return _json_safe({
+    return json_safe({
         "schema": REPORT_SCHEMA,
         "ncaudit_version": __version__,
         "source": result.source,

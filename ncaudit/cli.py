@@ -13,6 +13,7 @@ from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ncaudit import __version__
 from ncaudit.errors import InputError
@@ -31,7 +32,7 @@ stderr = Console(stderr=True, highlight=False)
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print one line to stderr and exit (2: bad input or usage)."""
-    stderr.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    stderr.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code=code)
 
 
@@ -99,7 +100,7 @@ def report(
         fail(str(exc))
     result.checks = evaluate(checks, result.metrics)
     for warning in result.warnings:
-        stderr.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+        stderr.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     text = render_json(result)
     if output is not None:
         try:
@@ -115,10 +116,69 @@ def report(
         raise typer.Exit(code=1)
 
 
+
+@app.command()
+def trajectory(
+    caches: list[Path] = typer.Argument(..., help="Caches in training order (e.g. one per checkpoint and split).",
+                                        show_default=False),
+    json_out: bool = typer.Option(False, "--json", help="Print the trajectory as JSON on stdout."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the trajectory (PNG) as the PNAS figures do; "
+                                        "needs matplotlib: pip install 'ncaudit[plot]'."),
+    fail_if: list[str] = typer.Option(None, "--fail-if", metavar="EXPR",
+                                      help="Gate on the LAST row: fail (exit 1) when EXPR holds, e.g. 'nc1>0.01' "
+                                           "(train split, else the only one) or 'test.accuracy<0.9'."),
+    layers: bool = typer.Option(False, "--layers", help="Also show the per-layer NC1 of the last cache."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    batch_size: int = typer.Option(4096, "--batch-size", min=1, help="Rows per streamed batch."),
+    normalize: bool = typer.Option(False, "--normalize", help="Audit normalised features and classifier rows."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Follow collapse across checkpoints: one row per checkpoint, train and test side by side.
+
+    Rows keep the order given; each is labelled by the checkpoint's epoch when its provenance records one.
+    """
+    from ncaudit.audit import AuditOptions, audit
+    from ncaudit.checks import evaluate, parse_checks
+    from ncaudit.progress import RichProgress
+    from ncaudit.report import render_trajectory_json, trajectory_table
+    from ncaudit.trajectory import build_rows, known_keys
+
+    try:
+        progress = RichProgress(stderr, enabled=False if quiet else None)
+        results = []
+        for i, path in enumerate(caches):
+            last_with_layers = layers and i == len(caches) - 1
+            options = AuditOptions(batch_size=batch_size, device=device, normalize=normalize,
+                                   layers=[] if last_with_layers else None)
+            results.append(audit(path, options, progress))
+        rows = build_rows(results)
+        checks = parse_checks(fail_if, known_keys(rows))
+        outcome = evaluate(checks, {key: rows[-1].value(key) for key in known_keys(rows)})
+        if plot is not None:
+            from ncaudit.plot import plot_trajectory
+
+            plot_trajectory(rows, plot)
+            stderr.print(f"plot written to {plot}")
+    except InputError as exc:
+        fail(str(exc))
+    if json_out:
+        typer.echo(render_trajectory_json(rows, outcome))
+    else:
+        console = Console(highlight=False)
+        if not console.is_terminal:  # a log or a pipe: no terminal width to respect, so do not truncate cells
+            console = Console(highlight=False, width=200)
+        console.print(trajectory_table(rows, layers=layers))
+        for c in outcome:
+            style = "green" if c["passed"] else "bold red"
+            console.print(f"[{style}]{c['outcome']}[/]: fails if {c['expression']} (last row: {c['value']})")
+    if not all(c["passed"] for c in outcome):
+        raise typer.Exit(code=1)
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning input errors into one line and exit code 2."""
     try:
         app(standalone_mode=True)
     except InputError as exc:  # raised outside a command's own handler
-        stderr.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        stderr.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(2)

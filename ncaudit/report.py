@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from rich import box
@@ -10,7 +11,9 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from ncaudit.audit import AuditResult, result_to_json
+from ncaudit.audit import AuditResult, json_safe, result_to_json
+from ncaudit.trajectory import COLUMNS as TRAJECTORY_COLUMNS
+from ncaudit.trajectory import TrajectoryRow, rows_to_json
 
 #: (group title, [(metric key, one-line meaning)]) in table order.
 GROUPS: list[tuple[str, list[tuple[str, str]]]] = [
@@ -152,3 +155,45 @@ def render_table(result: AuditResult, console: Console, *, per_class: bool = Fal
     verdict = "all checks passed" if result.passed else "a check failed"
     if result.checks:
         console.print(Text(verdict, style="green" if result.passed else "bold red"))
+
+
+def trajectory_table(rows: Sequence[TrajectoryRow], *, layers: bool = False) -> Group:
+    """One row per checkpoint; accuracy, NC1 and NC4 per split side by side, the rest on the primary split.
+
+    With ``layers``, a second table gives the per-layer NC1 of the last cache (collapse through depth).
+    """
+    splits = list(dict.fromkeys(s for r in rows for s in r.splits))
+    per_split = {"accuracy", "nc1", "nc4"}
+    table = Table(title="trajectory", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table.add_column("checkpoint", no_wrap=True)
+    columns: list[tuple[str, str | None]] = []
+    for key, header in TRAJECTORY_COLUMNS:
+        targets = splits if key in per_split and len(splits) > 1 else [None]
+        for split in targets:
+            values = [r.value(f"{split}.{key}" if split else key) for r in rows]
+            if all(v is None for v in values) and key == "nc1_precision_floor":
+                continue
+            columns.append((key, split))
+            table.add_column(f"{header}\n{split}" if split else header, justify="right", no_wrap=True)
+    for r in rows:
+        table.add_row(r.label, *(fmt(r.value(f"{s}.{k}" if s else k), 3) for k, s in columns))
+    parts: list[Any] = [table]
+    if layers and rows:
+        last = rows[-1].primary
+        if last.layers:
+            lt = Table(title=f"per-layer NC1 of {rows[-1].label} ({rows[-1].primary_split})", box=box.SIMPLE_HEAD,
+                       show_edge=False)
+            lt.add_column("layer")
+            lt.add_column("p", justify="right")
+            lt.add_column("NC1", justify="right")
+            lt.add_column("NCC acc", justify="right")
+            for name, block in last.layers.items():
+                lt.add_row(name, str(block["n_features"]), fmt(block["nc1"], 3), fmt(block["ncc_accuracy"], 3))
+            lt.add_row("(final)", str(last.n_features), fmt(last.metrics["nc1"], 3),
+                       fmt(last.metrics["ncc_accuracy"], 3))
+            parts.append(lt)
+    return Group(*parts)
+
+
+def render_trajectory_json(rows: Sequence[TrajectoryRow], checks: list[dict[str, Any]]) -> str:
+    return json.dumps(json_safe(rows_to_json(rows, checks)), indent=2, allow_nan=False)

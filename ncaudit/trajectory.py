@@ -1,0 +1,148 @@
+"""Trajectories: the metrics of several caches (checkpoints of one training run, on one or two splits) as rows.
+
+Caches are grouped by checkpoint (its sha256, else its path, else the cache's own path); each group is one row in
+the order the caches were given, with the train and test splits side by side. A row is labelled by the checkpoint's
+epoch when the provenance says it (attribute ``epoch``, the checkpoint's metadata, or an ``e123`` / ``epoch123``
+pattern in its file name), else by the checkpoint's or the cache's file name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ncaudit.audit import METRIC_KEYS, AuditResult
+
+#: Columns of the trajectory table, in order: (metric key, header).
+COLUMNS: list[tuple[str, str]] = [
+    ("accuracy", "acc"),
+    ("nc1", "NC1"),
+    ("nc2_equinorm_means", "equinorm μ"),
+    ("nc2_equinorm_classifier", "equinorm W"),
+    ("nc2_equiangle_means", "equiangle μ"),
+    ("nc2_equiangle_classifier", "equiangle W"),
+    ("nc3", "NC3"),
+    ("nc4", "NC4"),
+    ("mse_term_b", "term B"),
+    ("ls_distance", "LS dist"),
+    ("nc1_precision_floor", "floor"),
+]
+
+_EPOCH_PATTERN = re.compile(r"(?:^|[^a-z])(?:epoch|ep|e)[_-]?(\d+)(?:[^0-9]|$)", re.IGNORECASE)
+TRAIN_SPLITS = ("train", "training")
+
+
+@dataclass
+class TrajectoryRow:
+    """One checkpoint: its label, epoch (or None) and one audit per split (``train``, ``test``, ...)."""
+
+    key: str
+    label: str
+    epoch: int | None
+    checkpoint: str | None
+    splits: dict[str, AuditResult] = field(default_factory=dict)
+
+    @property
+    def primary_split(self) -> str:
+        """The split whose metrics head the row: train when present, else the first one given."""
+        for name in self.splits:
+            if name in TRAIN_SPLITS:
+                return name
+        return next(iter(self.splits))
+
+    @property
+    def primary(self) -> AuditResult:
+        return self.splits[self.primary_split]
+
+    def value(self, key: str) -> float | None:
+        """A metric of the primary split, or ``split.key`` (e.g. ``test.accuracy``) of another one."""
+        if "." in key:
+            split, metric = key.split(".", 1)
+            result = self.splits.get(split)
+            return None if result is None else result.metrics.get(metric)
+        return self.primary.metrics.get(key)
+
+
+def epoch_of(source: dict[str, Any]) -> int | None:
+    """The epoch recorded in a cache's provenance, or parsed from the checkpoint's file name."""
+    for value in (source.get("epoch"), _metadata(source).get("epoch")):
+        try:
+            if value is not None and str(value).strip() != "":
+                return int(float(value))
+        except (TypeError, ValueError):
+            pass
+    name = Path(str(source.get("checkpoint") or "")).stem
+    match = _EPOCH_PATTERN.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _metadata(source: dict[str, Any]) -> dict[str, Any]:
+    meta = source.get("checkpoint_metadata")
+    if isinstance(meta, str) and meta:
+        try:
+            meta = json.loads(meta)
+        except json.JSONDecodeError:
+            return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def split_of(source: dict[str, Any]) -> str:
+    """The dataset split of a cache: its ``split`` attribute, else ``train``/``test``/``val`` in its file name."""
+    split = source.get("split")
+    if split:
+        return str(split)
+    stem = Path(str(source.get("path", ""))).stem.lower()
+    for name in ("train", "test", "val"):
+        if name in re.split(r"[^a-z]+", stem):
+            return name
+    return "data"
+
+
+def build_rows(results: Sequence[AuditResult]) -> list[TrajectoryRow]:
+    """Group audits by checkpoint (in the given order) with their splits side by side."""
+    rows: dict[str, TrajectoryRow] = {}
+    for result in results:
+        src = result.source
+        checkpoint = src.get("checkpoint") or None
+        key = str(src.get("checkpoint_sha256") or checkpoint or src.get("path"))
+        split = split_of(src)
+        row = rows.get(key)
+        if row is None or split in row.splits:
+            if row is not None:  # the same checkpoint and split again: keep both, as separate rows
+                key = f"{key}#{len(rows)}"
+            epoch = epoch_of(src)
+            if epoch is not None:
+                label = f"epoch {epoch}"
+            else:
+                label = Path(str(checkpoint or src.get("path", "?"))).stem
+            row = rows[key] = TrajectoryRow(key=key, label=label, epoch=epoch, checkpoint=checkpoint)
+        row.splits[split] = result
+    return list(rows.values())
+
+
+def known_keys(rows: Sequence[TrajectoryRow]) -> list[str]:
+    """Metric keys a ``--fail-if`` on a trajectory may name: the primary split's, and ``split.key`` of every split."""
+    splits = sorted({s for row in rows for s in row.splits})
+    return list(METRIC_KEYS) + [f"{s}.{k}" for s in splits for k in METRIC_KEYS]
+
+
+def rows_to_json(rows: Sequence[TrajectoryRow], checks: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"schema", "trajectory": [row...], "checks", "passed"}``; each row carries the primary split's metrics
+    under the spec's keys, plus every split's full metrics (and per-layer blocks when audited) under its name."""
+    out_rows = []
+    for row in rows:
+        item: dict[str, Any] = {"label": row.label, "epoch": row.epoch, "checkpoint": row.checkpoint,
+                                "split": row.primary_split}
+        item.update(row.primary.metrics)
+        item["splits"] = {
+            name: {"source": res.source.get("path"), "n_samples": res.n_samples, "metrics": res.metrics,
+                   **({"layers": res.layers} if res.layers else {})}
+            for name, res in row.splits.items()
+        }
+        out_rows.append(item)
+    return {"schema": "ncaudit.trajectory/1", "trajectory": out_rows, "checks": checks,
+            "passed": all(c["passed"] for c in checks)}
