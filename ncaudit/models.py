@@ -14,6 +14,7 @@ import copy
 import hashlib
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,8 +91,13 @@ def _read_pickle(path: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if "global" in ln.lower()]
-        why = lines[0] if lines else "it is not a plain-data pickle"
+        text = str(exc)
+        if "Unsupported global" not in text and "GLOBAL" not in text:
+            detail = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("Unsupported")]
+            raise InputError(f"{path}: not a readable PyTorch checkpoint ({detail[0] if detail else 'bad pickle'}); "
+                             "give a .pth/.pt/.bin state_dict or a .safetensors file") from None
+        match = re.search(r"GLOBAL (\S+)", text)
+        why = f"it imports {match.group(1)}" if match else "it is not a plain-data pickle"
         raise InputError(
             f"{path}: refused: loading this checkpoint would run code from the file ({why}); nothing of it was run. "
             "Re-save the weights as a plain state_dict (torch.save(model.state_dict(), PATH)) or as .safetensors"
