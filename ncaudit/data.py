@@ -295,3 +295,23 @@ def open_dataset(
     return DataSource(dataset=_Samples(base, labels, transform, paths), kind=kind, split=split,
                       root=root, labels=labels, dataset_classes=classes, class_names=names,
                       fingerprint=digest.hexdigest())
+
+
+def tensor_source(images: torch.Tensor, labels: torch.Tensor | np.ndarray | Sequence[int], *,
+                  class_names: Sequence[str] | None = None, name: str = "tensors") -> DataSource:
+    """A :class:`DataSource` over images already transformed in memory, ``images`` of shape (N, 3, H, W).
+
+    For benchmarks, demos and callers with their own preprocessing; no transform is applied. The fingerprint
+    hashes the labels and the image bytes, so ``resume`` recognises the same tensors.
+    """
+    y = np.asarray(labels.tolist() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64)
+    if images.ndim != 4 or images.shape[0] != len(y):
+        raise InputError(f"in-memory images have shape {tuple(images.shape)} for {len(y)} labels; expected "
+                         "(N, C, H, W) with one label per image")
+    digest = hashlib.sha256(y.tobytes())
+    digest.update(images.detach().cpu().contiguous().numpy().tobytes())
+    classes = list(class_names) if class_names is not None else [str(c) for c in range(int(y.max()) + 1)]
+    base = torch.utils.data.TensorDataset(images)
+    return DataSource(dataset=_Samples(base, y, None), kind=name, split=None, root=Path("."), labels=y,
+                      dataset_classes=classes, class_names=list(class_names) if class_names is not None else None,
+                      fingerprint=digest.hexdigest())

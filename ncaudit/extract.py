@@ -282,7 +282,7 @@ def _reference_features(pm: PenultimateModel, data: DataSource, k: int, batch_si
 def extract(
     model_name: str,
     checkpoint: str | os.PathLike[str],
-    data: str | os.PathLike[str],
+    data: str | os.PathLike[str] | DataSource,
     out: str | os.PathLike[str],
     *,
     dataset: str = "imagefolder",
@@ -317,7 +317,8 @@ def extract(
     checkpoint
         Local ``.pth``/``.pt``/``.bin`` (loaded with ``weights_only=True``) or ``.safetensors`` file.
     data, dataset, split, class_map
-        See :func:`ncaudit.data.open_dataset`.
+        See :func:`ncaudit.data.open_dataset`; ``data`` may also be a ready :class:`ncaudit.data.DataSource`
+        (e.g. :func:`ncaudit.data.tensor_source` over in-memory tensors), used as is.
     out
         The ``.h5`` cache to write (schema 1).
     ema
@@ -381,9 +382,13 @@ def extract(
     use_cl = channels_last
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
-    cfg = transform_config(model, loaded.library, img_size=img_size, mean=mean, std=std, crop_pct=crop_pct,
-                           interpolation=interpolation)
-    src = open_dataset(data, dataset=dataset, split=split, class_map=class_map, transform=build_transform(cfg))
+    if isinstance(data, DataSource):
+        src = data
+        cfg: dict[str, Any] = {"library": "none", "note": "images given in memory, already transformed"}
+    else:
+        cfg = transform_config(model, loaded.library, img_size=img_size, mean=mean, std=std, crop_pct=crop_pct,
+                               interpolation=interpolation)
+        src = open_dataset(data, dataset=dataset, split=split, class_map=class_map, transform=build_transform(cfg))
     k = loaded.num_classes
     n_data_classes = len(src.class_names) if src.class_names is not None else len(src.dataset_classes)
     if src.class_names is not None and len(src.class_names) != k:

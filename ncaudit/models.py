@@ -443,10 +443,13 @@ class PenultimateModel:
         feats, logits = self._assemble(inputs, logits)
         if self.loaded.library == "timm" and k == 1:
             m: Any = self.model
+            few = x[:2]  # a documentation check, not the safety check above: two samples keep it cheap
             with autocast:
-                pre = m.forward_head(m.forward_features(x), pre_logits=True)
-            pre = pre.reshape(pre.shape[0], -1)
-            same = pre.shape == feats.shape and torch.allclose(pre.float(), feats.float(), rtol=1e-5, atol=1e-6)
+                pre = m.forward_head(m.forward_features(few), pre_logits=True)
+            pre = pre.reshape(pre.shape[0], -1).float()
+            ref = feats[:2].float()
+            tol = 1e-4 if precision == "fp32" else 5e-2
+            same = pre.shape == ref.shape and torch.allclose(pre, ref, rtol=tol, atol=tol * float(ref.abs().max()))
             self.source += ("; features = forward_head(pre_logits=True)" if same
                             else "; features = the classifier's input (forward_head(pre_logits=True) differs)")
         if logits.shape[1] != weight.shape[0]:
