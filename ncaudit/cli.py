@@ -93,6 +93,11 @@ def extract(
     resume: bool = typer.Option(False, "--resume", help="Continue a partial cache written with the same checkpoint "
                                 "(sha256), data and options."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing cache."),
+    layers: str | None = typer.Option(None, "--layers", help="Also store these layers, NAME[,NAME...]: module names "
+                                      "(layer3, stages.2, blocks.11, features.7) or, for timm, feature_info indices "
+                                      "(0,1,2). Spatial maps are average-pooled, token sequences give the class token. "
+                                      "The projected file size is printed; a cache larger than the free space is "
+                                      "refused."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
 ) -> None:
     """Stream a dataset through a checkpoint and cache penultimate features, labels, logits and (W, b) in HDF5.
@@ -107,7 +112,7 @@ def extract(
             model, checkpoint, data, out, dataset=dataset, split=split, class_map=class_map, ema=ema, device=device,
             precision=precision, batch_size=batch_size, workers=workers, limit=limit, store_dtype=store_dtype,
             precision_check=precision_check, img_size=img_size, mean=mean, std=std, crop_pct=crop_pct,
-            interpolation=interpolation, resume=resume, overwrite=overwrite, progress=progress,
+            interpolation=interpolation, resume=resume, overwrite=overwrite, progress=progress, layers=layers,
             log=lambda msg: stderr.print(f"[yellow]warning:[/] {msg}", soft_wrap=True),
         )
     except InputError as exc:

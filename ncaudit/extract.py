@@ -36,7 +36,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cuda", "cpu")
 STORE_DTYPES = ("float32", "float16")
 #: Attributes that must match for ``--resume`` to continue a partial file.
-RESUME_KEYS = ("model", "checkpoint_sha256", "ema", "dataset", "split", "data_fingerprint", "transform", "precision")
+RESUME_KEYS = ("model", "checkpoint_sha256", "ema", "dataset", "split", "data_fingerprint", "transform", "precision",
+               "layers")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -135,12 +136,13 @@ class _AsyncWriter:
     def __init__(self, writer: CacheWriter, chunk_rows: int, depth: int = 4) -> None:
         self.writer = writer
         self.chunk_rows = max(1, chunk_rows)
+        self.float16 = writer._file["features"].dtype == np.float16
         self.error: BaseException | None = None
         self._q: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._thread = threading.Thread(target=self._run, name="ncaudit-writer", daemon=True)
         self._thread.start()
 
-    def put(self, item: tuple[Any, torch.Tensor, np.ndarray, torch.Tensor]) -> None:
+    def put(self, item: tuple[Any, torch.Tensor, np.ndarray, torch.Tensor, dict[str, torch.Tensor]]) -> None:
         if self.error is not None:
             raise self.error
         self._q.put(item)
@@ -149,13 +151,16 @@ class _AsyncWriter:
         feats: list[np.ndarray] = []
         labels: list[np.ndarray] = []
         logits: list[np.ndarray] = []
+        extra: dict[str, list[np.ndarray]] = {}
         n = 0
 
         def flush(rows: int) -> None:
-            nonlocal feats, labels, logits, n
+            nonlocal feats, labels, logits, extra, n
             f, y, z = np.concatenate(feats), np.concatenate(labels), np.concatenate(logits)
-            self.writer.write(f[:rows], y[:rows], z[:rows])
+            e = {name: np.concatenate(parts) for name, parts in extra.items()}
+            self.writer.write(f[:rows], y[:rows], z[:rows], {name: v[:rows] for name, v in e.items()})
             feats, labels, logits, n = [f[rows:]], [y[rows:]], [z[rows:]], n - rows
+            extra = {name: [v[rows:]] for name, v in e.items()}
 
         while True:
             item = self._q.get()
@@ -164,12 +169,18 @@ class _AsyncWriter:
             if self.error is not None:
                 continue  # keep draining so the producer never blocks
             try:
-                event, f, y, z = item
+                event, f, y, z, layer_feats = item
                 if event is not None:
                     event.synchronize()
-                feats.append(f.numpy())
+                fn = f.numpy()
+                if self.float16 and not np.all(np.abs(fn) <= 65504):
+                    raise InputError(f"features reach {np.abs(fn).max():.3g}, beyond float16's range (65504); use "
+                                     "--store-dtype float32")
+                feats.append(fn)
                 labels.append(y)
                 logits.append(z.numpy())
+                for name, v in layer_feats.items():
+                    extra.setdefault(name, []).append(v.numpy())
                 n += len(y)
                 if n >= self.chunk_rows:
                     flush(n - n % self.chunk_rows)
@@ -306,6 +317,7 @@ def extract(
     progress: bool = True,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     channels_last: bool = True,
+    layers: Sequence[str] | str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> ExtractSummary:
     """Extract penultimate features, labels, logits and the final affine map of a checkpoint over a dataset.
@@ -339,6 +351,11 @@ def extract(
         Show a progress bar on stderr.
     chunk_rows
         Rows per HDF5 chunk and per write.
+    channels_last
+        Run the model and its inputs in channels-last memory format.
+    layers
+        Further layers to store under ``/layers/<name>/features`` (names or ``"a,b"``; see
+        :func:`ncaudit.models.resolve_layers`): spatial maps average-pooled, token sequences reduced to the class token.
     log
         Called with one-line notes (warnings) as they arise.
 
@@ -411,10 +428,12 @@ def extract(
         "split": src.split or "", "data_fingerprint": src.fingerprint, "precision": prec, "device": dev.type,
         "transform": cfg, "ncaudit_version": __version__, "limit": int(limit or 0),
     }
+    layer_names = [n for n in (layers.split(",") if isinstance(layers, str) else (layers or ())) if n.strip()]
+    pm = PenultimateModel(loaded, layer_names)
+    attrs["layers"] = [name for name, _, _ in pm.layers]
     start = 0
     resuming = bool(resume and state is not None and not state.get("_not_cache"))
-    if resuming:
-        assert state is not None
+    if resuming and state is not None:
         for key in RESUME_KEYS:
             if not _same(state.get(key, ""), attrs[key]):
                 raise InputError(f"--resume: {out} was written with another {key} ({str(state.get(key, ''))[:60]!r}); "
@@ -426,7 +445,6 @@ def extract(
 
     pin = dev.type == "cuda"
     autocast = autocast_context(prec, dev)
-    pm = PenultimateModel(loaded)
     fp32_ctx = full_fp32() if prec == "fp32" else contextlib.nullcontext()
     t0 = time.perf_counter()
     done = start
@@ -443,6 +461,7 @@ def extract(
                 raise _unwrap_worker_error(exc) from None
             feats0, logits0 = pm.verify(_to_device(probe[0], dev, use_cl), prec, autocast)
             p = feats0.shape[1]
+            layer_widths = {name: int(v.shape[1]) for name, v in pm.layer_features.items()}
             attrs["classifier_source"] = pm.source
             attrs["logit_check_max_rel_error"] = pm.max_logit_error
 
@@ -450,8 +469,13 @@ def extract(
                 writer = CacheWriter.resume(out)
             else:
                 itemsize = 2 if store_dtype == "float16" else 4
-                need = n_total * (p * itemsize + 8 + 4 * k) + 8 * k * (p + 1) + (1 << 20)
+                row = (p + sum(layer_widths.values())) * itemsize + 8 + 4 * k
+                need = n_total * row + 8 * k * (p + 1) + (1 << 20)
                 free = shutil.disk_usage(out.resolve().parent if out.resolve().parent.exists() else Path.cwd()).free
+                if layer_widths:
+                    widths = ", ".join(f"{name} {w}" for name, w in layer_widths.items())
+                    note(f"projected cache size {need / 2**30:.2f} GiB (extra layers: {widths}); "
+                         f"{free / 2**30:.1f} GiB free")
                 if need > free:
                     raise InputError(f"--out {out}: the cache needs about {need / 2**30:.2f} GiB but only "
                                      f"{free / 2**30:.2f} GiB is free; free space, use --store-dtype float16 or "
@@ -461,30 +485,32 @@ def extract(
                 attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
                 writer = CacheWriter(out, n_samples=n_total, n_features=p, num_classes=k, weight=weight, bias=bias,
                                      feature_dtype=store_dtype, store_logits=True, class_names=class_names,
-                                     attrs=attrs, chunk_rows=chunk_rows, overwrite=True)
+                                     layers=layer_widths, attrs=attrs, chunk_rows=chunk_rows, overwrite=True)
             sink = _AsyncWriter(writer, chunk_rows)
             with _progress(progress, n_total, start) as bar:
                 task = bar.add_task("extract", total=n_total, completed=start)
                 try:
-                    def emit(feats: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+                    def emit(feats: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
+                             extra: dict[str, torch.Tensor]) -> None:
                         nonlocal done
                         if dev.type == "cuda":
                             f = feats.float().to("cpu", non_blocking=True)
                             z = logits.float().to("cpu", non_blocking=True)
+                            extra = {name: v.to("cpu", non_blocking=True) for name, v in extra.items()}
                             event = torch.cuda.Event()
                             event.record()
                         else:
                             f, z, event = feats.float(), logits.float(), None
-                        sink.put((event, f, y.numpy().astype(np.int64), z))
+                        sink.put((event, f, y.numpy().astype(np.int64), z, extra))
                         done += len(y)
                         bar.update(task, completed=done)
 
                     if first is not None:
-                        emit(feats0, logits0, first[1])
+                        emit(feats0, logits0, first[1], pm.layer_features)
                         for x, y in batches:
                             with autocast:
                                 feats, logits = pm(_to_device(x, dev, use_cl))
-                            emit(feats, logits, y)
+                            emit(feats, logits, y, pm.layer_features)
                 except InputError as exc:
                     raise _unwrap_worker_error(exc) from None
                 finally:
@@ -500,6 +526,11 @@ def extract(
     except OSError as exc:
         raise InputError(f"--out {out}: writing failed ({str(exc).splitlines()[0] if str(exc) else exc}); free disk "
                          "space or fix the path, then rerun with --resume") from None
+    except InputError as exc:
+        if writer is None:
+            raise
+        raise InputError(f"{exc} ({out} is kept, marked incomplete: --resume continues it, --overwrite starts "
+                         "again)") from None
     finally:
         pm.remove()
         if writer is not None:

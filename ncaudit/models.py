@@ -15,7 +15,7 @@ import hashlib
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -348,6 +348,65 @@ def _affine_of(module: nn.Module, in_shape: tuple[int, ...], scale: float, name:
     return w.numpy(), (b0.numpy() if has_bias else None), f"{name} ({type(module).__name__}, folded to W, b)"
 
 
+def resolve_layers(model: nn.Module, library: str, names: Sequence[str]) -> list[tuple[str, nn.Module, int | None]]:
+    """``(name, module, channels or None)`` for each requested layer.
+
+    A name is a module name (``layer3``, ``stages.2``, ``blocks.11``, torchvision ``features.7``); for timm models an
+    integer picks ``feature_info[i]`` (its module name is stored). Channels come from timm's ``feature_info``.
+
+    Raises
+    ------
+    InputError
+        An unknown name (the message lists the model's feature stages).
+    """
+    modules = dict(model.named_modules())
+    info: dict[str, int] = {}
+    stages: list[str] = []
+    if library == "timm" and getattr(model, "feature_info", None):
+        for entry in model.feature_info:  # type: ignore[union-attr]
+            info[str(entry["module"])] = int(entry["num_chs"])
+            stages.append(str(entry["module"]))
+    out: list[tuple[str, nn.Module, int | None]] = []
+    for raw in names:
+        name = raw.strip()
+        if library == "timm" and name.lstrip("-").isdigit() and stages:
+            try:
+                name = stages[int(name)]
+            except IndexError:
+                raise InputError(f"--layers {raw}: the model has {len(stages)} feature stages (0..{len(stages) - 1}: "
+                                 f"{', '.join(stages)})") from None
+        if not name or name not in modules:
+            hint = f"feature stages: {', '.join(stages)}" if stages else "see model.named_modules()"
+            raise InputError(f"--layers {raw!r}: no such module in the model ({hint})")
+        if "/" in name:
+            raise InputError(f"--layers {raw!r}: a layer name cannot contain '/'")
+        if any(n == name for n, _, _ in out):
+            continue
+        out.append((name, modules[name], info.get(name)))
+    order = {name: i for i, name in enumerate(modules)}
+    return sorted(out, key=lambda entry: order[entry[0]])  # network order
+
+
+def pool_layer_output(out: Any, channels: int | None, class_token: bool, skip_tokens: int = 0) -> torch.Tensor:
+    """One vector per sample from a layer's output, in float32.
+
+    Spatial maps are global-average-pooled (NCHW, or NHWC when ``channels`` says so); token sequences ``(B, T, D)``
+    give the class token when the model has one, else the mean of the tokens after the first ``skip_tokens``
+    (register tokens).
+    """
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise InputError(f"a layer returned {type(out).__name__}, not a tensor; pick another layer")
+    if out.ndim == 4:
+        if channels is not None and out.shape[1] != channels and out.shape[-1] == channels:
+            return out.float().mean(dim=(1, 2))
+        return out.float().mean(dim=(2, 3))
+    if out.ndim == 3:
+        return out[:, 0].float() if class_token else out[:, skip_tokens:].float().mean(dim=1)
+    return out.float().reshape(out.shape[0], -1)
+
+
 class PenultimateModel:
     """Run a :class:`LoadedModel` and return ``(features (B, p), logits (B, C))`` per batch.
 
@@ -358,7 +417,7 @@ class PenultimateModel:
     first batch.
     """
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, layers: Sequence[str] = ()) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.heads = loaded.heads
@@ -369,6 +428,21 @@ class PenultimateModel:
         self.max_logit_error = float("nan")
         self._captured: list[torch.Tensor | None] = [None] * len(self.heads)
         self._handles = [mod.register_forward_pre_hook(self._hook(i)) for i, (_, mod) in enumerate(self.heads)]
+        #: Pooled outputs of the requested layers from the last call, ``{name: (B, p_layer)}`` in network order.
+        self.layer_features: dict[str, torch.Tensor] = {}
+        self.layers = resolve_layers(self.model, loaded.library, layers)
+        # timm ViTs: cls_token (None without one) and num_prefix_tokens (class + register tokens); torchvision ViT:
+        # class_token
+        cls = getattr(self.model, "cls_token", None) is not None or isinstance(
+            getattr(self.model, "class_token", None), (torch.Tensor, nn.Parameter))
+        skip = int(getattr(self.model, "num_prefix_tokens", 0) or 0)
+        for name, mod, chans in self.layers:
+            self._handles.append(mod.register_forward_hook(self._layer_hook(name, chans, cls, skip)))
+
+    def _layer_hook(self, name: str, channels: int | None, cls: bool, skip: int) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            self.layer_features[name] = pool_layer_output(output, channels, cls, skip)
+        return hook
 
     def _hook(self, i: int) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -388,13 +462,22 @@ class PenultimateModel:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._captured = [None] * len(self.heads)
+        self.layer_features = {}
         logits = self.model(x)
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
         if any(t is None for t in self._captured):
             raise InputError(f"{self.loaded.name}: the classifier module was not called in forward(); ncaudit cannot "
                              "tell which layer feeds the logits")
+        self._check_layers()
         return self._assemble(self._captured, logits)
+
+    def _check_layers(self) -> None:
+        missing = [name for name, _, _ in self.layers if name not in self.layer_features]
+        if missing:
+            raise InputError(f"--layers {missing[0]}: this module is not called in the model's forward(); pick a "
+                             "module that is (e.g. a feature stage)")
+        self.layer_features = {name: self.layer_features[name] for name, _, _ in self.layers}
 
     def verify(self, x: torch.Tensor, precision: str, autocast: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the first batch, derive ``(W, b)`` and check ``W h + b`` against the model's logits.
@@ -409,7 +492,10 @@ class PenultimateModel:
         name = self.loaded.name
         with autocast:
             self._captured = [None] * len(self.heads)
+            self.layer_features = {}
             logits = self.model(x)
+        self._check_layers()
+        layer_features = dict(self.layer_features)
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
         inputs = list(self._captured)
@@ -452,6 +538,7 @@ class PenultimateModel:
             same = pre.shape == ref.shape and torch.allclose(pre, ref, rtol=tol, atol=tol * float(ref.abs().max()))
             self.source += ("; features = forward_head(pre_logits=True)" if same
                             else "; features = the classifier's input (forward_head(pre_logits=True) differs)")
+        self.layer_features = layer_features  # the pre-logits check above ran the layers again on two samples
         if logits.shape[1] != weight.shape[0]:
             raise InputError(f"{name}: the model returns {logits.shape[1]} outputs but its classifier has "
                              f"{weight.shape[0]} rows; ncaudit cannot map features to logits")

@@ -202,6 +202,27 @@ def test_torchvision_models_and_class_map(images: Path, tmp_path: Path) -> None:
         assert cache.info.class_names == ["c_eel", "b_cat", "a_dog"]
 
 
+def test_layers_are_pooled_and_refused_when_too_big(images: Path, ckpt: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "layers.h5"
+    notes: list[str] = []
+    extract("test_resnet", ckpt, images, out, layers="layer4,1", limit=10, log=notes.append, **FAST)
+    assert any("projected cache size" in n for n in notes)
+    with FeatureCache(out) as cache:
+        assert cache.info.layers == {"layer1": 32, "layer4": 96}  # network order, feature_info index 1 = layer1
+        (_, f, _, extra), = cache.iter_batches(100, layers=["layer1", "layer4"])
+    np.testing.assert_allclose(extra["layer4"], f, rtol=1e-6, atol=1e-6)  # resnet: pre-logits = pooled layer4
+    with pytest.raises(InputError, match="no such module.*layer1, layer2"):
+        extract("test_resnet", ckpt, images, tmp_path / "x.h5", layers="nope", **FAST)
+    import shutil
+    from collections import namedtuple
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 1000))
+    with pytest.raises(InputError, match="GiB is free"):
+        extract("test_resnet", ckpt, images, tmp_path / "y.h5", layers="layer3", **FAST)
+    assert not (tmp_path / "y.h5").exists()
+
+
 def _cli(*args: str) -> tuple[int, str, str]:
     result = CliRunner().invoke(app, ["extract", *args])
     return result.exit_code, result.stdout, result.stderr
