@@ -67,26 +67,26 @@ def extract(
     class_map: str | None = typer.Option(None, "--class-map", help="JSON list of class names in model order; maps "
                                          "dataset class names to model indices."),
     ema: bool | None = typer.Option(None, "--ema/--no-ema", help="Use the EMA or the plain weights when the "
-                                    "checkpoint holds both [default: plain]."),
+                                    "checkpoint holds both (default: plain)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cuda or cpu."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, "
                                   "bf16 or fp16."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per batch."),
-    workers: int | None = typer.Option(None, "--workers", "-j", help="DataLoader worker processes [default: the "
-                                       "CPU cores available]. Image decoding runs at ~150-300 images/s per core."),
+    workers: int | None = typer.Option(None, "--workers", "-j", help="DataLoader worker processes (default: the "
+                                       "CPU cores available). Image decoding runs at ~150-300 images/s per core."),
     limit: int | None = typer.Option(None, "--limit", help="Only the first N samples (a quick look)."),
     store_dtype: str = typer.Option("float32", "--store-dtype", help="float32 or float16 for /features. float16 "
-                                    "halves the file but rounds each feature to ~3 significant digits (relative "
-                                    "error up to 2^-11 ~ 5e-4): that noise alone gives an NC1 of roughly 1e-7 to "
-                                    "1e-6 times p/(C-1) and NCC/NC4 decisions on near-ties may flip; keep float32 for "
-                                    "well-collapsed networks (NC1 below ~1e-3)."),
+                                    "halves the file but rounds each feature by up to 2^-11 (5e-4) of its value, "
+                                    "which adds about 5e-8 x (C-1)/p x |h|^2/|mu_c - mu_G|^2 to NC1: negligible unless "
+                                    "NC1 is below ~1e-5 or the features carry a large common offset. Keep float32 "
+                                    "to audit strongly collapsed networks."),
     precision_check: int = typer.Option(512, "--precision-check", help="When the precision is not fp32, recompute "
                                         "the first K samples in float32 (no autocast, TF32 off) into /reference_fp32, "
                                         "so that report can give the NC1 floor the precision causes. 0: off."),
     img_size: int | None = typer.Option(None, "--img-size", help="Input N x N (keeps the crop ratio)."),
-    mean: str | None = typer.Option(None, "--mean", help="Normalisation mean, e.g. 0.5,0.5,0.5 [default: the "
-                                    "model's]."),
-    std: str | None = typer.Option(None, "--std", help="Normalisation std, e.g. 0.5,0.5,0.5 [default: the model's]."),
+    mean: str | None = typer.Option(None, "--mean", help="Normalisation mean, e.g. 0.5,0.5,0.5 (default: the "
+                                    "model's)."),
+    std: str | None = typer.Option(None, "--std", help="Normalisation std, e.g. 0.5,0.5,0.5 (default: the model's)."),
     crop_pct: float | None = typer.Option(None, "--crop-pct", help="Centre-crop fraction (1 = resize only)."),
     interpolation: str | None = typer.Option(None, "--interpolation", help="bilinear, bicubic, nearest, lanczos, "
                                              "box or hamming."),

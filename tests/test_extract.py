@@ -252,6 +252,14 @@ def test_cli_bad_inputs_exit_2_with_one_line(images: Path, ckpt: Path, tmp_path:
     code, o, e = _cli("-m", "test_resnet", "-c", str(ckpt), "-d", str(bad), "-o", out, *base)
     _assert_usage_error(code, o, e, "00.png")
     assert not Path(out).exists()
+    (bad / "a_dog" / "00.png").write_bytes(png)  # fixed; now a bad image after the first batch: the partial file stays
+    (bad / "c_eel" / "01.png").write_bytes(b"\x89PNG garbage")
+    code, o, e = _cli("-m", "test_resnet", "-c", str(ckpt), "-d", str(bad), "-o", out, "-b", "2", *base)
+    _assert_usage_error(code, o, e, "c_eel/01.png")
+    assert "--resume" in e
+    with pytest.raises(InputError, match="incomplete"):
+        FeatureCache(out)
+    Path(out).unlink()
     two = tmp_path / "two.pth"
     torch.save(timm_model(num_classes=2).state_dict(), two)
     code, o, e = _cli("-m", "test_resnet", "-c", str(two), "-d", str(images), "-o", out, *base)
