@@ -223,6 +223,34 @@ def test_layers_are_pooled_and_refused_when_too_big(images: Path, ckpt: Path, tm
     assert not (tmp_path / "y.h5").exists()
 
 
+def _write_fake_mnist(root: Path, n: int = 12) -> None:
+    """torchvision's MNIST layout (raw idx files) with n random 28x28 digits; labels 0..9 cycling."""
+    import struct
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    for split in ("t10k", "train"):  # torchvision checks that all four files exist
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+
+
+def test_torchvision_dataset_on_disk_and_absent(tmp_path: Path) -> None:
+    _write_fake_mnist(tmp_path / "ds")
+    ckpt10 = tmp_path / "k10.pth"
+    torch.save(timm_model(num_classes=10).state_dict(), ckpt10)
+    s = extract("test_resnet", ckpt10, tmp_path / "ds", tmp_path / "mnist.h5", dataset="mnist", split="test",
+                **FAST)
+    assert s.n_samples == 12
+    with FeatureCache(tmp_path / "mnist.h5") as cache:
+        assert cache.info.class_names[0].startswith("0") and cache.info.attrs["split"] == "test"
+    assert list(_read(tmp_path / "mnist.h5")["labels"]) == [i % 10 for i in range(12)]
+    with pytest.raises(InputError, match="cifar-10-batches-py.*never downloads"):
+        extract("test_resnet", ckpt10, tmp_path / "ds", tmp_path / "c.h5", dataset="cifar10", **FAST)
+    assert not (tmp_path / "c.h5").exists()
+
+
 def _cli(*args: str) -> tuple[int, str, str]:
     result = CliRunner().invoke(app, ["extract", *args])
     return result.exit_code, result.stdout, result.stderr
