@@ -324,6 +324,9 @@ def _affine_of(module: nn.Module, in_shape: tuple[int, ...], scale: float, name:
         b = None if module.bias is None else module.bias.detach().double().cpu().numpy()
         return w, b, f"{name} (nn.Linear)"
     probe = copy.deepcopy(module).double().cpu().eval()
+    for sub in probe.modules():  # the copy carries the capture hooks: drop them
+        sub._forward_pre_hooks.clear()
+        sub._forward_hooks.clear()
     p = int(np.prod(in_shape))
 
     def g(x: torch.Tensor) -> torch.Tensor:
@@ -333,7 +336,11 @@ def _affine_of(module: nn.Module, in_shape: tuple[int, ...], scale: float, name:
     with torch.inference_mode():
         zero = torch.zeros(1, p, dtype=torch.float64)
         b0 = g(zero)[0]
-        cols = [g(torch.eye(p, dtype=torch.float64)[i:i + 1024]) - b0 for i in range(0, p, 1024)]
+        cols = []
+        for i in range(0, p, 1024):
+            basis = torch.zeros(min(1024, p - i), p, dtype=torch.float64)
+            basis[torch.arange(basis.shape[0]), torch.arange(i, i + basis.shape[0])] = 1.0
+            cols.append(g(basis) - b0)
         w = torch.cat(cols, 0).T.contiguous()
         gen = torch.Generator().manual_seed(0)
         r = torch.randn(16, p, generator=gen, dtype=torch.float64) * max(scale, 1e-3)
