@@ -1,0 +1,543 @@
+"""``ncaudit extract``: stream a dataset through a checkpoint and write the schema-1 feature cache.
+
+The loop runs under ``torch.inference_mode`` with channels-last inputs, autocast when asked, pinned memory and
+non-blocking copies on CUDA and DataLoader workers; a writer thread turns device tensors into HDF5 rows in chunks of
+``chunk_rows`` so that writing overlaps compute. The cache carries ``complete = false`` and ``n_written`` until the last
+row is in, so an interrupted run is resumable (``resume=True``) and never taken for complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from ncaudit import __version__
+from ncaudit.data import DataSource, build_transform, open_dataset, transform_config
+from ncaudit.errors import InputError
+from ncaudit.models import LoadedModel, PenultimateModel, load_model
+from ncaudit.store import DEFAULT_CHUNK_ROWS, CacheWriter, _encode_attr
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cuda", "cpu")
+STORE_DTYPES = ("float32", "float16")
+#: Attributes that must match for ``--resume`` to continue a partial file.
+RESUME_KEYS = ("model", "checkpoint_sha256", "ema", "dataset", "split", "data_fingerprint", "transform", "precision",
+               "layers")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ExtractSummary:
+    """What one :func:`extract` call did.
+
+    ``resumed_from`` is the row the run started at (0 for a fresh file), ``images_per_s`` the throughput over the rows
+    this call computed, ``max_logit_error`` the largest relative error of ``W h + b`` against the model's logits on the
+    first batch.
+    """
+
+    out: Path
+    n_samples: int
+    n_features: int
+    num_classes: int
+    resumed_from: int
+    n_reference: int
+    precision: str
+    device: str
+    store_dtype: str
+    classifier_source: str
+    max_logit_error: float
+    seconds: float
+    images_per_s: float
+    warnings: tuple[str, ...] = ()
+
+
+def available_cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU."""
+    if device not in DEVICES:
+        raise InputError(f"--device {device!r}: use one of {', '.join(DEVICES)}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available; use --device cpu (or auto)")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 autocast on CUDA, fp32 on CPU."""
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast for bf16/fp16, nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
+
+
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """TF32 off for matmuls and cuDNN convolutions (restored on exit)."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old[0], old[1]
+        torch.set_float32_matmul_precision(old[2])
+
+
+def _unwrap_worker_error(exc: BaseException) -> InputError:
+    """An InputError re-raised from a DataLoader worker carries the worker's traceback; keep its last line."""
+    text = str(exc).strip().splitlines()
+    last = text[-1] if text else type(exc).__name__
+    prefix = "ncaudit.errors.InputError: "
+    return InputError(last[len(prefix):] if last.startswith(prefix) else last)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writer thread
+# ---------------------------------------------------------------------------------------------------------------------
+class _AsyncWriter:
+    """Write batches to a :class:`CacheWriter` from a background thread, in chunk-aligned blocks of rows.
+
+    Items are ``(event, features, labels, logits)``; ``event`` (a CUDA event or None) is waited on before the
+    tensors, copied to the host without blocking, are read.
+    """
+
+    def __init__(self, writer: CacheWriter, chunk_rows: int, depth: int = 4) -> None:
+        self.writer = writer
+        self.chunk_rows = max(1, chunk_rows)
+        self.float16 = writer._file["features"].dtype == np.float16
+        self.error: BaseException | None = None
+        self._q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="ncaudit-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, item: tuple[Any, torch.Tensor, np.ndarray, torch.Tensor, dict[str, torch.Tensor]]) -> None:
+        if self.error is not None:
+            raise self.error
+        self._q.put(item)
+
+    def _run(self) -> None:
+        feats: list[np.ndarray] = []
+        labels: list[np.ndarray] = []
+        logits: list[np.ndarray] = []
+        extra: dict[str, list[np.ndarray]] = {}
+        n = 0
+
+        def flush(rows: int) -> None:
+            nonlocal feats, labels, logits, extra, n
+            f, y, z = np.concatenate(feats), np.concatenate(labels), np.concatenate(logits)
+            e = {name: np.concatenate(parts) for name, parts in extra.items()}
+            self.writer.write(f[:rows], y[:rows], z[:rows], {name: v[:rows] for name, v in e.items()})
+            feats, labels, logits, n = [f[rows:]], [y[rows:]], [z[rows:]], n - rows
+            extra = {name: [v[rows:]] for name, v in e.items()}
+
+        while True:
+            item = self._q.get()
+            if item is None:
+                break
+            if self.error is not None:
+                continue  # keep draining so the producer never blocks
+            try:
+                event, f, y, z, layer_feats = item
+                if event is not None:
+                    event.synchronize()
+                fn = f.numpy()
+                if self.float16 and not np.all(np.abs(fn) <= 65504):
+                    raise InputError(f"features reach {np.abs(fn).max():.3g}, beyond float16's range (65504); use "
+                                     "--store-dtype float32")
+                feats.append(fn)
+                labels.append(y)
+                logits.append(z.numpy())
+                for name, v in layer_feats.items():
+                    extra.setdefault(name, []).append(v.numpy())
+                n += len(y)
+                if n >= self.chunk_rows:
+                    flush(n - n % self.chunk_rows)
+            except BaseException as exc:
+                self.error = exc
+        if self.error is None and n:
+            try:
+                flush(n)
+            except BaseException as exc:
+                self.error = exc
+
+    def close(self) -> None:
+        """Write what is buffered, stop the thread, re-raise a write error."""
+        self._q.put(None)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Output file state
+# ---------------------------------------------------------------------------------------------------------------------
+def _existing_state(out: Path) -> dict[str, Any] | None:
+    """Root attributes of an existing cache, None when ``out`` does not exist; an error when it is not a cache."""
+    if not out.exists():
+        return None
+    if out.is_dir():
+        raise InputError(f"--out {out}: is a directory; give a file name ending in .h5")
+    try:
+        with h5py.File(out, "r", locking=False) as f:
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            attrs["_rows"] = int(f["features"].shape[0]) if "features" in f else -1
+            attrs["_has_reference"] = "reference_fp32/index" in f
+            attrs["_dtype"] = f["features"].dtype.name if "features" in f else ""
+            return attrs
+    except OSError:
+        return {"_not_cache": True}
+
+
+def _check_out(out: Path, state: dict[str, Any] | None, *, resume: bool, overwrite: bool) -> None:
+    """Refuse early (before any model is loaded) what the existing file forbids."""
+    if state is None or overwrite:
+        return
+    if state.get("_not_cache"):
+        raise InputError(f"--out {out}: exists and is not an HDF5 cache; pass --overwrite to replace it")
+    complete = bool(state.get("complete", True))
+    if complete and not resume:
+        raise InputError(f"--out {out}: already holds a complete cache; pass --overwrite to replace it")
+    if not complete and not resume:
+        raise InputError(f"--out {out}: holds a partial cache ({int(state.get('n_written', 0))} of {state['_rows']} "
+                         "rows); pass --resume to continue it or --overwrite to start again")
+
+
+def _same(stored: Any, value: Any) -> bool:
+    a = stored.item() if isinstance(stored, np.generic) else stored
+    b = _encode_attr(value)
+    if isinstance(a, str) and isinstance(b, str) and a.startswith(("{", "[")):
+        try:
+            return json.loads(a) == json.loads(b)
+        except json.JSONDecodeError:
+            return a == b
+    return bool(a == b)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------------------
+def _loader(dataset: Any, indices: range, batch_size: int, workers: int, pin: bool) -> torch.utils.data.DataLoader:
+    subset = torch.utils.data.Subset(dataset, indices)
+    kwargs: dict[str, Any] = {}
+    if workers > 0:
+        kwargs.update(prefetch_factor=4, persistent_workers=False)
+    return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                       pin_memory=pin, drop_last=False, **kwargs)
+
+
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=device.type == "cuda")
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
+
+
+def _progress(enabled: bool, total: int, done: int) -> Any:
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.text import Text
+
+    class _Rate(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:,.0f} img/s" if speed else "-- img/s")
+
+    return Progress(TextColumn("extract"), BarColumn(), MofNCompleteColumn(), _Rate(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled,
+                    transient=False)
+
+
+def _reference_features(pm: PenultimateModel, data: DataSource, k: int, batch_size: int, workers: int,
+                        device: torch.device, channels_last: bool) -> np.ndarray:
+    """The first ``k`` samples' features in float32, no autocast, TF32 off."""
+    out = []
+    loader = _loader(data.dataset, range(k), batch_size, workers, device.type == "cuda")
+    with full_fp32(), torch.inference_mode():
+        for x, _ in loader:
+            feats, _ = pm(_to_device(x, device, channels_last))
+            out.append(feats.float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, pm.n_features), np.float32)
+
+
+def extract(
+    model_name: str,
+    checkpoint: str | os.PathLike[str],
+    data: str | os.PathLike[str] | DataSource,
+    out: str | os.PathLike[str],
+    *,
+    dataset: str = "imagefolder",
+    split: str | None = None,
+    class_map: str | os.PathLike[str] | None = None,
+    ema: bool | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 64,
+    workers: int | None = None,
+    limit: int | None = None,
+    store_dtype: str = "float32",
+    precision_check: int = 512,
+    img_size: int | None = None,
+    mean: Sequence[float] | str | None = None,
+    std: Sequence[float] | str | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    channels_last: bool = True,
+    layers: Sequence[str] | str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ExtractSummary:
+    """Extract penultimate features, labels, logits and the final affine map of a checkpoint over a dataset.
+
+    Parameters
+    ----------
+    model_name
+        timm model name or ``torchvision:NAME``.
+    checkpoint
+        Local ``.pth``/``.pt``/``.bin`` (loaded with ``weights_only=True``) or ``.safetensors`` file.
+    data, dataset, split, class_map
+        See :func:`ncaudit.data.open_dataset`; ``data`` may also be a ready :class:`ncaudit.data.DataSource`
+        (e.g. :func:`ncaudit.data.tensor_source` over in-memory tensors), used as is.
+    out
+        The ``.h5`` cache to write (schema 1).
+    ema
+        Pick EMA (True) or plain (False) weights; None: plain when present.
+    device, precision
+        ``auto`` = CUDA with bf16 autocast when present, else CPU fp32.
+    batch_size, workers, limit
+        Images per batch; DataLoader worker processes (default: the cores available); first ``limit`` samples only.
+    store_dtype
+        ``float32`` or ``float16`` for ``/features``.
+    precision_check
+        When the precision is not fp32, recompute the first K samples in float32 into ``/reference_fp32`` (0: off).
+    img_size, mean, std, crop_pct, interpolation
+        Overrides of the model's eval transform (:func:`ncaudit.data.transform_config`).
+    resume, overwrite
+        Continue a partial cache written with the same checkpoint and data; replace an existing file.
+    progress
+        Show a progress bar on stderr.
+    chunk_rows
+        Rows per HDF5 chunk and per write.
+    channels_last
+        Run the model and its inputs in channels-last memory format.
+    layers
+        Further layers to store under ``/layers/<name>/features`` (names or ``"a,b"``; see
+        :func:`ncaudit.models.resolve_layers`): spatial maps average-pooled, token sequences reduced to the class token.
+    log
+        Called with one-line notes (warnings) as they arise.
+
+    Returns
+    -------
+    ExtractSummary
+
+    Raises
+    ------
+    InputError
+        Any problem with the inputs, the output file, the classifier check or writing (e.g. disk full).
+    """
+    notes: list[str] = []
+
+    def note(msg: str) -> None:
+        notes.append(msg)
+        if log is not None:
+            log(msg)
+
+    out = Path(out)
+    if store_dtype not in STORE_DTYPES:
+        raise InputError(f"--store-dtype {store_dtype!r}: use float32 or float16")
+    if batch_size < 1:
+        raise InputError(f"--batch-size {batch_size}: must be at least 1")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit {limit}: must be at least 1")
+    if precision_check < 0:
+        raise InputError(f"--precision-check {precision_check}: must be 0 (off) or a positive number of samples")
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite contradict each other; pass one of them")
+    state = _existing_state(out)
+    _check_out(out, state, resume=resume, overwrite=overwrite)
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    n_workers = available_cores() if workers is None else workers
+    if n_workers < 0:
+        raise InputError(f"--workers {workers}: must be 0 or more")
+
+    loaded: LoadedModel = load_model(model_name, checkpoint, ema=ema, img_size=img_size)
+    model = loaded.model.to(dev)
+    use_cl = channels_last
+    if use_cl:
+        model = model.to(memory_format=torch.channels_last)
+    if isinstance(data, DataSource):
+        src = data
+        cfg: dict[str, Any] = {"library": "none", "note": "images given in memory, already transformed"}
+    else:
+        cfg = transform_config(model, loaded.library, img_size=img_size, mean=mean, std=std, crop_pct=crop_pct,
+                               interpolation=interpolation)
+        src = open_dataset(data, dataset=dataset, split=split, class_map=class_map, transform=build_transform(cfg))
+    k = loaded.num_classes
+    n_data_classes = len(src.class_names) if src.class_names is not None else len(src.dataset_classes)
+    if src.class_names is not None and len(src.class_names) != k:
+        raise InputError(f"--class-map lists {len(src.class_names)} classes but the model's head has {k} outputs; "
+                         "list every model class, in model order")
+    if n_data_classes > k or int(src.labels.max()) >= k:
+        raise InputError(f"the dataset has {n_data_classes} classes but the model's head has {k} outputs; pass "
+                         "--class-map or the dataset the checkpoint was trained on")
+    class_names = src.class_names if src.class_names is not None else (
+        src.dataset_classes if len(src.dataset_classes) == k else None)
+    if src.class_names is None and len(src.dataset_classes) < k:
+        note(f"the dataset has {len(src.dataset_classes)} classes and the head {k}: labels follow the dataset's class "
+             "order 0..; pass --class-map if the model orders its classes differently")
+    n_total = len(src) if limit is None else min(limit, len(src))
+
+    attrs: dict[str, Any] = {
+        "model": model_name, "checkpoint": str(loaded.checkpoint.path.resolve()),
+        "checkpoint_sha256": loaded.checkpoint.sha256, "checkpoint_key": loaded.checkpoint.key,
+        "ema": bool(loaded.checkpoint.ema), "dataset": src.kind, "data": str(src.root.resolve()),
+        "split": src.split or "", "data_fingerprint": src.fingerprint, "precision": prec, "device": dev.type,
+        "transform": cfg, "ncaudit_version": __version__, "limit": int(limit or 0),
+    }
+    layer_names = [n for n in (layers.split(",") if isinstance(layers, str) else (layers or ())) if n.strip()]
+    pm = PenultimateModel(loaded, layer_names)
+    attrs["layers"] = [name for name, _, _ in pm.layers]
+    start = 0
+    resuming = bool(resume and state is not None and not state.get("_not_cache"))
+    if resuming and state is not None:
+        for key in RESUME_KEYS:
+            if not _same(state.get(key, ""), attrs[key]):
+                raise InputError(f"--resume: {out} was written with another {key} ({str(state.get(key, ''))[:60]!r}); "
+                                 "resume with the same checkpoint, data and options, or pass --overwrite")
+        if state["_rows"] != n_total or state.get("_dtype") != store_dtype:
+            raise InputError(f"--resume: {out} has {state['_rows']} rows of {state.get('_dtype')}, this run "
+                             f"{n_total} of {store_dtype}; use the same --limit and --store-dtype, or --overwrite")
+        start = int(state.get("n_written", 0))
+
+    pin = dev.type == "cuda"
+    autocast = autocast_context(prec, dev)
+    fp32_ctx = full_fp32() if prec == "fp32" else contextlib.nullcontext()
+    t0 = time.perf_counter()
+    done = start
+    writer: CacheWriter | None = None
+    try:
+        with fp32_ctx, torch.inference_mode():
+            loader = _loader(src.dataset, range(start, n_total), batch_size, n_workers, pin)
+            batches = iter(loader)
+            try:
+                first = next(batches) if start < n_total else None
+                probe = first if first is not None else next(iter(_loader(
+                    src.dataset, range(min(batch_size, n_total)), batch_size, 0, pin)))
+            except InputError as exc:
+                raise _unwrap_worker_error(exc) from None
+            feats0, logits0 = pm.verify(_to_device(probe[0], dev, use_cl), prec, autocast)
+            p = feats0.shape[1]
+            layer_widths = {name: int(v.shape[1]) for name, v in pm.layer_features.items()}
+            attrs["classifier_source"] = pm.source
+            attrs["logit_check_max_rel_error"] = pm.max_logit_error
+
+            if resuming and start > 0:
+                writer = CacheWriter.resume(out)
+            else:
+                itemsize = 2 if store_dtype == "float16" else 4
+                row = (p + sum(layer_widths.values())) * itemsize + 8 + 4 * k
+                need = n_total * row + 8 * k * (p + 1) + (1 << 20)
+                free = shutil.disk_usage(out.resolve().parent if out.resolve().parent.exists() else Path.cwd()).free
+                if layer_widths:
+                    widths = ", ".join(f"{name} {w}" for name, w in layer_widths.items())
+                    note(f"projected cache size {need / 2**30:.2f} GiB (extra layers: {widths}); "
+                         f"{free / 2**30:.1f} GiB free")
+                if need > free:
+                    raise InputError(f"--out {out}: the cache needs about {need / 2**30:.2f} GiB but only "
+                                     f"{free / 2**30:.2f} GiB is free; free space, use --store-dtype float16 or "
+                                     "--limit")
+                weight = pm.weight.astype(np.float32)  # type: ignore[union-attr]
+                bias = None if pm.bias is None else pm.bias.astype(np.float32)
+                attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+                writer = CacheWriter(out, n_samples=n_total, n_features=p, num_classes=k, weight=weight, bias=bias,
+                                     feature_dtype=store_dtype, store_logits=True, class_names=class_names,
+                                     layers=layer_widths, attrs=attrs, chunk_rows=chunk_rows, overwrite=True)
+            sink = _AsyncWriter(writer, chunk_rows)
+            with _progress(progress, n_total, start) as bar:
+                task = bar.add_task("extract", total=n_total, completed=start)
+                try:
+                    def emit(feats: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
+                             extra: dict[str, torch.Tensor]) -> None:
+                        nonlocal done
+                        if dev.type == "cuda":
+                            f = feats.float().to("cpu", non_blocking=True)
+                            z = logits.float().to("cpu", non_blocking=True)
+                            extra = {name: v.to("cpu", non_blocking=True) for name, v in extra.items()}
+                            event = torch.cuda.Event()
+                            event.record()
+                        else:
+                            f, z, event = feats.float(), logits.float(), None
+                        sink.put((event, f, y.numpy().astype(np.int64), z, extra))
+                        done += len(y)
+                        bar.update(task, completed=done)
+
+                    if first is not None:
+                        emit(feats0, logits0, first[1], pm.layer_features)
+                        for x, y in batches:
+                            with autocast:
+                                feats, logits = pm(_to_device(x, dev, use_cl))
+                            emit(feats, logits, y, pm.layer_features)
+                except InputError as exc:
+                    raise _unwrap_worker_error(exc) from None
+                finally:
+                    sink.close()
+            seconds = time.perf_counter() - t0
+            n_ref = 0
+            if prec != "fp32" and precision_check > 0:
+                n_ref = min(precision_check, n_total)
+                if not (resuming and state is not None and state.get("_has_reference")):
+                    ref = _reference_features(pm, src, n_ref, batch_size, n_workers, dev, use_cl)
+                    writer.write_reference(np.arange(n_ref), ref)
+            writer.finish()
+    except OSError as exc:
+        raise InputError(f"--out {out}: writing failed ({str(exc).splitlines()[0] if str(exc) else exc}); free disk "
+                         "space or fix the path, then rerun with --resume") from None
+    except InputError as exc:
+        if writer is None:
+            raise
+        raise InputError(f"{exc} ({out} is kept, marked incomplete: --resume continues it, --overwrite starts "
+                         "again)") from None
+    finally:
+        pm.remove()
+        if writer is not None:
+            writer.close()
+    computed = n_total - start
+    return ExtractSummary(
+        out=out, n_samples=n_total, n_features=p, num_classes=k, resumed_from=start, n_reference=n_ref,
+        precision=prec, device=dev.type, store_dtype=store_dtype, classifier_source=pm.source,
+        max_logit_error=pm.max_logit_error, seconds=seconds,
+        images_per_s=computed / seconds if seconds > 0 and computed else math.nan, warnings=tuple(notes))

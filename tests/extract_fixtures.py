@@ -1,0 +1,43 @@
+"""Shared helpers for the extract tests: tiny image folders and checkpoints built in-process (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+from PIL import Image
+
+CLASSES = ("b_cat", "a_dog", "c_eel")  # ImageFolder sorts: a_dog=0, b_cat=1, c_eel=2
+PER_CLASS = 8
+
+
+def make_image_folder(root: Path, per_class: int = PER_CLASS, seed: int = 0) -> Path:
+    """``root/<class>/<i>.png``: random 36x40 RGB images, plus one grey and one RGBA image in the first class."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(CLASSES):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)
+            arr[..., c] //= 3  # a little class signal
+            Image.fromarray(arr).save(d / f"{i:02d}.png")
+    Image.fromarray(rng.integers(0, 256, (36, 40), dtype=np.uint8), mode="L").save(root / CLASSES[0] / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (36, 40, 4), dtype=np.uint8), mode="RGBA").save(
+        root / CLASSES[0] / "rgba.png")
+    return root
+
+
+def timm_model(name: str = "test_resnet", num_classes: int = 3, seed: int = 0, **kwargs: object) -> torch.nn.Module:
+    import timm
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs).eval()
+
+
+def torchvision_model(name: str, num_classes: int = 3, seed: int = 0, **kwargs: object) -> torch.nn.Module:
+    import torchvision
+    torch.manual_seed(seed)
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs).eval()

@@ -1,0 +1,326 @@
+"""``ncaudit extract`` end to end on tiny in-process models and a few dozen PNGs (CPU; CUDA tests skip without one)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from extract_fixtures import CLASSES, make_image_folder, timm_model, torchvision_model
+from ncaudit import store
+from ncaudit.cli import app
+from ncaudit.errors import InputError
+from ncaudit.extract import extract
+from ncaudit.store import FeatureCache
+
+FAST = dict(img_size=32, workers=0, progress=False, batch_size=8)
+N_IMAGES = 3 * 8 + 2
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("imgs") / "data")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "test_resnet.pth"
+    torch.save({"state_dict": timm_model().state_dict(), "epoch": 1}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(images: Path, ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "ref.h5"
+    extract("test_resnet", ckpt, images, out, **FAST)
+    return out
+
+
+def _read(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r", locking=False) as f:
+        return {k: f[k][()] for k in ("features", "labels", "logits", "classifier/weight", "classifier/bias")}
+
+
+def _model_inputs(images: Path, model: torch.nn.Module) -> tuple[torch.Tensor, list[int]]:
+    from torchvision.datasets import ImageFolder
+    from ncaudit.data import build_transform, transform_config
+    tf = build_transform(transform_config(model, "timm", img_size=32))
+    folder = ImageFolder(str(images))
+    xs = [tf(folder.loader(p)) for p, _ in folder.samples]
+    return torch.stack(xs), [t for _, t in folder.samples]
+
+
+def test_features_are_the_models_own(images: Path, reference: Path) -> None:
+    model = timm_model()
+    x, targets = _model_inputs(images, model)
+    with torch.inference_mode():
+        pre = model.forward_head(model.forward_features(x), pre_logits=True).numpy()
+        out = model(x).numpy()
+    got = _read(reference)
+    np.testing.assert_allclose(got["features"], pre, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["logits"], out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got["labels"], targets)
+    assert list(got["labels"][:3]) == [0, 0, 0] and sorted(set(got["labels"])) == [0, 1, 2]
+    np.testing.assert_array_equal(got["classifier/weight"], model.fc.weight.detach().numpy())
+    with FeatureCache(reference) as cache:
+        info = cache.info
+        assert info.complete and info.n_samples == N_IMAGES and info.n_features == 96 and info.num_classes == 3
+        assert info.class_names == sorted(CLASSES) and info.n_reference == 0
+        attrs = info.attrs
+    for key in ("model", "checkpoint", "checkpoint_sha256", "ema", "dataset", "split", "precision", "transform",
+                "created", "ncaudit_version", "classifier_source"):
+        assert key in attrs, key
+    assert attrs["precision"] == "fp32" and attrs["ema"] in (False, 0)
+    assert json.loads(attrs["transform"])["input_size"] == [3, 32, 32]
+
+
+def test_each_checkpoint_form_gives_identical_features(images: Path, reference: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+    sd = timm_model().state_dict()
+    torch.save({f"module.{k}": v for k, v in sd.items()}, tmp_path / "a.pth")
+    save_file({f"_orig_mod.{k}": v.contiguous() for k, v in sd.items()}, str(tmp_path / "b.safetensors"))
+    want = _read(reference)["features"]
+    for name in ("a.pth", "b.safetensors"):
+        extract("test_resnet", tmp_path / name, images, tmp_path / f"{name}.h5", **FAST)
+        np.testing.assert_array_equal(_read(tmp_path / f"{name}.h5")["features"], want)
+
+
+def test_ema_picks_the_right_weights(images: Path, tmp_path: Path) -> None:
+    plain, ema = timm_model(seed=0).state_dict(), timm_model(seed=1).state_dict()
+    torch.save({"state_dict": plain, "state_dict_ema": ema}, tmp_path / "both.pth")
+    s = extract("test_resnet", tmp_path / "both.pth", images, tmp_path / "e.h5", ema=True, limit=8, **FAST)
+    assert s.n_samples == 8
+    with FeatureCache(tmp_path / "e.h5") as cache:
+        w, _ = cache.classifier()
+        assert cache.info.attrs["ema"] in (True, 1)
+    np.testing.assert_allclose(w, ema["fc.weight"].numpy())
+
+
+def test_limit_and_float16_storage(images: Path, ckpt: Path, reference: Path, tmp_path: Path) -> None:
+    s = extract("test_resnet", ckpt, images, tmp_path / "l.h5", limit=5, store_dtype="float16", **FAST)
+    assert s.n_samples == 5
+    got = _read(tmp_path / "l.h5")
+    assert got["features"].dtype == np.float16 and got["features"].shape == (5, 96)
+    np.testing.assert_allclose(got["features"], _read(reference)["features"][:5], rtol=2e-3, atol=1e-3)
+
+
+def test_resume_after_interruption_equals_uninterrupted(images: Path, ckpt: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    full, part = tmp_path / "full.h5", tmp_path / "part.h5"
+    opts = dict(FAST, chunk_rows=8, precision="bf16", precision_check=6)
+    extract("test_resnet", ckpt, images, full, **opts)
+    real_write = store.CacheWriter.write
+    calls = {"n": 0}
+
+    def crashing_write(self: store.CacheWriter, *args: object, **kwargs: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(store.CacheWriter, "write", crashing_write)
+    with pytest.raises(KeyboardInterrupt):
+        extract("test_resnet", ckpt, images, part, **opts)
+    monkeypatch.setattr(store.CacheWriter, "write", real_write)
+    with h5py.File(part, "r", locking=False) as f:
+        assert not f.attrs["complete"] and f.attrs["n_written"] == 16
+    with pytest.raises(InputError, match="report|allow-partial|incomplete"):
+        FeatureCache(part)
+    with pytest.raises(InputError, match="--resume"):
+        extract("test_resnet", ckpt, images, part, **opts)
+    with pytest.raises(InputError, match="another precision"):
+        extract("test_resnet", ckpt, images, part, resume=True, **dict(opts, precision="fp32"))
+    s = extract("test_resnet", ckpt, images, part, resume=True, **opts)
+    assert s.resumed_from == 16 and s.n_reference == 6
+    a, b = _read(full), _read(part)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    with h5py.File(full, "r", locking=False) as f, h5py.File(part, "r", locking=False) as g:
+        np.testing.assert_array_equal(f["reference_fp32/features"][()], g["reference_fp32/features"][()])
+    with pytest.raises(InputError, match="complete.*--overwrite"):
+        extract("test_resnet", ckpt, images, part, **opts)
+
+
+def _nc1_floor(path: Path) -> float:
+    """(1/C) tr(Sigma_Delta Sigma_B^+) of the spec, from the reference rows (test-local, plain NumPy)."""
+    with FeatureCache(path) as cache:
+        ref = cache.reference_fp32()
+        f, y = _read(path)["features"].astype(np.float64), _read(path)["labels"]
+    idx, stored, ref32 = ref
+    delta = stored.astype(np.float64) - ref32
+    sigma_d = delta.T @ delta / len(idx)
+    mu_g = f.mean(0)
+    m = np.stack([f[y == c].mean(0) - mu_g for c in range(3)], 1)
+    sigma_b = m @ m.T / 3
+    return float(np.trace(sigma_d @ np.linalg.pinv(sigma_b, rcond=1e-10, hermitian=True)) / 3)
+
+
+def test_precision_floor_zero_for_fp32_positive_for_bf16(images: Path, ckpt: Path, reference: Path,
+                                                         tmp_path: Path) -> None:
+    from ncaudit.extract import _reference_features
+    from ncaudit.data import build_transform, open_dataset, transform_config
+    from ncaudit.models import PenultimateModel, load_model
+    # fp32: no reference rows are needed; recomputing them gives exactly the stored features (delta = 0)
+    loaded = load_model("test_resnet", ckpt)
+    src = open_dataset(images, transform=build_transform(transform_config(loaded.model, "timm", img_size=32)))
+    pm = PenultimateModel(loaded)
+    ref32 = _reference_features(pm, src, 10, 8, 0, torch.device("cpu"), False)
+    np.testing.assert_array_equal(ref32, _read(reference)["features"][:10])
+    out = tmp_path / "bf16.h5"
+    s = extract("test_resnet", ckpt, images, out, precision="bf16", precision_check=12, **FAST)
+    assert s.n_reference == 12 and s.precision == "bf16"
+    with FeatureCache(out) as cache:
+        idx, stored, ref = cache.reference_fp32()
+    np.testing.assert_array_equal(idx, np.arange(12))
+    np.testing.assert_allclose(ref, _read(reference)["features"][:12], rtol=1e-5, atol=1e-5)
+    assert np.abs(stored - ref).max() > 0
+    assert _nc1_floor(out) > 0
+
+
+def test_torchvision_models_and_class_map(images: Path, tmp_path: Path) -> None:
+    for name in ("resnet18", "mobilenet_v3_small"):
+        model = torchvision_model(name)
+        torch.save({"model": model.state_dict()}, tmp_path / f"{name}.pth")
+        s = extract(f"torchvision:{name}", tmp_path / f"{name}.pth", images, tmp_path / f"{name}.h5", limit=6,
+                    **FAST)
+        last = model.fc if name == "resnet18" else model.classifier[-1]
+        assert s.n_features == last.in_features
+        got = _read(tmp_path / f"{name}.h5")
+        np.testing.assert_array_equal(got["classifier/weight"], last.weight.detach().numpy())
+    (tmp_path / "map.json").write_text(json.dumps(["c_eel", "b_cat", "a_dog"]))
+    extract("torchvision:resnet18", tmp_path / "resnet18.pth", images, tmp_path / "m.h5", limit=6,
+            class_map=tmp_path / "map.json", **FAST)
+    assert list(_read(tmp_path / "m.h5")["labels"]) == [2] * 6
+    with FeatureCache(tmp_path / "m.h5") as cache:
+        assert cache.info.class_names == ["c_eel", "b_cat", "a_dog"]
+
+
+def test_layers_are_pooled_and_refused_when_too_big(images: Path, ckpt: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "layers.h5"
+    notes: list[str] = []
+    extract("test_resnet", ckpt, images, out, layers="layer4,1", limit=10, log=notes.append, **FAST)
+    assert any("projected cache size" in n for n in notes)
+    with FeatureCache(out) as cache:
+        assert cache.info.layers == {"layer1": 32, "layer4": 96}  # network order, feature_info index 1 = layer1
+        (_, f, _, extra), = cache.iter_batches(100, layers=["layer1", "layer4"])
+    np.testing.assert_allclose(extra["layer4"], f, rtol=1e-6, atol=1e-6)  # resnet: pre-logits = pooled layer4
+    with pytest.raises(InputError, match="no such module.*layer1, layer2"):
+        extract("test_resnet", ckpt, images, tmp_path / "x.h5", layers="nope", **FAST)
+    import shutil
+    from collections import namedtuple
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 1000))
+    with pytest.raises(InputError, match="GiB is free"):
+        extract("test_resnet", ckpt, images, tmp_path / "y.h5", layers="layer3", **FAST)
+    assert not (tmp_path / "y.h5").exists()
+
+
+def _write_fake_mnist(root: Path, n: int = 12) -> None:
+    """torchvision's MNIST layout (raw idx files) with n random 28x28 digits; labels 0..9 cycling."""
+    import struct
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    for split in ("t10k", "train"):  # torchvision checks that all four files exist
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+
+
+def test_torchvision_dataset_on_disk_and_absent(tmp_path: Path) -> None:
+    _write_fake_mnist(tmp_path / "ds")
+    ckpt10 = tmp_path / "k10.pth"
+    torch.save(timm_model(num_classes=10).state_dict(), ckpt10)
+    s = extract("test_resnet", ckpt10, tmp_path / "ds", tmp_path / "mnist.h5", dataset="mnist", split="test",
+                **FAST)
+    assert s.n_samples == 12
+    with FeatureCache(tmp_path / "mnist.h5") as cache:
+        assert cache.info.class_names[0].startswith("0") and cache.info.attrs["split"] == "test"
+    assert list(_read(tmp_path / "mnist.h5")["labels"]) == [i % 10 for i in range(12)]
+    with pytest.raises(InputError, match="cifar-10-batches-py.*never downloads"):
+        extract("test_resnet", ckpt10, tmp_path / "ds", tmp_path / "c.h5", dataset="cifar10", **FAST)
+    assert not (tmp_path / "c.h5").exists()
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, ["extract", *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _assert_usage_error(code: int, out: str, err: str, pattern: str) -> None:
+    assert code == 2, err
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err
+    assert pattern in err, err
+
+
+def test_cli_bad_inputs_exit_2_with_one_line(images: Path, ckpt: Path, tmp_path: Path) -> None:
+    base = ["--img-size", "32", "-j", "0", "--no-progress"]
+    out = str(tmp_path / "o.h5")
+    code, o, e = _cli("-m", "test_resnet", "-c", str(tmp_path / "nope.pth"), "-d", str(images), "-o", out, *base)
+    _assert_usage_error(code, o, e, "no such checkpoint")
+    empty = tmp_path / "empty" / "cls"
+    empty.mkdir(parents=True)
+    code, o, e = _cli("-m", "test_resnet", "-c", str(ckpt), "-d", str(empty.parent), "-o", out, *base)
+    _assert_usage_error(code, o, e, "no images")
+    bad = tmp_path / "bad"
+    make_image_folder(bad, per_class=2)
+    png = (bad / "a_dog" / "00.png").read_bytes()
+    (bad / "a_dog" / "00.png").write_bytes(png[: len(png) // 2])
+    code, o, e = _cli("-m", "test_resnet", "-c", str(ckpt), "-d", str(bad), "-o", out, *base)
+    _assert_usage_error(code, o, e, "00.png")
+    assert not Path(out).exists()
+    (bad / "a_dog" / "00.png").write_bytes(png)  # fixed; now a bad image after the first batch: the partial file stays
+    (bad / "c_eel" / "01.png").write_bytes(b"\x89PNG garbage")
+    code, o, e = _cli("-m", "test_resnet", "-c", str(ckpt), "-d", str(bad), "-o", out, "-b", "2", *base)
+    _assert_usage_error(code, o, e, "c_eel/01.png")
+    assert "--resume" in e
+    with pytest.raises(InputError, match="incomplete"):
+        FeatureCache(out)
+    Path(out).unlink()
+    two = tmp_path / "two.pth"
+    torch.save(timm_model(num_classes=2).state_dict(), two)
+    code, o, e = _cli("-m", "test_resnet", "-c", str(two), "-d", str(images), "-o", out, *base)
+    _assert_usage_error(code, o, e, "3 classes but the model's head has 2 outputs")
+    sq = tmp_path / "sq.pth"
+    torch.save(torchvision_model("squeezenet1_1").state_dict(), sq)
+    code, o, e = _cli("-m", "torchvision:squeezenet1_1", "-c", str(sq), "-d", str(images), "-o", out, *base)
+    _assert_usage_error(code, o, e, "no nn.Linear")
+    code, o, e = _cli("-m", "test_resnet", "-c", str(ckpt), "-d", str(images), "-o", out, "--limit", "4", *base)
+    assert code == 0, e
+    code, o, e = _cli("-m", "test_resnet", "-c", str(ckpt), "-d", str(images), "-o", out, "--limit", "4", *base)
+    _assert_usage_error(code, o, e, "--overwrite")
+    code, o, e = _cli("-m", "test_resnet", "-c", str(ckpt), "-d", str(images), "-o", out + "2", "--mean", "x", *base)
+    _assert_usage_error(code, o, e, "--mean")
+
+
+def test_help_is_fast_and_imports_no_torch() -> None:
+    code = "import sys, ncaudit.cli; assert 'torch' not in sys.modules and 'timm' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    result = CliRunner().invoke(app, ["extract", "--help"])
+    assert result.exit_code == 0 and "float16" in result.stdout
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_matches_cpu_reference(images: Path, ckpt: Path, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cuda.h5"
+    s = extract("test_resnet", ckpt, images, out, device="cuda", precision="bf16", precision_check=16,
+                **dict(FAST, workers=2))
+    assert s.device == "cuda" and s.n_reference == 16
+    got, want = _read(out), _read(reference)
+    np.testing.assert_array_equal(got["labels"], want["labels"])
+    np.testing.assert_allclose(got["features"], want["features"], rtol=0.05, atol=0.05)
+    with FeatureCache(out) as cache:
+        _, _, ref = cache.reference_fp32()
+    np.testing.assert_allclose(ref, want["features"][:16], rtol=1e-4, atol=1e-4)
