@@ -428,6 +428,12 @@ def extract(
         "split": src.split or "", "data_fingerprint": src.fingerprint, "precision": prec, "device": dev.type,
         "transform": cfg, "ncaudit_version": __version__, "limit": int(limit or 0),
     }
+    meta = loaded.checkpoint.metadata
+    if meta:
+        attrs["checkpoint_metadata"] = meta
+    epoch = meta.get("epoch", "")
+    if epoch.strip().lstrip("-").isdigit():
+        attrs["epoch"] = int(epoch)
     layer_names = [n for n in (layers.split(",") if isinstance(layers, str) else (layers or ())) if n.strip()]
     pm = PenultimateModel(loaded, layer_names)
     attrs["layers"] = [name for name, _, _ in pm.layers]

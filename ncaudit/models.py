@@ -44,7 +44,8 @@ class Checkpoint:
     """A state dict read from a local file, with where it came from.
 
     ``key`` is the entry of the file the weights came from (``""`` for a bare state dict), ``ema`` whether those are
-    EMA weights and ``has_ema`` / ``has_plain`` what else the file held.
+    EMA weights and ``has_ema`` / ``has_plain`` what else the file held. ``metadata`` holds a safetensors file's
+    metadata, or a pickle's scalar top-level entries (``epoch``, ``arch``, ...), as strings.
     """
 
     path: Path
@@ -54,6 +55,7 @@ class Checkpoint:
     ema: bool
     has_plain: bool
     has_ema: bool
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 def file_sha256(path: str | os.PathLike[str], block: int = 1 << 22) -> str:
@@ -133,12 +135,18 @@ def load_checkpoint(path: str | os.PathLike[str], *, ema: bool | None = None) ->
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
+        from safetensors import safe_open
+
         try:
             raw: Any = load_file(str(path), device="cpu")
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
         except (SafetensorError, OSError, ValueError) as exc:
             raise InputError(f"{path}: not a readable safetensors file ({exc}); check the file") from None
     else:
         raw = _read_pickle(path)
+        metadata = {str(k): str(v) for k, v in raw.items() if isinstance(v, (int, float, str)) and not
+                    isinstance(v, bool)} if isinstance(raw, Mapping) and not _is_state_dict(raw) else {}
     sha = file_sha256(path)
 
     plain: tuple[str, Mapping[str, Any]] | None = None
@@ -167,7 +175,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, ema: bool | None = None) ->
     use_ema = ema is True or (ema is None and plain is None)
     key, state = ema_sd if use_ema else plain  # type: ignore[misc]
     return Checkpoint(path=path, sha256=sha, state_dict=clean_state_dict(state), key=key, ema=use_ema,
-                      has_plain=plain is not None, has_ema=ema_sd is not None)
+                      has_plain=plain is not None, has_ema=ema_sd is not None, metadata=metadata)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from rich.text import Text
 
 from ncaudit.audit import AuditResult, json_safe, result_to_json
 from ncaudit.trajectory import COLUMNS as TRAJECTORY_COLUMNS
-from ncaudit.trajectory import TrajectoryRow, rows_to_json
+from ncaudit.trajectory import TrajectoryRow, rows_to_json, split_order
 
 #: (group title, [(metric key, one-line meaning)]) in table order.
 GROUPS: list[tuple[str, list[tuple[str, str]]]] = [
@@ -162,7 +162,7 @@ def trajectory_table(rows: Sequence[TrajectoryRow], *, layers: bool = False) -> 
 
     With ``layers``, a second table gives the per-layer NC1 of the last cache (collapse through depth).
     """
-    splits = list(dict.fromkeys(s for r in rows for s in r.splits))
+    splits = split_order(rows)
     per_split = {"accuracy", "nc1", "nc4"}
     table = Table(title="trajectory", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     table.add_column("checkpoint", no_wrap=True)

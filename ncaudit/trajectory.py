@@ -124,6 +124,12 @@ def build_rows(results: Sequence[AuditResult]) -> list[TrajectoryRow]:
     return list(rows.values())
 
 
+def split_order(rows: Sequence[TrajectoryRow]) -> list[str]:
+    """Every split of the rows, training splits first, then in order of appearance."""
+    seen = list(dict.fromkeys(s for row in rows for s in row.splits))
+    return sorted(seen, key=lambda s: (s not in TRAIN_SPLITS, seen.index(s)))
+
+
 def known_keys(rows: Sequence[TrajectoryRow]) -> list[str]:
     """Metric keys a ``--fail-if`` on a trajectory may name: the primary split's, and ``split.key`` of every split."""
     splits = sorted({s for row in rows for s in row.splits})
