@@ -88,14 +88,14 @@ def bench_memory(x: np.ndarray, y: np.ndarray, c: int, batch: int, device: str, 
 
     def pass2() -> None:
         dec = SampleDecisions(st.means, st.global_mean, w, np.zeros(c), basis.whitener, device=dev,
-                              gemm_dtype=torch.float32)
+                              gemm_dtype=torch.float32, anchors=st.anchors)
         for i in range(0, len(y), batch):
             dec.update(xt[i:i + batch], yt[i:i + batch])
         dec.compute()
 
-    def pass2_plain() -> None:  # the same decisions without the per-class NC1 projection
-        dec = SampleDecisions(st.means, st.global_mean, w, np.zeros(c), basis.whitener[:, :0], device=dev,
-                              gemm_dtype=torch.float32)
+    def pass2_plain() -> None:  # the same decisions without the per-class block
+        dec = SampleDecisions(st.means, st.global_mean, w, np.zeros(c), basis.whitener, device=dev,
+                              gemm_dtype=torch.float32, per_class=False)
         for i in range(0, len(y), batch):
             dec.update(xt[i:i + batch], yt[i:i + batch])
 

@@ -183,10 +183,10 @@ def audit(
 
         # Pass 2: per-sample decisions, per-class NC1, direct MSE.
         dec = SampleDecisions(stats.means, stats.global_mean, weight, bias, basis.whitener, device=device,
-                              gemm_dtype=gemm, normalize=options.normalize)
+                              gemm_dtype=gemm, normalize=options.normalize, anchors=stats.anchors)
         layer_dec = {
             name: SampleDecisions(s.means, s.global_mean, None, None, layer_bases[name].whitener, device=device,
-                                  gemm_dtype=gemm, normalize=options.normalize)
+                                  gemm_dtype=gemm, normalize=options.normalize, anchors=s.anchors)
             for name, s in layer_stats.items()
         }
         with progress.task("pass 2/2: decisions", info.n_samples) as advance:

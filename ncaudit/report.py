@@ -112,8 +112,8 @@ def per_class_table(result: AuditResult, limit: int | None = None) -> Table:
 def layers_table(result: AuditResult) -> Table:
     """One row per layer in network order: NC1, CDNV, NC2 of the means, NCC accuracy."""
     table = Table(title="per layer (network order)", box=box.SIMPLE_HEAD, show_edge=False)
-    for col in ("layer", "p", "nc1", "cdnv", "nc2_equinorm_means", "nc2_equiangle_means", "ncc_accuracy"):
-        table.add_column(col, justify="left" if col == "layer" else "right")
+    for col in ("layer", "p", "NC1", "CDNV", "equinorm μ", "equiangle μ", "NCC acc"):
+        table.add_column(col, justify="left" if col == "layer" else "right", no_wrap=True)
     for name, block in result.layers.items():
         table.add_row(name, str(block["n_features"]), *(fmt(block[k]) for k in (
             "nc1", "cdnv", "nc2_equinorm_means", "nc2_equiangle_means", "ncc_accuracy")))

@@ -82,6 +82,26 @@ def gemm_dtype_for(feature_dtype: str | torch.dtype | np.dtype) -> torch.dtype:
     return torch.float64 if name == "float64" else torch.float32
 
 
+class Workspace:
+    """Reusable scratch buffers for per-batch temporaries.
+
+    A fresh (B, p) tensor per batch costs more in page faults than the arithmetic done on it (large allocations are
+    returned to the OS and faulted in again): reusing buffers keeps the O(B p) work small next to the GEMM.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        """A (rows, cols) buffer of ``dtype`` (contents undefined), grown when a larger batch arrives."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.shape[0] < rows or buf.shape[1] != cols:
+            buf = torch.empty(max(rows, 1), cols, dtype=dtype, device=self.device)
+            self._buffers[name] = buf
+        return buf[:rows]
+
+
 @dataclass(frozen=True)
 class Statistics:
     """Class statistics of a feature set (float64 numpy arrays; C classes, p features, N samples).
@@ -99,6 +119,9 @@ class Statistics:
         Within-class covariance Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T (normalised by N).
     variances : ndarray of shape (C,)
         Var_c = (1/n_c) sum_{y_i=c} ||h_i - mu_c||^2 (normalised by n_c), the trace of class c's covariance.
+    anchors : ndarray of shape (C, p) or None
+        One sample of each class (the accumulator's shifts): h - anchor_y is small and exact in the features' own
+        precision, which lets the second pass centre rows by class without float64 arithmetic.
     """
 
     counts: np.ndarray
@@ -106,6 +129,7 @@ class Statistics:
     offsets: np.ndarray
     sigma_w: np.ndarray
     variances: np.ndarray
+    anchors: np.ndarray | None = None
 
     @property
     def n_samples(self) -> int:
@@ -156,8 +180,9 @@ class Statistics:
         classes = np.asarray(classes, dtype=np.int64)
         if self.counts[classes].sum() != self.counts.sum():
             raise ValueError("select() may only leave out classes without samples")
+        anchors = None if self.anchors is None else self.anchors[classes]
         return Statistics(self.counts[classes], self.origin, self.offsets[classes], self.sigma_w,
-                          self.variances[classes])
+                          self.variances[classes], anchors)
 
 
 class ClassStatistics:
@@ -211,6 +236,7 @@ class ClassStatistics:
         self.shifted_sum = torch.zeros(c, p, dtype=f64, device=dev)
         self.shifted_sqnorm = torch.zeros(c, dtype=f64, device=dev)
         self.scatter = torch.zeros(p, p, dtype=f64, device=dev)
+        self._workspace = Workspace(dev)
 
     @torch.no_grad()
     def update(self, features: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
@@ -235,15 +261,18 @@ class ClassStatistics:
         self._claim_shifts(h, y)
         # Rows minus their class's shift, in the rows' own precision: exact or nearly so, since both are samples of
         # the same class (the shifts are stored samples, so the float32 cast of a shift is exact).
+        b, p, c = h.shape[0], self.num_features, self.num_classes
+        ws = self._workspace
         shift = self.shift if h.dtype == torch.float64 else self._shift32
-        shifted = h - shift.index_select(0, y)
-        gemm_in = shifted.to(self.gemm_dtype)
+        shifted = ws.get("shifted", b, p, h.dtype)
+        torch.index_select(shift, 0, y, out=shifted)
+        torch.sub(h, shifted, out=shifted)
+        gemm_in = shifted if shifted.dtype == self.gemm_dtype else shifted.to(self.gemm_dtype)
         with full_precision_matmul():
-            self.scatter += (gemm_in.T @ gemm_in).to(torch.float64)
+            self.scatter += torch.mm(gemm_in.T, gemm_in, out=ws.get("gram", p, p, self.gemm_dtype))
         # Per-class sums of the shifted rows, in float64 (O(B p), small next to the GEMM's O(B p^2)).
         # (index_put_ with accumulate, not index_add_: the latter serialises when a batch holds one class.)
-        shifted64 = shifted.to(torch.float64)
-        c = self.num_classes
+        shifted64 = shifted if shifted.dtype == torch.float64 else ws.get("shifted64", b, p, torch.float64).copy_(shifted)
         self.count += torch.bincount(y, minlength=c).to(torch.float64)
         self.shifted_sum.index_put_((y,), shifted64, accumulate=True)
         sqnorm = torch.linalg.vector_norm(shifted, dim=1).to(torch.float64).square()  # positive terms: no cancellation
@@ -316,6 +345,7 @@ class ClassStatistics:
             offsets=as_np(offsets),
             sigma_w=as_np(sigma_w),
             variances=as_np(variances),
+            anchors=as_np(self.shift).copy(),
         )
 
 
@@ -337,8 +367,6 @@ class Decisions:
         sum_i ||W h_i + b - e_{y_i}||^2, evaluated sample by sample (checks the closed form of the MSE loss).
     whitened_scatter : ndarray of shape (C,)
         sum_{y_i=c} ||S^-1 U^T (h_i - mu_c)||^2, so that class c's NC1 = whitened_scatter_c / n_c.
-    variance_sum : ndarray of shape (C,)
-        sum_{y_i=c} ||h_i - mu_c||^2 (two-pass within-class scatter traces).
     """
 
     counts: np.ndarray
@@ -347,14 +375,13 @@ class Decisions:
     disagree: int | None
     squared_error: float | None
     whitened_scatter: np.ndarray
-    variance_sum: np.ndarray
 
 
 class SampleDecisions:
     """Second streaming pass: classifier and nearest-class-mean decisions, per-class NC1 and the direct MSE.
 
-    The class means, the classifier and the whitener U S^-1 of Sigma_B are fixed (from the first pass). Every
-    batch costs two (B x p x C) GEMMs and one (B x p x r) GEMM; nothing is p x p per class.
+    The class means, the classifier and the whitener U S^-1 of Sigma_B are fixed (from the first pass). One GEMM per
+    batch scores both decision rules against the columns [mu_c - mu_G | w_c]; nothing is p x p per class.
 
     Parameters
     ----------
@@ -368,13 +395,25 @@ class SampleDecisions:
         U S^-1 from :func:`ncaudit.metrics.means_basis`.
     device, gemm_dtype, normalize
         As for :class:`ClassStatistics`.
+    per_class
+        Also accumulate the per-class NC1 sums (the per-class block of the report).
+    anchors : ndarray of shape (C, p), optional
+        A sample of each class (:attr:`Statistics.anchors`); used with float32 GEMMs on float32 / float16 features.
 
     Notes
     -----
-    Nearest-class-mean decisions use centred coordinates: argmax_c (h - mu_G)^T (mu_c - mu_G) - 1/2 ||mu_c - mu_G||^2,
-    never raw ||h||^2. Logits are (h - mu_G)^T w_c + (w_c^T mu_G + b_c). With float32 GEMMs, a row whose top-two
-    margin is within the GEMM's worst-case rounding bound is decided again in float64, so every decision equals the
-    float64 one.
+    Scores are s_c = (h - mu_G)^T (mu_c - mu_G) - 1/2 ||mu_c - mu_G||^2 for the nearest class mean (never raw
+    ||h||^2) and (h - mu_G)^T w_c + (w_c^T mu_G + b_c) for the classifier.
+
+    With float32 GEMMs and ``anchors``, rows are centred on the anchor a_y of their own class instead of mu_G: the GEMM
+    then multiplies within-class-sized numbers, and a float64 constant per (label, class) restores the same scores,
+    s = (h - a_y)^T [M | W] + ((a_y - mu_G)^T [M | W] + const). The per-class NC1 reuses that product: with
+    U = M V S^-1, S^-1 U^T (h - mu_y) = V^T S^-2 [(h - a_y)^T M - (mu_y - a_y)^T M], two small terms, so no float64
+    pass over the features and no extra (B x p x r) GEMM are needed. Without anchors (or with float64 features, or
+    normalised ones) rows are centred on mu_G in float64 and projected directly.
+
+    A float32-scored row whose top-two margin is within the GEMM's worst-case rounding bound is decided again in
+    float64, so every decision equals the float64 one.
     """
 
     def __init__(
@@ -388,31 +427,42 @@ class SampleDecisions:
         device: str | torch.device = "cpu",
         gemm_dtype: torch.dtype = torch.float64,
         normalize: bool = False,
+        per_class: bool = True,
+        anchors: np.ndarray | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.gemm_dtype = gemm_dtype
         self.normalize = normalize
+        self.per_class = per_class
         f64 = dict(dtype=torch.float64, device=self.device)
         self.means = torch.as_tensor(means, **f64)
         self.global_mean = torch.as_tensor(global_mean, **f64)
         self.num_classes, self.num_features = self.means.shape
         centred = self.means - self.global_mean
-        self._ncc_rows = centred
-        self._ncc_const = -0.5 * centred.square().sum(1)
         self.has_classifier = weight is not None
+        cols = [centred]
+        consts = [-0.5 * centred.square().sum(1)]
         if weight is not None:
-            self._w_rows = torch.as_tensor(weight, **f64)
+            w = torch.as_tensor(weight, **f64)
             b = torch.zeros(self.num_classes, **f64) if bias is None else torch.as_tensor(bias, **f64)
-            self._w_const = self._w_rows @ self.global_mean + b
-        self.whitener = torch.as_tensor(whitener, **f64)
-        self._cast = {k: v.to(gemm_dtype) for k, v in self._gemm_operands().items()}
+            cols.append(w)
+            consts.append(w @ self.global_mean + b)
+        self._rows64 = torch.cat(cols).T.contiguous()  # (p, C or 2C)
+        self._const = torch.cat(consts)
+        self._rows = self._rows64.to(gemm_dtype)
+        self._col_norm = torch.linalg.vector_norm(self._rows64, dim=0)
+        white = torch.as_tensor(whitener, **f64)
+        self._white = white.to(gemm_dtype)
+        self.anchored = anchors is not None and gemm_dtype == torch.float32 and not normalize
+        if self.anchored:
+            a = torch.as_tensor(anchors, **f64)
+            self._anchors = a.to(torch.float32)
+            self._row_const = (a - self.global_mean) @ self._rows64 + self._const  # (C, C or 2C), per label
+            # V S^-2 = M^T U S^-3 (C, r) and D = (mu - a) M (C, C): S^-1 U^T (h - mu_y) = (q - D[y]) V S^-2.
+            self._proj = ((centred @ white) * white.square().sum(0)).to(torch.float32)
+            self._mean_offsets = ((self.means - a) @ centred.T).to(torch.float32)
+        self._workspace = Workspace(self.device)
         self.reset()
-
-    def _gemm_operands(self) -> dict[str, torch.Tensor]:
-        ops = {"ncc": self._ncc_rows.T, "white": self.whitener}
-        if self.has_classifier:
-            ops["w"] = self._w_rows.T
-        return ops
 
     def reset(self) -> None:
         c, dev = self.num_classes, self.device
@@ -422,61 +472,87 @@ class SampleDecisions:
         self.disagree = torch.zeros((), dtype=torch.int64, device=dev)
         self.squared_error = torch.zeros((), dtype=torch.float64, device=dev)
         self.whitened_scatter = torch.zeros(c, dtype=torch.float64, device=dev)
-        self.variance_sum = torch.zeros(c, dtype=torch.float64, device=dev)
 
-    def _decide(self, centred: torch.Tensor, rows: str, const: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores (B, C) in float64 and their argmax, exact to float64 decisions (see the class notes)."""
-        operand = self._cast[rows]
-        with full_precision_matmul():
-            scores = (centred.to(self.gemm_dtype) @ operand).to(torch.float64) + const
-        pred = scores.argmax(1)
-        if self.gemm_dtype != torch.float64:
-            top = scores.topk(2, dim=1).values
+    def _argmax(self, scores: torch.Tensor, h: torch.Tensor, row_norm: torch.Tensor | None,
+                block: slice) -> torch.Tensor:
+        """argmax over one block of score columns, exact to the float64 decision (see the class notes)."""
+        part = scores[:, block]
+        pred = part.argmax(1)
+        if row_norm is not None:
+            top = part.topk(2, dim=1).values
             margin = top[:, 0] - top[:, 1]
             unit = torch.finfo(self.gemm_dtype).eps
-            row_norm = torch.linalg.vector_norm(centred, dim=1)
-            col_norm = torch.linalg.vector_norm(operand.to(torch.float64), dim=0).max()
-            bound = 2.0 * (self.num_features + 2) * unit * row_norm * col_norm
+            bound = 2.0 * (self.num_features + 2) * unit * row_norm * self._col_norm[block].max()
             near = (margin <= bound).nonzero().squeeze(1)
             if near.numel():
-                exact = centred[near] @ self._gemm_operands()[rows] + const
-                scores[near] = exact
+                centred = h[near].to(torch.float64) - self.global_mean
+                exact = centred @ self._rows64[:, block] + self._const[block]
+                part[near] = exact
                 pred[near] = exact.argmax(1)
-        return scores, pred
+        return pred
 
     @torch.no_grad()
     def update(self, features: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
         """Decide one batch: ``features`` (B, p), ``labels`` (B,) in [0, C)."""
         h = torch.as_tensor(features).to(self.device)
         y = torch.as_tensor(labels).to(self.device, dtype=torch.int64)
-        if h.shape[0] == 0:
+        b, p, c = h.shape[0], self.num_features, self.num_classes
+        if b == 0:
             return
-        h = h.to(torch.float64)
-        if self.normalize:
-            h = h / torch.linalg.vector_norm(h, dim=1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
-        c = self.num_classes
-        centred = h - self.global_mean
-        _, ncc_pred = self._decide(centred, "ncc", self._ncc_const)
+        ws = self._workspace
+        ncols = self._rows.shape[1]
+        low = self.gemm_dtype != torch.float64
+        if self.anchored and h.dtype in (torch.float32, torch.float16):
+            h = h.to(torch.float32)
+            x = torch.index_select(self._anchors, 0, y, out=ws.get("x", b, p, torch.float32))
+            torch.sub(h, x, out=x)  # h - a_y: within-class sized, exact for nearby values
+            with full_precision_matmul():
+                raw = torch.mm(x, self._rows, out=ws.get("raw", b, ncols, torch.float32))
+            scores = torch.index_select(self._row_const, 0, y, out=ws.get("scores", b, ncols, torch.float64))
+            scores.add_(raw)
+            row_norm = torch.linalg.vector_norm(x, dim=1)
+        else:
+            h = ws.get("h64", b, p, torch.float64).copy_(h)
+            if self.normalize:
+                h /= torch.linalg.vector_norm(h, dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+            x = torch.sub(h, self.global_mean, out=ws.get("centred", b, p, torch.float64))
+            gemm_in = ws.get("centred_low", b, p, self.gemm_dtype).copy_(x) if low else x
+            with full_precision_matmul():
+                raw = torch.mm(gemm_in, self._rows, out=ws.get("raw", b, ncols, self.gemm_dtype))
+            scores = ws.get("scores", b, ncols, torch.float64).copy_(raw).add_(self._const)
+            row_norm = torch.linalg.vector_norm(x, dim=1) if low else None
+        ncc_pred = self._argmax(scores, h, row_norm, slice(0, c))
         self.count += torch.bincount(y, minlength=c)
         self.ncc_correct += torch.bincount(y[ncc_pred == y], minlength=c)
         if self.has_classifier:
-            logits, pred = self._decide(centred, "w", self._w_const)
+            pred = self._argmax(scores, h, row_norm, slice(c, 2 * c))
             self.correct += torch.bincount(y[pred == y], minlength=c)
             self.disagree += (pred != ncc_pred).sum()
-            logits[torch.arange(y.shape[0], device=self.device), y] -= 1.0
-            self.squared_error += logits.square().sum()
-        within = h - self.means.index_select(0, y)  # float64: h - mu_y keeps its relative precision
-        with full_precision_matmul():
-            z = within.to(self.gemm_dtype) @ self._cast["white"]
+            logits = scores[:, c:]
+            logits[torch.arange(b, device=self.device), y] -= 1.0
+            self.squared_error += torch.linalg.vector_norm(logits).square()
+        if not self.per_class:
+            return
+        r = self._white.shape[1]
+        if self.anchored and x.dtype == torch.float32:
+            q = torch.index_select(self._mean_offsets, 0, y, out=ws.get("q", b, c, torch.float32))
+            torch.sub(raw[:, :c], q, out=q)  # (h - mu_y)^T M as a difference of two small terms
+            with full_precision_matmul():
+                z = torch.mm(q, self._proj, out=ws.get("z", b, r, torch.float32))
+        else:
+            # h - mu_y in float64 keeps its relative precision however large the common offset.
+            within = torch.index_select(self.means, 0, y, out=ws.get("within", b, p, torch.float64))
+            torch.sub(h, within, out=within)
+            w_in = ws.get("within_low", b, p, self.gemm_dtype).copy_(within) if low else within
+            with full_precision_matmul():
+                z = torch.mm(w_in, self._white, out=ws.get("z", b, r, self.gemm_dtype))
         white = torch.linalg.vector_norm(z, dim=1).to(torch.float64).square()
         self.whitened_scatter += torch.bincount(y, weights=white, minlength=c)
-        self.variance_sum += torch.bincount(y, weights=torch.linalg.vector_norm(within, dim=1).square(), minlength=c)
 
     @torch.no_grad()
     def merge(self, other: SampleDecisions) -> SampleDecisions:
         """Add ``other``'s counts and sums (it must use the same means, classifier and whitener)."""
-        for name in ("count", "correct", "ncc_correct", "disagree", "squared_error", "whitened_scatter",
-                     "variance_sum"):
+        for name in ("count", "correct", "ncc_correct", "disagree", "squared_error", "whitened_scatter"):
             getattr(self, name).add_(getattr(other, name).to(self.device))
         return self
 
@@ -489,5 +565,4 @@ class SampleDecisions:
             disagree=int(self.disagree) if self.has_classifier else None,
             squared_error=float(self.squared_error) if self.has_classifier else None,
             whitened_scatter=as_np(self.whitened_scatter),
-            variance_sum=as_np(self.variance_sum),
         )

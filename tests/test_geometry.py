@@ -104,3 +104,27 @@ def test_per_class_block_table_and_json(cache_path):
                             "ncc_accuracy"}
     pi = np.array(counts) / sum(counts)
     assert sum(p * r["nc1"] for p, r in zip(pi, rows)) == pytest.approx(report["metrics"]["nc1"], rel=1e-10)
+
+
+def test_collapse_through_depth_on_the_digits(tmp_path):
+    """extract --layers on the bundled network, then report --layers and trajectory --layers."""
+    from ncaudit.demo import default_fixtures, load_manifest
+    from ncaudit.extract import extract
+
+    fixtures = default_fixtures()
+    manifest = load_manifest(fixtures)
+    t = manifest["transform"]
+    kw = dict(split="train", device="cpu", precision="fp32", workers=0, progress=False, img_size=t["img_size"],
+              mean=t["mean"], std=t["std"], crop_pct=t["crop_pct"], interpolation=t["interpolation"])
+    files = {c["epoch"]: fixtures / "checkpoints" / c["file"] for c in manifest["checkpoints"]}
+    first, last = min(files), max(files)
+    extract("test_resnet", files[first], fixtures / "digits", tmp_path / "first.h5", **kw)
+    extract("test_resnet", files[last], fixtures / "digits", tmp_path / "last.h5", layers="layer1,layer2,layer3",
+            **kw)
+    report = json.loads(runner.invoke(app, ["report", str(tmp_path / "last.h5"), "--layers", "--json", "-q"]).stdout)
+    assert list(report["layers"]) == ["layer1", "layer2", "layer3"]
+    nc1 = [report["layers"][name]["nc1"] for name in ("layer1", "layer2", "layer3")] + [report["metrics"]["nc1"]]
+    assert nc1[-1] < nc1[0] / 10  # collapse grows through depth, strongest at the penultimate layer
+    traj = runner.invoke(app, ["trajectory", str(tmp_path / "first.h5"), str(tmp_path / "last.h5"), "--layers", "-q"])
+    assert traj.exit_code == 0, traj.stderr
+    assert "per-layer NC1" in traj.stdout and "layer2" in traj.stdout

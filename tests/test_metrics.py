@@ -215,3 +215,38 @@ def test_no_classifier_gives_nulls(cache_path):
     check_all(result, ref, with_classifier=False)
     for key in CLASSIFIER_KEYS:
         assert result.metrics[key] is None
+
+
+@pytest.mark.parametrize("sigma,offset", [(1e-2, 100.0), (1e-3, 10.0), (0.3, 0.0)])
+def test_float32_collapsed_features_with_offset(cache_path, sigma, offset):
+    """float32 caches take the float32-GEMM path (class-anchored rows); it must still match float64 to 1e-6."""
+    h, y, etf = planted(C=12, p=24, n=40, sigma=sigma, offset=offset, seed=23)
+    rng = np.random.default_rng(24)
+    h32 = h.astype(np.float32)
+    order = rng.permutation(len(y))
+    h32, y = h32[order], y[order]
+    W, b = noisy_classifier(etf, rng, scale=0.05)
+    b = b - W @ np.full(24, offset)
+    result = run(cache_path(), h32, y, W, b, batch_size=97)
+    assert result.details["gemm_dtype"] == "float32"
+    check_all(result, reference_metrics(h32.astype(np.float64), y, W, b))
+
+
+def test_decisions_near_ties_equal_float64(cache_path):
+    """Samples on the decision boundaries: float32-scored rows near a tie are decided again in float64."""
+    rng = np.random.default_rng(25)
+    p, offset = 6, 100.0
+    e = np.eye(p)[0]
+    bulk_y = np.repeat([0, 1], 300)
+    bulk = offset + np.where(bulk_y[:, None] == 0, e, -e) + 0.1 * rng.standard_normal((600, p))
+    tie_y = rng.integers(0, 2, 400)
+    ties = offset + rng.uniform(-2e-5, 2e-5, (400, 1)) * e + 0.3 * rng.standard_normal((400, p)) * (1 - e)
+    h = np.vstack([bulk, ties]).astype(np.float32)
+    y = np.concatenate([bulk_y, tie_y])
+    mu = np.stack([h[y == c].astype(np.float64).mean(0) for c in range(2)])
+    W = np.stack([e, -e]) + 1e-3 * rng.standard_normal((2, p))
+    b = -W @ ((mu[0] + mu[1]) / 2)  # the classifier's boundary passes through the ties as well
+    result = run(cache_path(), h, y, W, b)
+    ref = reference_metrics(h.astype(np.float64), y, W, b)
+    for key in ("ncc_accuracy", "accuracy", "nc4"):
+        assert result.metrics[key] == ref[key], key

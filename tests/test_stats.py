@@ -168,3 +168,27 @@ def test_cuda_matches_cpu(tmp_path):
     for key, value in cpu.metrics.items():
         if value is not None:
             assert gpu.metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-12), key
+
+
+def test_float32_decisions_recheck_near_ties():
+    """Margins far below float32 resolution: the rows are re-decided in float64 and agree with a float64 pass."""
+    from ncaudit.stats import SampleDecisions
+
+    rng = np.random.default_rng(38)
+    p = 3
+    means = np.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
+    t = rng.choice([-1.0, 1.0], 500) * 2.0 ** rng.integers(-34, -26, 500)  # exact in float32, tiny
+    h = np.stack([t, rng.uniform(-1, 1, 500), rng.uniform(-1, 1, 500)], axis=1).astype(np.float32)
+    y = rng.integers(0, 2, 500)
+    anchors = np.array([[1.0, 0.7, -0.2], [-1.0, -0.4, 0.9]])
+    W, b = means.copy(), np.zeros(2)
+    white = np.array([[0.5], [0.0], [0.0]])
+    exact = SampleDecisions(means, np.zeros(p), W, b, white, gemm_dtype=torch.float64)
+    fast = SampleDecisions(means, np.zeros(p), W, b, white, gemm_dtype=torch.float32, anchors=anchors)
+    for acc in (exact, fast):
+        acc.update(torch.from_numpy(h), torch.from_numpy(y))
+    e, f = exact.compute(), fast.compute()
+    np.testing.assert_array_equal(f.ncc_correct, e.ncc_correct)
+    np.testing.assert_array_equal(f.correct, e.correct)
+    assert f.disagree == e.disagree == 0
+    np.testing.assert_array_equal(e.ncc_correct, [np.sum((y == 0) & (t > 0)), np.sum((y == 1) & (t < 0))])
