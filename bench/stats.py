@@ -12,7 +12,9 @@ For each (N, p, C) it times, on the same data:
 * ``stats``  ClassStatistics.update over the same batches (float32 GEMM on class-shifted rows, float64 state);
 * ``disk``   both again, reading the batches from an HDF5 cache (FeatureCache.iter_batches vs plain h5py slices);
 * ``pass2``  SampleDecisions (classifier + nearest-class-mean decisions, per-class NC1) over the same batches;
-* peak RSS of a fresh process auditing the on-disk cache at N/4 and N rows (memory must not grow with N).
+* peak RSS of a fresh process auditing the on-disk cache at N/4 and N rows (memory must not grow with N);
+* ``report`` / ``report_4_layers``: the whole audit (both passes) of an on-disk cache, without and with four extra
+  layers of width p under ``/layers`` (``--layers-n`` rows): the per-layer block should cost at most 4x one layer.
 """
 
 from __future__ import annotations
@@ -134,6 +136,23 @@ def write_h5(path: Path, x: np.ndarray, y: np.ndarray, c: int) -> None:
         f.create_dataset("labels", data=y.astype(np.int64), chunks=(min(256, len(y)),))
 
 
+def bench_layers(n: int, p: int, c: int, device: str, repeat: int) -> dict[str, float]:
+    """The full audit of a cache with and without four extra layers of width p."""
+    from ncaudit.audit import AuditOptions, audit
+
+    x, y = make_data(n, p, c, seed=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "layers.h5"
+        write_h5(path, x, y, c)
+        with h5py.File(path, "a") as f:
+            for k in range(4):
+                f.create_dataset(f"layers/block{k}/features", data=np.roll(x, k + 1, axis=1),
+                                 chunks=(min(256, n), p))
+        plain = timed(lambda: audit(path, AuditOptions(device=device)), repeat)
+        layered = timed(lambda: audit(path, AuditOptions(device=device, layers=[])), repeat)
+    return {"report": plain, "report_4_layers": layered, "layers_cost_per_layer": (layered - plain) / plain / 4}
+
+
 def peak_rss_of_audit(path: Path, device: str) -> float:
     """Peak RSS (MiB) of a fresh process auditing ``path`` (statistics + decisions)."""
     code = (
@@ -157,6 +176,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-disk", action="store_true")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--layers-n", type=int, default=100000, help="rows of the 4-layer audit (0: skip it)")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}", file=sys.stderr)
     rows = []
@@ -179,6 +199,8 @@ def main() -> None:
         if "disk_xtx" in row:
             row["ratio_disk"] = row["disk_stats"] / row["disk_xtx"]
         row["ratio_pass2_per_class"] = row["pass2"] / row["pass2_without_per_class"]
+        if args.layers_n:
+            row.update(bench_layers(min(args.layers_n, n), p, c, args.device, 1))
         rows.append(row)
         print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
               file=sys.stderr)

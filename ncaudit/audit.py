@@ -186,7 +186,7 @@ def audit(
                               gemm_dtype=gemm, normalize=options.normalize, anchors=stats.anchors)
         layer_dec = {
             name: SampleDecisions(s.means, s.global_mean, None, None, layer_bases[name].whitener, device=device,
-                                  gemm_dtype=gemm, normalize=options.normalize, anchors=s.anchors)
+                                  gemm_dtype=gemm, normalize=options.normalize, anchors=s.anchors, per_class=False)
             for name, s in layer_stats.items()
         }
         with progress.task("pass 2/2: decisions", info.n_samples) as advance:

@@ -269,7 +269,8 @@ class ClassStatistics:
         torch.sub(h, shifted, out=shifted)
         gemm_in = shifted if shifted.dtype == self.gemm_dtype else shifted.to(self.gemm_dtype)
         with full_precision_matmul():
-            self.scatter += torch.mm(gemm_in.T, gemm_in, out=ws.get("gram", p, p, self.gemm_dtype))
+            gram = torch.mm(gemm_in.T, gemm_in, out=ws.get("gram", p, p, self.gemm_dtype))
+        self.scatter += gram if gram.dtype == torch.float64 else ws.get("gram64", p, p, torch.float64).copy_(gram)
         # Per-class sums of the shifted rows, in float64 (O(B p), small next to the GEMM's O(B p^2)).
         # (index_put_ with accumulate, not index_add_: the latter serialises when a batch holds one class.)
         shifted64 = shifted if shifted.dtype == torch.float64 else ws.get("shifted64", b, p, torch.float64).copy_(shifted)
