@@ -36,6 +36,25 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code=code)
 
 
+def _print_trajectory(rows: list, outcome: list[dict], *, json_out: bool, layers: bool = False,
+                      preface: str | None = None) -> None:
+    """The trajectory on stdout: JSON, or the table (with an optional preface) and the checks' outcome."""
+    from ncaudit.report import render_trajectory_json, trajectory_table
+
+    if json_out:
+        typer.echo(render_trajectory_json(rows, outcome))
+        return
+    console = Console(highlight=False)
+    if not console.is_terminal:  # a log or a pipe: no terminal width to respect, so do not truncate cells
+        console = Console(highlight=False, width=200)
+    if preface:
+        console.print(preface + "\n")
+    console.print(trajectory_table(rows, layers=layers))
+    for c in outcome:
+        style = "green" if c["passed"] else "bold red"
+        console.print(f"[{style}]{c['outcome']}[/]: fails if {escape(c['expression'])} (last row: {c['value']})")
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"ncaudit {__version__}")
@@ -152,7 +171,8 @@ def report(
                                 "(NC1, CDNV, NC2 of the means, NCC accuracy per layer)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the JSON report to this file "
                                           "(written only once every metric is computed)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars (they are drawn only when stderr is a terminal)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q",
+                               help="No progress bars (they are drawn only when stderr is a terminal)."),
 ) -> None:
     """Compute every Neural Collapse metric of a feature cache and gate on thresholds.
 
@@ -215,7 +235,6 @@ def trajectory(
     from ncaudit.audit import AuditOptions, audit
     from ncaudit.checks import evaluate, parse_checks
     from ncaudit.progress import RichProgress
-    from ncaudit.report import render_trajectory_json, trajectory_table
     from ncaudit.trajectory import build_rows, known_keys
 
     try:
@@ -236,19 +255,9 @@ def trajectory(
             stderr.print(f"plot written to {plot}")
     except InputError as exc:
         fail(str(exc))
-    if json_out:
-        typer.echo(render_trajectory_json(rows, outcome))
-    else:
-        console = Console(highlight=False)
-        if not console.is_terminal:  # a log or a pipe: no terminal width to respect, so do not truncate cells
-            console = Console(highlight=False, width=200)
-        console.print(trajectory_table(rows, layers=layers))
-        for c in outcome:
-            style = "green" if c["passed"] else "bold red"
-            console.print(f"[{style}]{c['outcome']}[/]: fails if {c['expression']} (last row: {c['value']})")
+    _print_trajectory(rows, outcome, json_out=json_out, layers=layers)
     if not all(c["passed"] for c in outcome):
         raise typer.Exit(code=1)
-
 
 
 @app.command()
@@ -272,7 +281,6 @@ def demo(
 
     from ncaudit.checks import evaluate, parse_checks
     from ncaudit.demo import EXPLANATION, run_demo
-    from ncaudit.report import render_trajectory_json, trajectory_table
     from ncaudit.trajectory import known_keys
 
     say = (lambda line: None) if quiet else (lambda line: stderr.print(escape(line), soft_wrap=True))
@@ -285,17 +293,7 @@ def demo(
             outcome = evaluate(checks, {key: rows[-1].value(key) for key in known_keys(rows)})
         except InputError as exc:
             fail(str(exc))
-    if json_out:
-        typer.echo(render_trajectory_json(rows, outcome))
-    else:
-        console = Console(highlight=False)
-        if not console.is_terminal:
-            console = Console(highlight=False, width=200)
-        console.print(EXPLANATION + "\n")
-        console.print(trajectory_table(rows))
-        for c in outcome:
-            style = "green" if c["passed"] else "bold red"
-            console.print(f"[{style}]{c['outcome']}[/]: fails if {c['expression']} (last row: {c['value']})")
+    _print_trajectory(rows, outcome, json_out=json_out, preface=EXPLANATION)
     if out is None:
         stderr.print("pass --out DIR to keep the caches, JSON reports and trajectory plot", soft_wrap=True)
     else:

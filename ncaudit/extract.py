@@ -17,7 +17,7 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ncaudit import __version__
+from ncaudit.stats import full_precision_matmul
 from ncaudit.data import DataSource, build_transform, open_dataset, transform_config
 from ncaudit.errors import InputError
 from ncaudit.models import LoadedModel, PenultimateModel, load_model
@@ -99,20 +100,6 @@ def autocast_context(precision: str, device: torch.device) -> contextlib.Abstrac
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
-
-
-@contextlib.contextmanager
-def full_fp32() -> Iterator[None]:
-    """TF32 off for matmuls and cuDNN convolutions (restored on exit)."""
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old[0], old[1]
-        torch.set_float32_matmul_precision(old[2])
 
 
 def _unwrap_worker_error(exc: BaseException) -> InputError:
@@ -283,7 +270,7 @@ def _reference_features(pm: PenultimateModel, data: DataSource, k: int, batch_si
     """The first ``k`` samples' features in float32, no autocast, TF32 off."""
     out = []
     loader = _loader(data.dataset, range(k), batch_size, workers, device.type == "cuda")
-    with full_fp32(), torch.inference_mode():
+    with full_precision_matmul(), torch.inference_mode():
         for x, _ in loader:
             feats, _ = pm(_to_device(x, device, channels_last))
             out.append(feats.float().cpu().numpy())
@@ -451,7 +438,7 @@ def extract(
 
     pin = dev.type == "cuda"
     autocast = autocast_context(prec, dev)
-    fp32_ctx = full_fp32() if prec == "fp32" else contextlib.nullcontext()
+    fp32_ctx = full_precision_matmul() if prec == "fp32" else contextlib.nullcontext()
     t0 = time.perf_counter()
     done = start
     writer: CacheWriter | None = None

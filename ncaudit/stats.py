@@ -273,7 +273,8 @@ class ClassStatistics:
         self.scatter += gram if gram.dtype == torch.float64 else ws.get("gram64", p, p, torch.float64).copy_(gram)
         # Per-class sums of the shifted rows, in float64 (O(B p), small next to the GEMM's O(B p^2)).
         # (index_put_ with accumulate, not index_add_: the latter serialises when a batch holds one class.)
-        shifted64 = shifted if shifted.dtype == torch.float64 else ws.get("shifted64", b, p, torch.float64).copy_(shifted)
+        shifted64 = shifted if shifted.dtype == torch.float64 else \
+            ws.get("shifted64", b, p, torch.float64).copy_(shifted)
         self.count += torch.bincount(y, minlength=c).to(torch.float64)
         self.shifted_sum.index_put_((y,), shifted64, accumulate=True)
         sqnorm = torch.linalg.vector_norm(shifted, dim=1).to(torch.float64).square()  # positive terms: no cancellation

@@ -28,7 +28,6 @@ def reference_metrics(h, y, W=None, b=None, ridge=0.0, reference_rows=None):
     classes = sorted(set(y.tolist()))
     C = len(classes)
     counts = np.array([np.sum(y == c) for c in classes], dtype=float)
-    pi = counts / n_samples
     means = np.zeros((C, p))
     for k, c in enumerate(classes):
         means[k] = h[y == c].mean(axis=0)

@@ -7,7 +7,7 @@ import pytest
 
 from ncaudit.audit import AuditOptions, audit
 from ncaudit.store import write_cache
-from reference import planted, reference_metrics, simplex_etf
+from reference import planted, reference_metrics
 
 RTOL = 1e-6
 KEYS = ["nc1", "cdnv", "nc2_equinorm_means", "nc2_equiangle_means", "nc2_maxangle_means", "nc2_orthogonality_means",
