@@ -264,19 +264,36 @@ class ClassStatistics:
         b, p, c = h.shape[0], self.num_features, self.num_classes
         ws = self._workspace
         shift = self.shift if h.dtype == torch.float64 else self._shift32
-        shifted = ws.get("shifted", b, p, h.dtype)
-        torch.index_select(shift, 0, y, out=shifted)
-        torch.sub(h, shifted, out=shifted)
-        gemm_in = shifted if shifted.dtype == self.gemm_dtype else shifted.to(self.gemm_dtype)
+        present = torch.bincount(y, minlength=c).nonzero().squeeze(1)
+        k = int(present.numel())
+        # Few classes in the batch (dataset order is often sorted by class): their row sums ride along in the
+        # scatter GEMM as k one-hot columns, [X | Y]^T [X | Y], for 2k/p more flops. Many classes: index_put_.
+        onehot = k <= self.num_features // 16
+        width = p + (k if onehot else 0)
+        wide = ws.get("wide", b, p + max(1, p // 16), self.gemm_dtype)[:, :width]
+        shifted = wide[:, :p] if h.dtype == self.gemm_dtype else ws.get("shifted", b, p, h.dtype)
+        torch.index_select(shift, 0, y, out=ws.get("gathered", b, p, h.dtype))
+        torch.sub(h, ws.get("gathered", b, p, h.dtype), out=shifted)
+        if shifted.data_ptr() != wide.data_ptr():
+            wide[:, :p].copy_(shifted)
+        if onehot:
+            column = torch.full((c,), -1, dtype=torch.int64, device=self.device)
+            column[present] = torch.arange(k, device=self.device)
+            wide[:, p:].zero_()
+            wide[torch.arange(b, device=self.device), p + column[y]] = 1.0
         with full_precision_matmul():
-            gram = torch.mm(gemm_in.T, gemm_in, out=ws.get("gram", p, p, self.gemm_dtype))
-        self.scatter += gram if gram.dtype == torch.float64 else ws.get("gram64", p, p, torch.float64).copy_(gram)
-        # Per-class sums of the shifted rows, in float64 (O(B p), small next to the GEMM's O(B p^2)).
-        # (index_put_ with accumulate, not index_add_: the latter serialises when a batch holds one class.)
-        shifted64 = shifted if shifted.dtype == torch.float64 else \
-            ws.get("shifted64", b, p, torch.float64).copy_(shifted)
+            gram = torch.mm(wide.T, wide, out=ws.get("gram", width, width, self.gemm_dtype))
+        gram64 = gram if gram.dtype == torch.float64 else ws.get("gram64", width, width, torch.float64).copy_(gram)
+        self.scatter += gram64[:p, :p]
         self.count += torch.bincount(y, minlength=c).to(torch.float64)
-        self.shifted_sum.index_put_((y,), shifted64, accumulate=True)
+        if onehot:
+            self.shifted_sum[present] += gram64[p:, :p]
+        else:
+            # Per-class sums of the shifted rows in float64 (O(B p), small next to the GEMM's O(B p^2));
+            # index_put_ with accumulate, not index_add_, which serialises when a batch holds one class.
+            shifted64 = shifted if shifted.dtype == torch.float64 else \
+                ws.get("shifted64", b, p, torch.float64).copy_(shifted)
+            self.shifted_sum.index_put_((y,), shifted64, accumulate=True)
         sqnorm = torch.linalg.vector_norm(shifted, dim=1).to(torch.float64).square()  # positive terms: no cancellation
         self.shifted_sqnorm += torch.bincount(y, weights=sqnorm, minlength=c)
 
