@@ -268,9 +268,10 @@ class ClassStatistics:
         k = int(present.numel())
         # Few classes in the batch (dataset order is often sorted by class): their row sums ride along in the
         # scatter GEMM as k one-hot columns, [X | Y]^T [X | Y], for 2k/p more flops. Many classes: index_put_.
+        # The one-hot block is padded with zero columns to a multiple of 16: BLAS is up to 40% slower on odd widths.
         onehot = k <= self.num_features // 16
-        width = p + (k if onehot else 0)
-        wide = ws.get("wide", b, p + max(1, p // 16), self.gemm_dtype)[:, :width]
+        width = -(-(p + k) // 16) * 16 if onehot else p
+        wide = ws.get("wide", b, -(-(p + max(16, p // 16)) // 16) * 16, self.gemm_dtype)[:, :width]
         shifted = wide[:, :p] if h.dtype == self.gemm_dtype else ws.get("shifted", b, p, h.dtype)
         torch.index_select(shift, 0, y, out=ws.get("gathered", b, p, h.dtype))
         torch.sub(h, ws.get("gathered", b, p, h.dtype), out=shifted)
@@ -287,7 +288,7 @@ class ClassStatistics:
         self.scatter += gram64[:p, :p]
         self.count += torch.bincount(y, minlength=c).to(torch.float64)
         if onehot:
-            self.shifted_sum[present] += gram64[p:, :p]
+            self.shifted_sum[present] += gram64[p:p + k, :p]
         else:
             # Per-class sums of the shifted rows in float64 (O(B p), small next to the GEMM's O(B p^2));
             # index_put_ with accumulate, not index_add_, which serialises when a batch holds one class.
