@@ -26,7 +26,8 @@ features' common offset: nothing cancels catastrophically even when Sigma_W is 1
 raw-moment formula E[h h^T] - mu mu^T loses every digit there). The batch GEMM therefore may run in float32 for
 float32 / float16 features (the rows are centred), while every accumulator is float64. This costs one p x p GEMM per
 batch, like a bare streamed X^T X, whatever the class mix of the batch (caches in dataset order often hold one class
-per batch); a Chan-style per-batch merge would add a C x p x p correction per batch instead.
+per batch); a Chan-style per-batch merge would add a C x p x p correction per batch instead. When a batch holds few
+classes, their sums u_c come out of the same GEMM through k one-hot columns appended to the rows.
 
 :meth:`merge` re-expresses the other state's sums around this state's shifts (exact algebra:
 S += sum_c [n_c D_c D_c^T + u_c D_c^T + D_c u_c^T] with D_c = s_c^{other} - s_c), so the result does not depend on
@@ -242,7 +243,7 @@ class ClassStatistics:
     def update(self, features: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
         """Accumulate one batch: ``features`` (B, p), any float dtype; ``labels`` (B,) integers in [0, C).
 
-        Shapes and label range are checked here; finiteness is the caller's check (``validate.check_batch``).
+        Shapes are checked here; label range and finiteness are the caller's checks (:mod:`ncaudit.validate`).
         """
         h = torch.as_tensor(features)
         y = torch.as_tensor(labels)
@@ -264,7 +265,8 @@ class ClassStatistics:
         b, p, c = h.shape[0], self.num_features, self.num_classes
         ws = self._workspace
         shift = self.shift if h.dtype == torch.float64 else self._shift32
-        present = torch.bincount(y, minlength=c).nonzero().squeeze(1)
+        batch_counts = torch.bincount(y, minlength=c)
+        present = batch_counts.nonzero().squeeze(1)
         k = int(present.numel())
         # Few classes in the batch (dataset order is often sorted by class): their row sums ride along in the
         # scatter GEMM as k one-hot columns, [X | Y]^T [X | Y], for 2k/p more flops. Many classes: index_put_.
@@ -286,7 +288,7 @@ class ClassStatistics:
             gram = torch.mm(wide.T, wide, out=ws.get("gram", width, width, self.gemm_dtype))
         gram64 = gram if gram.dtype == torch.float64 else ws.get("gram64", width, width, torch.float64).copy_(gram)
         self.scatter += gram64[:p, :p]
-        self.count += torch.bincount(y, minlength=c).to(torch.float64)
+        self.count += batch_counts.to(torch.float64)
         if onehot:
             self.shifted_sum[present] += gram64[p:p + k, :p]
         else:

@@ -192,3 +192,21 @@ def test_float32_decisions_recheck_near_ties():
     np.testing.assert_array_equal(f.correct, e.correct)
     assert f.disagree == e.disagree == 0
     np.testing.assert_array_equal(e.ncc_correct, [np.sum((y == 0) & (t > 0)), np.sum((y == 1) & (t < 0))])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_one_hot_and_index_put_paths_agree(dtype):
+    """Sorted batches (few classes: sums from one-hot GEMM columns) and shuffled ones (index_put_) agree."""
+    h, y, _ = planted(C=5, p=64, n=90, sigma=1e-3, offset=50.0, seed=39)
+    h = h.astype(dtype)
+    gemm = torch.float64 if dtype == np.float64 else torch.float32
+    sorted_acc = accumulate(h, y, 5, 50, order=np.argsort(y, kind="stable"), gemm_dtype=gemm).compute()
+    shuffled = accumulate(h, y, 5, 50, order=np.random.default_rng(40).permutation(len(y)), gemm_dtype=gemm).compute()
+    means, sw, var = two_pass(h.astype(np.float64), y, 5)
+    for st in (sorted_acc, shuffled):
+        np.testing.assert_array_equal(st.counts, [90] * 5)
+        np.testing.assert_allclose(st.centred_means, means - means.mean(0), rtol=0, atol=1e-12 if gemm == torch.float64
+                                   else 1e-6)
+        tol = 1e-10 if gemm == torch.float64 else 1e-6
+        assert np.abs(st.sigma_w - sw).max() < tol * np.abs(np.diag(sw)).max()
+        np.testing.assert_allclose(st.variances, var, rtol=tol)
