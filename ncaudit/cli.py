@@ -193,6 +193,8 @@ def report(
         result = audit(cache, options, RichProgress(stderr, enabled=False if quiet else None))
     except InputError as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted; nothing was written", code=130)
     result.checks = evaluate(checks, result.metrics)
     for warning in result.warnings:
         stderr.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
@@ -255,6 +257,8 @@ def trajectory(
             stderr.print(f"plot written to {plot}")
     except InputError as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted", code=130)
     _print_trajectory(rows, outcome, json_out=json_out, layers=layers)
     if not all(c["passed"] for c in outcome):
         raise typer.Exit(code=1)
@@ -293,6 +297,8 @@ def demo(
             outcome = evaluate(checks, {key: rows[-1].value(key) for key in known_keys(rows)})
         except InputError as exc:
             fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted", code=130)
     _print_trajectory(rows, outcome, json_out=json_out, preface=EXPLANATION)
     if out is None:
         stderr.print("pass --out DIR to keep the caches, JSON reports and trajectory plot", soft_wrap=True)

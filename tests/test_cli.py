@@ -138,3 +138,14 @@ def test_help_is_fast_and_imports_no_torch():
     out = subprocess.run([sys.executable, "-m", "ncaudit", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "report" in out.stdout
     assert time.perf_counter() - start < 5.0
+
+
+def test_interrupt_exits_130(good, monkeypatch):
+    import ncaudit.audit
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ncaudit.audit, "audit", interrupted)
+    res = invoke("report", good, "--json", "-q")
+    assert res.exit_code == 130 and "interrupted" in res.stderr and res.stdout == ""
