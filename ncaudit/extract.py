@@ -31,7 +31,7 @@ from ncaudit.stats import full_precision_matmul
 from ncaudit.data import DataSource, build_transform, open_dataset, transform_config
 from ncaudit.errors import InputError
 from ncaudit.models import LoadedModel, PenultimateModel, load_model
-from ncaudit.store import DEFAULT_CHUNK_ROWS, CacheWriter, _encode_attr
+from ncaudit.store import DEFAULT_CHUNK_ROWS, CacheWriter, encode_attr
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cuda", "cpu")
@@ -223,7 +223,7 @@ def _check_out(out: Path, state: dict[str, Any] | None, *, resume: bool, overwri
 
 def _same(stored: Any, value: Any) -> bool:
     a = stored.item() if isinstance(stored, np.generic) else stored
-    b = _encode_attr(value)
+    b = encode_attr(value)
     if isinstance(a, str) and isinstance(b, str) and a.startswith(("{", "[")):
         try:
             return json.loads(a) == json.loads(b)

@@ -319,7 +319,8 @@ def _short(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------------------------
-def _encode_attr(value: Any) -> Any:
+def encode_attr(value: Any) -> Any:
+    """A Python value as an HDF5 attribute: None as "", dicts and lists as sorted JSON strings."""
     if value is None:
         return ""
     if isinstance(value, (Mapping, list, tuple)):
@@ -385,7 +386,7 @@ class CacheWriter:
             f.attrs["complete"] = False
             f.attrs["n_written"] = 0
             for key, value in (attrs or {}).items():
-                f.attrs[key] = _encode_attr(value)
+                f.attrs[key] = encode_attr(value)
             chunk = (max(1, min(chunk_rows, n_samples)),)
             f.create_dataset("features", shape=(n_samples, n_features), dtype=feature_dtype,
                              chunks=chunk + (n_features,))
@@ -469,7 +470,7 @@ class CacheWriter:
         if self.n_written != self.n_samples:
             raise ValueError(f"finish() after {self.n_written} of {self.n_samples} rows")
         for key, value in attrs.items():
-            self._file.attrs[key] = _encode_attr(value)
+            self._file.attrs[key] = encode_attr(value)
         self._file.attrs["complete"] = True
         self._file.flush()
         self.close()
