@@ -176,9 +176,7 @@ def audit(
         remap = torch.full((c_all,), -1, dtype=torch.int64)
         remap[torch.from_numpy(keep)] = torch.arange(len(keep))
 
-        result = _closed_form(stats, weight, bias, options)
-        basis: metrics.MeansBasis = result.pop("_basis")
-        least_sq: metrics.LeastSquares | None = result.pop("_ls")
+        m, details, basis, least_sq = _closed_form(stats, weight, bias, options)
         layer_bases = {name: metrics.means_basis(s.centred_means) for name, s in layer_stats.items()}
 
         # Pass 2: per-sample decisions, per-class NC1, direct MSE.
@@ -199,8 +197,6 @@ def audit(
         decisions = dec.compute()
         reference = cache.reference_fp32()
 
-    m = result["metrics"]
-    details = result["details"]
     n = stats.n_samples
     if decisions.correct is not None:
         m["accuracy"] = float(decisions.correct.sum()) / n
@@ -285,9 +281,10 @@ def _select_layers(requested: Sequence[str] | None, available: dict[str, int], w
     return [name for name in available if name in requested]
 
 
-def _closed_form(stats: Statistics, weight: np.ndarray | None, bias: np.ndarray | None,
-                 options: AuditOptions) -> dict[str, Any]:
-    """Every metric that is a closed form of the statistics (and W, b)."""
+def _closed_form(
+    stats: Statistics, weight: np.ndarray | None, bias: np.ndarray | None, options: AuditOptions,
+) -> tuple[dict[str, float | None], dict[str, Any], metrics.MeansBasis, metrics.LeastSquares | None]:
+    """Every metric that is a closed form of the statistics (and W, b): (metrics, details, Sigma_B basis, W_LS)."""
     centred = stats.centred_means
     basis = metrics.means_basis(centred)
     m: dict[str, float | None] = {
@@ -322,7 +319,7 @@ def _closed_form(stats: Statistics, weight: np.ndarray | None, bias: np.ndarray 
         })
         details["rank_sigma_t"] = ls.rank
         details["sigma_t_cutoff"] = ls.cutoff
-    return {"metrics": m, "details": details, "_basis": basis, "_ls": ls}
+    return m, details, basis, ls
 
 
 def _per_class(stats: Statistics, weight: np.ndarray | None, dec: Any, keep: np.ndarray,

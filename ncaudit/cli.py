@@ -235,9 +235,8 @@ def trajectory(
     Rows keep the order given; each is labelled by the checkpoint's epoch when its provenance records one.
     """
     from ncaudit.audit import AuditOptions, audit
-    from ncaudit.checks import evaluate, parse_checks
     from ncaudit.progress import RichProgress
-    from ncaudit.trajectory import build_rows, known_keys
+    from ncaudit.trajectory import build_rows, gate_last_row
 
     try:
         progress = RichProgress(stderr, enabled=False if quiet else None)
@@ -248,8 +247,7 @@ def trajectory(
                                    layers=[] if last_with_layers else None)
             results.append(audit(path, options, progress))
         rows = build_rows(results)
-        checks = parse_checks(fail_if, known_keys(rows))
-        outcome = evaluate(checks, {key: rows[-1].value(key) for key in known_keys(rows)})
+        outcome = gate_last_row(rows, fail_if)
         if plot is not None:
             from ncaudit.plot import plot_trajectory
 
@@ -283,9 +281,8 @@ def demo(
     """
     import tempfile
 
-    from ncaudit.checks import evaluate, parse_checks
     from ncaudit.demo import EXPLANATION, run_demo
-    from ncaudit.trajectory import known_keys
+    from ncaudit.trajectory import gate_last_row
 
     say = (lambda line: None) if quiet else (lambda line: stderr.print(escape(line), soft_wrap=True))
     with tempfile.TemporaryDirectory(prefix="ncaudit-demo-") as tmp:
@@ -293,8 +290,7 @@ def demo(
         try:
             result = run_demo(target, fixtures=fixtures, device=device, progress=say)
             rows = result.rows
-            checks = parse_checks(fail_if, known_keys(rows))
-            outcome = evaluate(checks, {key: rows[-1].value(key) for key in known_keys(rows)})
+            outcome = gate_last_row(rows, fail_if)
         except InputError as exc:
             fail(str(exc))
         except KeyboardInterrupt:

@@ -109,9 +109,9 @@ def per_class_table(result: AuditResult, limit: int | None = None) -> Table:
     return table
 
 
-def layers_table(result: AuditResult) -> Table:
+def layers_table(result: AuditResult, title: str = "per layer (network order)") -> Table:
     """One row per layer in network order: NC1, CDNV, NC2 of the means, NCC accuracy."""
-    table = Table(title="per layer (network order)", box=box.SIMPLE_HEAD, show_edge=False)
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False)
     for col in ("layer", "p", "NC1", "CDNV", "equinorm μ", "equiangle μ", "NCC acc"):
         table.add_column(col, justify="left" if col == "layer" else "right", no_wrap=True)
     for name, block in result.layers.items():
@@ -178,20 +178,9 @@ def trajectory_table(rows: Sequence[TrajectoryRow], *, layers: bool = False) -> 
     for r in rows:
         table.add_row(r.label, *(fmt(r.value(f"{s}.{k}" if s else k), 3) for k, s in columns))
     parts: list[Any] = [table]
-    if layers and rows:
-        last = rows[-1].primary
-        if last.layers:
-            lt = Table(title=f"per-layer NC1 of {rows[-1].label} ({rows[-1].primary_split})", box=box.SIMPLE_HEAD,
-                       show_edge=False)
-            lt.add_column("layer")
-            lt.add_column("p", justify="right")
-            lt.add_column("NC1", justify="right")
-            lt.add_column("NCC acc", justify="right")
-            for name, block in last.layers.items():
-                lt.add_row(name, str(block["n_features"]), fmt(block["nc1"], 3), fmt(block["ncc_accuracy"], 3))
-            lt.add_row("(final)", str(last.n_features), fmt(last.metrics["nc1"], 3),
-                       fmt(last.metrics["ncc_accuracy"], 3))
-            parts.append(lt)
+    if layers and rows and rows[-1].primary.layers:
+        last = rows[-1]
+        parts.append(layers_table(last.primary, title=f"per-layer NC1 of {last.label} ({last.primary_split})"))
     return Group(*parts)
 
 

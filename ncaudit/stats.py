@@ -275,8 +275,8 @@ class ClassStatistics:
         width = -(-(p + k) // 16) * 16 if onehot else p
         wide = ws.get("wide", b, -(-(p + max(16, p // 16)) // 16) * 16, self.gemm_dtype)[:, :width]
         shifted = wide[:, :p] if h.dtype == self.gemm_dtype else ws.get("shifted", b, p, h.dtype)
-        torch.index_select(shift, 0, y, out=ws.get("gathered", b, p, h.dtype))
-        torch.sub(h, ws.get("gathered", b, p, h.dtype), out=shifted)
+        gathered = torch.index_select(shift, 0, y, out=ws.get("gathered", b, p, h.dtype))
+        torch.sub(h, gathered, out=shifted)
         if shifted.data_ptr() != wide.data_ptr():
             wide[:, :p].copy_(shifted)
         if onehot:

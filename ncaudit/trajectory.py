@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ncaudit.audit import METRIC_KEYS, AuditResult
+from ncaudit.checks import evaluate, parse_checks
 
 #: Columns of the trajectory table, in order: (metric key, header).
 COLUMNS: list[tuple[str, str]] = [
@@ -134,6 +135,12 @@ def known_keys(rows: Sequence[TrajectoryRow]) -> list[str]:
     """Metric keys a ``--fail-if`` on a trajectory may name: the primary split's, and ``split.key`` of every split."""
     splits = sorted({s for row in rows for s in row.splits})
     return list(METRIC_KEYS) + [f"{s}.{k}" for s in splits for k in METRIC_KEYS]
+
+
+def gate_last_row(rows: Sequence[TrajectoryRow], fail_if: Sequence[str] | None) -> list[dict[str, Any]]:
+    """Parse ``--fail-if`` expressions against the trajectory's keys and evaluate them on the last row."""
+    keys = known_keys(rows)
+    return evaluate(parse_checks(fail_if, keys), {key: rows[-1].value(key) for key in keys})
 
 
 def rows_to_json(rows: Sequence[TrajectoryRow], checks: list[dict[str, Any]]) -> dict[str, Any]:
