@@ -31,7 +31,7 @@ from ncaudit.stats import full_precision_matmul
 from ncaudit.data import DataSource, build_transform, open_dataset, transform_config
 from ncaudit.errors import InputError
 from ncaudit.models import LoadedModel, PenultimateModel, load_model
-from ncaudit.store import DEFAULT_CHUNK_ROWS, CacheWriter, encode_attr
+from ncaudit.store import DEFAULT_CHUNK_ROWS, CacheWriter, attr_value, encode_attr
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cuda", "cpu")
@@ -198,7 +198,7 @@ def _existing_state(out: Path) -> dict[str, Any] | None:
         raise InputError(f"--out {out}: is a directory; give a file name ending in .h5")
     try:
         with h5py.File(out, "r", locking=False) as f:
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            attrs = {k: attr_value(v) for k, v in f.attrs.items()}
             attrs["_rows"] = int(f["features"].shape[0]) if "features" in f else -1
             attrs["_has_reference"] = "reference_fp32/index" in f
             attrs["_dtype"] = f["features"].dtype.name if "features" in f else ""
@@ -222,7 +222,7 @@ def _check_out(out: Path, state: dict[str, Any] | None, *, resume: bool, overwri
 
 
 def _same(stored: Any, value: Any) -> bool:
-    a = stored.item() if isinstance(stored, np.generic) else stored
+    a = stored
     b = encode_attr(value)
     if isinstance(a, str) and isinstance(b, str) and a.startswith(("{", "[")):
         try:

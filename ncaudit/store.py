@@ -43,14 +43,14 @@ FEATURE_DTYPES = ("float16", "float32", "float64")
 DEFAULT_CHUNK_ROWS = 256
 
 
-def _attr_value(value: Any) -> Any:
+def attr_value(value: Any) -> Any:
     """HDF5 attribute -> plain Python (bytes to str, numpy scalars to Python scalars, JSON strings kept as str)."""
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
-        return [_attr_value(v) for v in value.tolist()] if value.dtype.kind in "OSU" else value.tolist()
+        return [attr_value(v) for v in value.tolist()] if value.dtype.kind in "OSU" else value.tolist()
     return value
 
 
@@ -129,7 +129,7 @@ class FeatureCache:
 
     def _read_info(self, allow_partial: bool) -> CacheInfo:
         f, where = self._file, str(self.path)
-        attrs = {k: _attr_value(v) for k, v in f.attrs.items()}
+        attrs = {k: attr_value(v) for k, v in f.attrs.items()}
         schema = attrs.get("ncaudit_schema", SCHEMA_VERSION)
         if schema != SCHEMA_VERSION:
             raise InputError(f"{where}: ncaudit_schema is {schema!r}, this version reads schema {SCHEMA_VERSION}; "
@@ -161,7 +161,7 @@ class FeatureCache:
         names_ds = self._dataset("class_names")
         class_names = None
         if names_ds is not None:
-            class_names = [_attr_value(v) for v in names_ds[()].tolist()]
+            class_names = [attr_value(v) for v in names_ds[()].tolist()]
         num_classes = attrs.get("num_classes")
         if num_classes is None:
             if weight is not None:
