@@ -19,8 +19,9 @@ import torch
 
 from ncaudit import __version__, metrics
 from ncaudit.errors import InputError
-from ncaudit.stats import ClassStatistics, SampleDecisions, Statistics, gemm_dtype_for, resolve_device
-from ncaudit.store import FeatureCache
+from ncaudit.device import resolve_device
+from ncaudit.stats import ClassStatistics, Decisions, SampleDecisions, Statistics, gemm_dtype_for
+from ncaudit.store import CacheInfo, FeatureCache
 from ncaudit.validate import check_classifier, check_finite, check_labels, classes_to_keep
 
 #: Metric keys of the report, in table order (spec "Metrics" and "Beyond the balanced simplex").
@@ -113,6 +114,31 @@ def _to_tensor(x: np.ndarray) -> torch.Tensor:
     return t.to(torch.float32) if t.dtype == torch.float16 else t
 
 
+@dataclass
+class _Setup:
+    """What the passes need to know about the cache before reading a row."""
+
+    info: CacheInfo
+    where: str
+    layers: list[str]
+    gemm: torch.dtype
+    classifier: tuple[np.ndarray, np.ndarray | None] | None
+
+
+@dataclass
+class _Selection:
+    """The classes audited (all, or those with samples), their statistics and the classifier rows kept."""
+
+    keep: np.ndarray
+    dropped: list[int]
+    stats: Statistics
+    layer_stats: dict[str, Statistics]
+    layer_bases: dict[str, metrics.MeansBasis]
+    weight: np.ndarray | None
+    bias: np.ndarray | None
+    remap: torch.Tensor
+
+
 def audit(
     path: str | Path,
     options: AuditOptions = AuditOptions(),
@@ -127,144 +153,180 @@ def audit(
         (without ``drop_empty_classes``), an incomplete cache (without ``allow_partial``).
     """
     progress = progress or _NoProgress()
+    _check_options(options)
+    device = resolve_device(options.device)
+    with FeatureCache(path, allow_partial=options.allow_partial) as cache:
+        setup = _setup(cache, options)
+        accs = _statistics_pass(cache, setup, options, device, progress)
+        sel = _select(accs, setup, options)
+        m, details, basis, least_sq = _closed_form(sel.stats, sel.weight, sel.bias, options)
+        decisions, layer_decisions = _decisions_pass(cache, setup, sel, basis, options, device, progress)
+        reference = cache.reference_fp32()
+    _sample_metrics(m, details, decisions, sel.stats.n_samples)
+    m["nc1_precision_floor"] = _precision_floor(reference, basis, options, details)
+    layers = {name: _layer_block(sel.layer_stats[name], sel.layer_bases[name], layer_decisions[name])
+              for name in setup.layers}
+    if least_sq is not None:
+        details["w_ls_norm"] = float(np.linalg.norm(least_sq.weight))
+    details.update(_run_details(setup, sel, options, device))
+    info = setup.info
+    return AuditResult(
+        source={"path": str(info.path), **{k: v for k, v in info.attrs.items() if k != "layer_order"}},
+        n_samples=sel.stats.n_samples,
+        n_features=info.n_features,
+        n_classes=len(sel.keep),
+        class_counts=[int(v) for v in sel.stats.counts],
+        metrics={k: _finite(m.get(k)) for k in METRIC_KEYS},
+        details=json_safe(details),
+        per_class=_per_class(sel.stats, sel.weight, decisions, sel.keep, info.class_names),
+        layers=layers,
+        warnings=_warnings(m, basis, sel, info.n_features),
+    )
+
+
+def _check_options(options: AuditOptions) -> None:
     if options.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {options.batch_size}")
     if options.ridge < 0 or not math.isfinite(options.ridge):
         raise InputError(f"--ridge must be a finite number >= 0, got {options.ridge}")
     if options.rcond is not None and not (0 <= options.rcond < 1):
         raise InputError(f"--rcond must lie in [0, 1), got {options.rcond}")
-    device = resolve_device(options.device)
-    with FeatureCache(path, allow_partial=options.allow_partial) as cache:
-        info = cache.info
-        where = str(info.path)
-        if info.n_samples == 0:
-            raise InputError(f"{where}: the cache holds no samples; extract some first")
-        layer_names = _select_layers(options.layers, info.layers, where)
-        gemm = gemm_dtype_for(info.feature_dtype)
-        c_all, p = info.num_classes, info.n_features
-        classifier = cache.classifier()
-        if classifier is not None:
-            check_classifier(*classifier, where)
 
-        # Pass 1: class statistics (final layer and every requested layer).
-        accs = {None: ClassStatistics(c_all, p, device=device, gemm_dtype=gemm, normalize=options.normalize)}
-        for name in layer_names:
-            accs[name] = ClassStatistics(c_all, info.layers[name], device=device, gemm_dtype=gemm,
-                                         normalize=options.normalize)
-        with progress.task("pass 1/2: class statistics", info.n_samples) as advance:
-            for start, x, y, extra in cache.iter_batches(options.batch_size, layers=layer_names):
-                h, labels = _to_tensor(x), torch.from_numpy(y)
-                check_labels(labels, c_all, start, where)
-                check_finite(h, start, where)
-                accs[None].update(h, labels)
-                for name in layer_names:
-                    hl = _to_tensor(extra[name])
-                    check_finite(hl, start, where, f"/layers/{name}/features")
-                    accs[name].update(hl, labels)
-                advance(len(y))
-        full_stats = accs[None].compute()
-        keep = classes_to_keep(full_stats.counts, options.drop_empty_classes, where, info.class_names)
-        dropped = [int(c) for c in np.setdiff1d(np.arange(c_all), keep)]
-        stats = full_stats.select(keep)
-        layer_stats = {name: accs[name].compute().select(keep) for name in layer_names}
-        weight = bias = None
-        if classifier is not None:
-            weight = classifier[0][keep]
-            bias = np.zeros(len(keep)) if classifier[1] is None else classifier[1][keep]
-            if options.normalize:
-                weight, bias = _unit_rows(weight), np.zeros(len(keep))
-        remap = torch.full((c_all,), -1, dtype=torch.int64)
-        remap[torch.from_numpy(keep)] = torch.arange(len(keep))
 
-        m, details, basis, least_sq = _closed_form(stats, weight, bias, options)
-        layer_bases = {name: metrics.means_basis(s.centred_means) for name, s in layer_stats.items()}
+def _setup(cache: FeatureCache, options: AuditOptions) -> _Setup:
+    info = cache.info
+    where = str(info.path)
+    if info.n_samples == 0:
+        raise InputError(f"{where}: the cache holds no samples; extract some first")
+    layers = _select_layers(options.layers, info.layers, where)
+    classifier = cache.classifier()
+    if classifier is not None:
+        check_classifier(*classifier, where)
+    return _Setup(info, where, layers, gemm_dtype_for(info.feature_dtype), classifier)
 
-        # Pass 2: per-sample decisions, per-class NC1, direct MSE.
-        dec = SampleDecisions(stats.means, stats.global_mean, weight, bias, basis.whitener, device=device,
-                              gemm_dtype=gemm, normalize=options.normalize, anchors=stats.anchors)
-        layer_dec = {
-            name: SampleDecisions(s.means, s.global_mean, None, None, layer_bases[name].whitener, device=device,
-                                  gemm_dtype=gemm, normalize=options.normalize, anchors=s.anchors, per_class=False)
-            for name, s in layer_stats.items()
-        }
-        with progress.task("pass 2/2: decisions", info.n_samples) as advance:
-            for _, x, y, extra in cache.iter_batches(options.batch_size, layers=layer_names):
-                labels = remap[torch.from_numpy(y)]
-                dec.update(_to_tensor(x), labels)
-                for name in layer_names:
-                    layer_dec[name].update(_to_tensor(extra[name]), labels)
-                advance(len(y))
-        decisions = dec.compute()
-        reference = cache.reference_fp32()
 
-    n = stats.n_samples
+def _statistics_pass(cache: FeatureCache, setup: _Setup, options: AuditOptions, device: torch.device,
+                     progress: ProgressTracker) -> dict[str | None, ClassStatistics]:
+    """Pass 1: one class-statistics accumulator for the final features (key None) and one per requested layer."""
+    info, where = setup.info, setup.where
+    widths = {None: info.n_features, **{name: info.layers[name] for name in setup.layers}}
+    accs = {name: ClassStatistics(info.num_classes, width, device=device, gemm_dtype=setup.gemm,
+                                  normalize=options.normalize) for name, width in widths.items()}
+    with progress.task("pass 1/2: class statistics", info.n_samples) as advance:
+        for start, x, y, extra in cache.iter_batches(options.batch_size, layers=setup.layers):
+            h, labels = _to_tensor(x), torch.from_numpy(y)
+            check_labels(labels, info.num_classes, start, where)
+            check_finite(h, start, where)
+            accs[None].update(h, labels)
+            for name in setup.layers:
+                hl = _to_tensor(extra[name])
+                check_finite(hl, start, where, f"/layers/{name}/features")
+                accs[name].update(hl, labels)
+            advance(len(y))
+    return accs
+
+
+def _select(accs: dict[str | None, ClassStatistics], setup: _Setup, options: AuditOptions) -> _Selection:
+    """The classes to audit and their statistics; the classifier restricted (and normalised) accordingly."""
+    c_all = setup.info.num_classes
+    full_stats = accs[None].compute()
+    keep = classes_to_keep(full_stats.counts, options.drop_empty_classes, setup.where, setup.info.class_names)
+    dropped = [int(c) for c in np.setdiff1d(np.arange(c_all), keep)]
+    weight = bias = None
+    if setup.classifier is not None:
+        weight = setup.classifier[0][keep]
+        bias = np.zeros(len(keep)) if setup.classifier[1] is None else setup.classifier[1][keep]
+        if options.normalize:
+            weight, bias = _unit_rows(weight), np.zeros(len(keep))
+    remap = torch.full((c_all,), -1, dtype=torch.int64)
+    remap[torch.from_numpy(keep)] = torch.arange(len(keep))
+    layer_stats = {name: accs[name].compute().select(keep) for name in setup.layers}
+    layer_bases = {name: metrics.means_basis(s.centred_means) for name, s in layer_stats.items()}
+    return _Selection(keep, dropped, full_stats.select(keep), layer_stats, layer_bases, weight, bias, remap)
+
+
+def _decisions_pass(cache: FeatureCache, setup: _Setup, sel: _Selection, basis: metrics.MeansBasis,
+                    options: AuditOptions, device: torch.device,
+                    progress: ProgressTracker) -> tuple[Decisions, dict[str, Decisions]]:
+    """Pass 2: classifier and nearest-class-mean decisions, per-class NC1 and the direct MSE (NCC per layer)."""
+    stats = sel.stats
+    common = dict(device=device, gemm_dtype=setup.gemm, normalize=options.normalize)
+    dec = SampleDecisions(stats.means, stats.global_mean, sel.weight, sel.bias, basis.whitener,
+                          anchors=stats.anchors, **common)
+    layer_dec = {
+        name: SampleDecisions(s.means, s.global_mean, None, None, sel.layer_bases[name].whitener,
+                              anchors=s.anchors, per_class=False, **common)
+        for name, s in sel.layer_stats.items()
+    }
+    with progress.task("pass 2/2: decisions", setup.info.n_samples) as advance:
+        for _, x, y, extra in cache.iter_batches(options.batch_size, layers=setup.layers):
+            labels = sel.remap[torch.from_numpy(y)]
+            dec.update(_to_tensor(x), labels)
+            for name in setup.layers:
+                layer_dec[name].update(_to_tensor(extra[name]), labels)
+            advance(len(y))
+    return dec.compute(), {name: d.compute() for name, d in layer_dec.items()}
+
+
+def _sample_metrics(m: dict[str, float | None], details: dict[str, Any], decisions: Decisions, n: int) -> None:
+    """Accuracy, NC4, NCC accuracy and the check of the MSE closed forms against the direct evaluation."""
     if decisions.correct is not None:
         m["accuracy"] = float(decisions.correct.sum()) / n
         m["nc4"] = float(decisions.disagree) / n
         direct = 0.5 * float(decisions.squared_error) / n
-        closed = m["mse_loss"]
         a_plus_b = m["mse_term_a"] + m["mse_term_b"]
         details["mse_check"] = {
             "direct": direct,
-            "closed_form": closed,
+            "closed_form": m["mse_loss"],
             "term_a_plus_b": a_plus_b,
             "relative_discrepancy": abs(a_plus_b - direct) / max(abs(direct), np.finfo(float).tiny),
         }
     m["ncc_accuracy"] = float(decisions.ncc_correct.sum()) / n
 
-    floor = None
-    if reference is not None and basis.rank > 0:
-        _, stored, ref = reference
-        a, b = stored.astype(np.float64), ref.astype(np.float64)
-        if options.normalize:
-            a, b = _unit_rows(a), _unit_rows(b)
-        floor = metrics.nc1_of_deviations(a - b, basis)
-        details["precision_floor_rows"] = int(len(a))
-    m["nc1_precision_floor"] = floor
 
+def _precision_floor(reference: tuple[np.ndarray, np.ndarray, np.ndarray] | None, basis: metrics.MeansBasis,
+                     options: AuditOptions, details: dict[str, Any]) -> float | None:
+    """NC1 of the deviations of the stored rows from their float32 recomputation (None without reference rows)."""
+    if reference is None or basis.rank == 0:
+        return None
+    _, stored, ref = reference
+    a, b = stored.astype(np.float64), ref.astype(np.float64)
+    if options.normalize:
+        a, b = _unit_rows(a), _unit_rows(b)
+    details["precision_floor_rows"] = int(len(a))
+    return metrics.nc1_of_deviations(a - b, basis)
+
+
+def _warnings(m: dict[str, float | None], basis: metrics.MeansBasis, sel: _Selection, p: int) -> list[str]:
     warnings: list[str] = []
-    if floor is not None and m["nc1"] is not None and math.isfinite(m["nc1"]) and \
-            m["nc1"] <= FLOOR_WARNING_FACTOR * floor:
-        warnings.append(f"nc1 = {m['nc1']:.3g} is within {FLOOR_WARNING_FACTOR:g}x of the extraction precision floor "
+    floor, nc1 = m.get("nc1_precision_floor"), m.get("nc1")
+    if floor is not None and nc1 is not None and math.isfinite(nc1) and nc1 <= FLOOR_WARNING_FACTOR * floor:
+        warnings.append(f"nc1 = {nc1:.3g} is within {FLOOR_WARNING_FACTOR:g}x of the extraction precision floor "
                         f"{floor:.3g}: it measures rounding, not collapse; re-extract with --precision fp32")
-    if basis.rank < min(p, len(keep) - 1):
-        warnings.append(f"Sigma_B has rank {basis.rank} < min(p, C-1) = {min(p, len(keep) - 1)}: some class means "
+    c = len(sel.keep)
+    if basis.rank < min(p, c - 1):
+        warnings.append(f"Sigma_B has rank {basis.rank} < min(p, C-1) = {min(p, c - 1)}: some class means "
                         "coincide or are collinear, NC1 uses the rank found")
-    if dropped:
-        warnings.append(f"dropped {len(dropped)} empty class(es): {dropped[:20]}{' ...' if len(dropped) > 20 else ''}")
+    if sel.dropped:
+        shown = f"{sel.dropped[:20]}{' ...' if len(sel.dropped) > 20 else ''}"
+        warnings.append(f"dropped {len(sel.dropped)} empty class(es): {shown}")
+    return warnings
 
-    per_class = _per_class(stats, weight, decisions, keep, info.class_names)
-    layers = {
-        name: _layer_block(layer_stats[name], layer_bases[name], layer_dec[name].compute())
-        for name in layer_names
-    }
-    if least_sq is not None:
-        details["w_ls_norm"] = float(np.linalg.norm(least_sq.weight))
-    details.update({
+
+def _run_details(setup: _Setup, sel: _Selection, options: AuditOptions, device: torch.device) -> dict[str, Any]:
+    info = setup.info
+    return {
         "feature_dtype": info.feature_dtype,
-        "gemm_dtype": str(gemm).replace("torch.", ""),
+        "gemm_dtype": str(setup.gemm).replace("torch.", ""),
         "device": str(device),
         "batch_size": options.batch_size,
         "normalized": options.normalize,
-        "has_classifier": weight is not None,
+        "has_classifier": sel.weight is not None,
         "has_bias": bool(info.has_bias) and not options.normalize,
         "complete": info.complete,
-        "dropped_classes": dropped,
-        "classes": [int(c) for c in keep],
-    })
-    source = {"path": str(info.path), **{k: v for k, v in info.attrs.items() if k != "layer_order"}}
-    return AuditResult(
-        source=source,
-        n_samples=n,
-        n_features=p,
-        n_classes=len(keep),
-        class_counts=[int(v) for v in stats.counts],
-        metrics={k: _finite(m.get(k)) for k in METRIC_KEYS},
-        details=json_safe(details),
-        per_class=per_class,
-        layers=layers,
-        warnings=warnings,
-    )
+        "dropped_classes": sel.dropped,
+        "classes": [int(c) for c in sel.keep],
+    }
 
 
 def _select_layers(requested: Sequence[str] | None, available: dict[str, int], where: str) -> list[str]:
@@ -346,7 +408,7 @@ def _per_class(stats: Statistics, weight: np.ndarray | None, dec: Any, keep: np.
     return rows
 
 
-def _layer_block(stats: Statistics, basis: metrics.MeansBasis, dec: Any) -> dict[str, Any]:
+def _layer_block(stats: Statistics, basis: metrics.MeansBasis, dec: Decisions) -> dict[str, Any]:
     centred = stats.centred_means
     return {
         "n_features": stats.n_features,

@@ -27,14 +27,14 @@ import numpy as np
 import torch
 
 from ncaudit import __version__
-from ncaudit.stats import full_precision_matmul
 from ncaudit.data import DataSource, build_transform, open_dataset, transform_config
+from ncaudit.device import resolve_device
 from ncaudit.errors import InputError
 from ncaudit.models import LoadedModel, PenultimateModel, load_model
+from ncaudit.stats import full_precision_matmul
 from ncaudit.store import DEFAULT_CHUNK_ROWS, CacheWriter, attr_value, encode_attr
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEVICES = ("auto", "cuda", "cpu")
 STORE_DTYPES = ("float32", "float16")
 #: Attributes that must match for ``--resume`` to continue a partial file.
 RESUME_KEYS = ("model", "checkpoint_sha256", "ema", "dataset", "split", "data_fingerprint", "transform", "precision",
@@ -73,17 +73,6 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU."""
-    if device not in DEVICES:
-        raise InputError(f"--device {device!r}: use one of {', '.join(DEVICES)}")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available; use --device cpu (or auto)")
-    return torch.device(device)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -277,6 +266,231 @@ def _reference_features(pm: PenultimateModel, data: DataSource, k: int, batch_si
     return np.concatenate(out) if out else np.zeros((0, pm.n_features), np.float32)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The steps of an extraction
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Job:
+    """One extraction once its inputs are checked: the model, the samples, the output file and where to start."""
+
+    out: Path
+    device: torch.device
+    precision: str
+    workers: int
+    batch_size: int
+    channels_last: bool
+    pm: PenultimateModel
+    source: DataSource
+    n_total: int
+    num_classes: int
+    class_names: list[str] | None
+    attrs: dict[str, Any]
+    store_dtype: str
+    chunk_rows: int
+    state: dict[str, Any] | None
+    resuming: bool
+    start: int
+    note: Callable[[str], None]
+
+
+def _check_flags(store_dtype: str, batch_size: int, limit: int | None, precision_check: int, workers: int | None,
+                 resume: bool, overwrite: bool) -> None:
+    """Refuse contradictory or out-of-range flags before anything is loaded."""
+    if store_dtype not in STORE_DTYPES:
+        raise InputError(f"--store-dtype {store_dtype!r}: use float32 or float16")
+    if batch_size < 1:
+        raise InputError(f"--batch-size {batch_size}: must be at least 1")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit {limit}: must be at least 1")
+    if precision_check < 0:
+        raise InputError(f"--precision-check {precision_check}: must be 0 (off) or a positive number of samples")
+    if workers is not None and workers < 0:
+        raise InputError(f"--workers {workers}: must be 0 or more")
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite contradict each other; pass one of them")
+
+
+def _open_source(data: str | os.PathLike[str] | DataSource, loaded: LoadedModel, *, dataset: str, split: str | None,
+                 class_map: str | os.PathLike[str] | None, transform: dict[str, Any]) -> tuple[DataSource, dict[str, Any]]:
+    """The samples and the transform config recorded for them (in-memory sources come already transformed)."""
+    if isinstance(data, DataSource):
+        return data, {"library": "none", "note": "images given in memory, already transformed"}
+    cfg = transform_config(loaded.model, loaded.library, **transform)
+    src = open_dataset(data, dataset=dataset, split=split, class_map=class_map, transform=build_transform(cfg))
+    return src, cfg
+
+
+def _model_class_names(src: DataSource, k: int, note: Callable[[str], None]) -> list[str] | None:
+    """Check that the dataset's labels fit the model's K outputs; the class names to store, in model order."""
+    n_data_classes = len(src.class_names) if src.class_names is not None else len(src.dataset_classes)
+    if src.class_names is not None and len(src.class_names) != k:
+        raise InputError(f"--class-map lists {len(src.class_names)} classes but the model's head has {k} outputs; "
+                         "list every model class, in model order")
+    if n_data_classes > k or int(src.labels.max()) >= k:
+        raise InputError(f"the dataset has {n_data_classes} classes but the model's head has {k} outputs; pass "
+                         "--class-map or the dataset the checkpoint was trained on")
+    if src.class_names is None and len(src.dataset_classes) < k:
+        note(f"the dataset has {len(src.dataset_classes)} classes and the head {k}: labels follow the dataset's class "
+             "order 0..; pass --class-map if the model orders its classes differently")
+    if src.class_names is not None:
+        return src.class_names
+    return src.dataset_classes if len(src.dataset_classes) == k else None
+
+
+def _provenance(model_name: str, loaded: LoadedModel, src: DataSource, cfg: dict[str, Any], precision: str,
+                device: torch.device, limit: int | None) -> dict[str, Any]:
+    """The root attributes that say where the features came from (and that --resume must find unchanged)."""
+    attrs: dict[str, Any] = {
+        "model": model_name, "checkpoint": str(loaded.checkpoint.path.resolve()),
+        "checkpoint_sha256": loaded.checkpoint.sha256, "checkpoint_key": loaded.checkpoint.key,
+        "ema": bool(loaded.checkpoint.ema), "dataset": src.kind, "data": str(src.root.resolve()),
+        "split": src.split or "", "data_fingerprint": src.fingerprint, "precision": precision,
+        "device": device.type, "transform": cfg, "ncaudit_version": __version__, "limit": int(limit or 0),
+    }
+    meta = loaded.checkpoint.metadata
+    if meta:
+        attrs["checkpoint_metadata"] = meta
+    epoch = meta.get("epoch", "")
+    if epoch.strip().lstrip("-").isdigit():
+        attrs["epoch"] = int(epoch)
+    return attrs
+
+
+def _resume_row(out: Path, state: dict[str, Any], attrs: dict[str, Any], n_total: int, store_dtype: str) -> int:
+    """The row a resumed run starts at, after checking that the partial file was written by the same job."""
+    for key in RESUME_KEYS:
+        if not _same(state.get(key, ""), attrs[key]):
+            raise InputError(f"--resume: {out} was written with another {key} ({str(state.get(key, ''))[:60]!r}); "
+                             "resume with the same checkpoint, data and options, or pass --overwrite")
+    if state["_rows"] != n_total or state.get("_dtype") != store_dtype:
+        raise InputError(f"--resume: {out} has {state['_rows']} rows of {state.get('_dtype')}, this run "
+                         f"{n_total} of {store_dtype}; use the same --limit and --store-dtype, or --overwrite")
+    return int(state.get("n_written", 0))
+
+
+def _first_batch(job: _Job) -> tuple[Any, Any, Any]:
+    """``(batch iterator, first batch or None, probe batch)``: the probe derives (W, b) even when nothing is left."""
+    pin = job.device.type == "cuda"
+    loader = _loader(job.source.dataset, range(job.start, job.n_total), job.batch_size, job.workers, pin)
+    batches = iter(loader)
+    try:
+        first = next(batches) if job.start < job.n_total else None
+        probe = first if first is not None else next(iter(_loader(
+            job.source.dataset, range(min(job.batch_size, job.n_total)), job.batch_size, 0, pin)))
+    except InputError as exc:
+        raise _unwrap_worker_error(exc) from None
+    return batches, first, probe
+
+
+def _open_writer(job: _Job, p: int, layer_widths: dict[str, int]) -> CacheWriter:
+    """Reopen the partial file of a resumed run, or create the cache after checking the free disk space."""
+    if job.resuming and job.start > 0:
+        return CacheWriter.resume(job.out)
+    itemsize = 2 if job.store_dtype == "float16" else 4
+    k = job.num_classes
+    row = (p + sum(layer_widths.values())) * itemsize + 8 + 4 * k
+    need = job.n_total * row + 8 * k * (p + 1) + (1 << 20)
+    parent = job.out.resolve().parent
+    free = shutil.disk_usage(parent if parent.exists() else Path.cwd()).free
+    if layer_widths:
+        widths = ", ".join(f"{name} {w}" for name, w in layer_widths.items())
+        job.note(f"projected cache size {need / 2**30:.2f} GiB (extra layers: {widths}); {free / 2**30:.1f} GiB free")
+    if need > free:
+        raise InputError(f"--out {job.out}: the cache needs about {need / 2**30:.2f} GiB but only "
+                         f"{free / 2**30:.2f} GiB is free; free space, use --store-dtype float16 or --limit")
+    pm = job.pm
+    weight = pm.weight.astype(np.float32)  # type: ignore[union-attr]
+    bias = None if pm.bias is None else pm.bias.astype(np.float32)
+    job.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return CacheWriter(job.out, n_samples=job.n_total, n_features=p, num_classes=k, weight=weight, bias=bias,
+                       feature_dtype=job.store_dtype, store_logits=True, class_names=job.class_names,
+                       layers=layer_widths, attrs=job.attrs, chunk_rows=job.chunk_rows, overwrite=True)
+
+
+def _stream(job: _Job, writer: CacheWriter, batches: Any, first: Any, head: tuple[torch.Tensor, torch.Tensor],
+            autocast: Any, progress: bool) -> None:
+    """Run every remaining batch through the model and hand the rows to a writer thread (first batch included)."""
+    dev, pm = job.device, job.pm
+    sink = _AsyncWriter(writer, job.chunk_rows)
+    done = job.start
+    with _progress(progress, job.n_total, job.start) as bar:
+        task = bar.add_task("extract", total=job.n_total, completed=job.start)
+
+        def emit(feats: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, extra: dict[str, torch.Tensor]) -> None:
+            nonlocal done
+            if dev.type == "cuda":
+                f = feats.float().to("cpu", non_blocking=True)
+                z = logits.float().to("cpu", non_blocking=True)
+                extra = {name: v.to("cpu", non_blocking=True) for name, v in extra.items()}
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                f, z, event = feats.float(), logits.float(), None
+            sink.put((event, f, y.numpy().astype(np.int64), z, extra))
+            done += len(y)
+            bar.update(task, completed=done)
+
+        try:
+            if first is not None:
+                emit(*head, first[1], pm.layer_features)
+                for x, y in batches:
+                    with autocast:
+                        feats, logits = pm(_to_device(x, dev, job.channels_last))
+                    emit(feats, logits, y, pm.layer_features)
+        except InputError as exc:
+            raise _unwrap_worker_error(exc) from None
+        finally:
+            sink.close()
+
+
+def _reference_rows(job: _Job, writer: CacheWriter, precision_check: int) -> int:
+    """Recompute the first K samples in float32 into /reference_fp32 (mixed precision only); K written."""
+    if job.precision == "fp32" or precision_check == 0:
+        return 0
+    n_ref = min(precision_check, job.n_total)
+    if not (job.resuming and job.state is not None and job.state.get("_has_reference")):
+        ref = _reference_features(job.pm, job.source, n_ref, job.batch_size, job.workers, job.device,
+                                  job.channels_last)
+        writer.write_reference(np.arange(n_ref), ref)
+    return n_ref
+
+
+def _run(job: _Job, *, progress: bool, precision_check: int) -> tuple[float, int]:
+    """Derive (W, b) on the first batch, write every row, the reference rows and the completion mark.
+
+    Returns ``(seconds spent on the rows, reference rows)``. A failure after the file is open leaves it partial
+    and resumable.
+    """
+    autocast = autocast_context(job.precision, job.device)
+    fp32_ctx = full_precision_matmul() if job.precision == "fp32" else contextlib.nullcontext()
+    t0 = time.perf_counter()
+    writer: CacheWriter | None = None
+    try:
+        with fp32_ctx, torch.inference_mode():
+            batches, first, probe = _first_batch(job)
+            head = job.pm.verify(_to_device(probe[0], job.device, job.channels_last), job.precision, autocast)
+            layer_widths = {name: int(v.shape[1]) for name, v in job.pm.layer_features.items()}
+            job.attrs["classifier_source"] = job.pm.source
+            job.attrs["logit_check_max_rel_error"] = job.pm.max_logit_error
+            writer = _open_writer(job, int(head[0].shape[1]), layer_widths)
+            _stream(job, writer, batches, first, head, autocast, progress)
+            seconds = time.perf_counter() - t0
+            n_ref = _reference_rows(job, writer, precision_check)
+            writer.finish()
+    except OSError as exc:
+        raise InputError(f"--out {job.out}: writing failed ({str(exc).splitlines()[0] if str(exc) else exc}); free "
+                         "disk space or fix the path, then rerun with --resume") from None
+    except InputError as exc:
+        if writer is None:
+            raise
+        raise InputError(f"{exc} ({job.out} is kept, marked incomplete: --resume continues it, --overwrite starts "
+                         "again)") from None
+    finally:
+        if writer is not None:
+            writer.close()
+    return seconds, n_ref
+
+
 def extract(
     model_name: str,
     checkpoint: str | os.PathLike[str],
@@ -363,174 +577,34 @@ def extract(
             log(msg)
 
     out = Path(out)
-    if store_dtype not in STORE_DTYPES:
-        raise InputError(f"--store-dtype {store_dtype!r}: use float32 or float16")
-    if batch_size < 1:
-        raise InputError(f"--batch-size {batch_size}: must be at least 1")
-    if limit is not None and limit < 1:
-        raise InputError(f"--limit {limit}: must be at least 1")
-    if precision_check < 0:
-        raise InputError(f"--precision-check {precision_check}: must be 0 (off) or a positive number of samples")
-    if resume and overwrite:
-        raise InputError("--resume and --overwrite contradict each other; pass one of them")
+    _check_flags(store_dtype, batch_size, limit, precision_check, workers, resume, overwrite)
     state = _existing_state(out)
     _check_out(out, state, resume=resume, overwrite=overwrite)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    n_workers = available_cores() if workers is None else workers
-    if n_workers < 0:
-        raise InputError(f"--workers {workers}: must be 0 or more")
-
-    loaded: LoadedModel = load_model(model_name, checkpoint, ema=ema, img_size=img_size)
-    model = loaded.model.to(dev)
-    use_cl = channels_last
-    if use_cl:
-        model = model.to(memory_format=torch.channels_last)
-    if isinstance(data, DataSource):
-        src = data
-        cfg: dict[str, Any] = {"library": "none", "note": "images given in memory, already transformed"}
-    else:
-        cfg = transform_config(model, loaded.library, img_size=img_size, mean=mean, std=std, crop_pct=crop_pct,
-                               interpolation=interpolation)
-        src = open_dataset(data, dataset=dataset, split=split, class_map=class_map, transform=build_transform(cfg))
-    k = loaded.num_classes
-    n_data_classes = len(src.class_names) if src.class_names is not None else len(src.dataset_classes)
-    if src.class_names is not None and len(src.class_names) != k:
-        raise InputError(f"--class-map lists {len(src.class_names)} classes but the model's head has {k} outputs; "
-                         "list every model class, in model order")
-    if n_data_classes > k or int(src.labels.max()) >= k:
-        raise InputError(f"the dataset has {n_data_classes} classes but the model's head has {k} outputs; pass "
-                         "--class-map or the dataset the checkpoint was trained on")
-    class_names = src.class_names if src.class_names is not None else (
-        src.dataset_classes if len(src.dataset_classes) == k else None)
-    if src.class_names is None and len(src.dataset_classes) < k:
-        note(f"the dataset has {len(src.dataset_classes)} classes and the head {k}: labels follow the dataset's class "
-             "order 0..; pass --class-map if the model orders its classes differently")
+    loaded = load_model(model_name, checkpoint, ema=ema, img_size=img_size)
+    loaded.model = loaded.model.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    src, cfg = _open_source(data, loaded, dataset=dataset, split=split, class_map=class_map, transform=dict(
+        img_size=img_size, mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation))
+    class_names = _model_class_names(src, loaded.num_classes, note)
     n_total = len(src) if limit is None else min(limit, len(src))
-
-    attrs: dict[str, Any] = {
-        "model": model_name, "checkpoint": str(loaded.checkpoint.path.resolve()),
-        "checkpoint_sha256": loaded.checkpoint.sha256, "checkpoint_key": loaded.checkpoint.key,
-        "ema": bool(loaded.checkpoint.ema), "dataset": src.kind, "data": str(src.root.resolve()),
-        "split": src.split or "", "data_fingerprint": src.fingerprint, "precision": prec, "device": dev.type,
-        "transform": cfg, "ncaudit_version": __version__, "limit": int(limit or 0),
-    }
-    meta = loaded.checkpoint.metadata
-    if meta:
-        attrs["checkpoint_metadata"] = meta
-    epoch = meta.get("epoch", "")
-    if epoch.strip().lstrip("-").isdigit():
-        attrs["epoch"] = int(epoch)
+    attrs = _provenance(model_name, loaded, src, cfg, prec, dev, limit)
     layer_names = [n for n in (layers.split(",") if isinstance(layers, str) else (layers or ())) if n.strip()]
     pm = PenultimateModel(loaded, layer_names)
     attrs["layers"] = [name for name, _, _ in pm.layers]
-    start = 0
     resuming = bool(resume and state is not None and not state.get("_not_cache"))
-    if resuming and state is not None:
-        for key in RESUME_KEYS:
-            if not _same(state.get(key, ""), attrs[key]):
-                raise InputError(f"--resume: {out} was written with another {key} ({str(state.get(key, ''))[:60]!r}); "
-                                 "resume with the same checkpoint, data and options, or pass --overwrite")
-        if state["_rows"] != n_total or state.get("_dtype") != store_dtype:
-            raise InputError(f"--resume: {out} has {state['_rows']} rows of {state.get('_dtype')}, this run "
-                             f"{n_total} of {store_dtype}; use the same --limit and --store-dtype, or --overwrite")
-        start = int(state.get("n_written", 0))
-
-    pin = dev.type == "cuda"
-    autocast = autocast_context(prec, dev)
-    fp32_ctx = full_precision_matmul() if prec == "fp32" else contextlib.nullcontext()
-    t0 = time.perf_counter()
-    done = start
-    writer: CacheWriter | None = None
+    job = _Job(out=out, device=dev, precision=prec, workers=available_cores() if workers is None else workers,
+               batch_size=batch_size, channels_last=channels_last, pm=pm, source=src, n_total=n_total,
+               num_classes=loaded.num_classes, class_names=class_names, attrs=attrs, store_dtype=store_dtype,
+               chunk_rows=chunk_rows, state=state, resuming=resuming,
+               start=_resume_row(out, state, attrs, n_total, store_dtype) if resuming and state else 0, note=note)
     try:
-        with fp32_ctx, torch.inference_mode():
-            loader = _loader(src.dataset, range(start, n_total), batch_size, n_workers, pin)
-            batches = iter(loader)
-            try:
-                first = next(batches) if start < n_total else None
-                probe = first if first is not None else next(iter(_loader(
-                    src.dataset, range(min(batch_size, n_total)), batch_size, 0, pin)))
-            except InputError as exc:
-                raise _unwrap_worker_error(exc) from None
-            feats0, logits0 = pm.verify(_to_device(probe[0], dev, use_cl), prec, autocast)
-            p = feats0.shape[1]
-            layer_widths = {name: int(v.shape[1]) for name, v in pm.layer_features.items()}
-            attrs["classifier_source"] = pm.source
-            attrs["logit_check_max_rel_error"] = pm.max_logit_error
-
-            if resuming and start > 0:
-                writer = CacheWriter.resume(out)
-            else:
-                itemsize = 2 if store_dtype == "float16" else 4
-                row = (p + sum(layer_widths.values())) * itemsize + 8 + 4 * k
-                need = n_total * row + 8 * k * (p + 1) + (1 << 20)
-                free = shutil.disk_usage(out.resolve().parent if out.resolve().parent.exists() else Path.cwd()).free
-                if layer_widths:
-                    widths = ", ".join(f"{name} {w}" for name, w in layer_widths.items())
-                    note(f"projected cache size {need / 2**30:.2f} GiB (extra layers: {widths}); "
-                         f"{free / 2**30:.1f} GiB free")
-                if need > free:
-                    raise InputError(f"--out {out}: the cache needs about {need / 2**30:.2f} GiB but only "
-                                     f"{free / 2**30:.2f} GiB is free; free space, use --store-dtype float16 or "
-                                     "--limit")
-                weight = pm.weight.astype(np.float32)  # type: ignore[union-attr]
-                bias = None if pm.bias is None else pm.bias.astype(np.float32)
-                attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-                writer = CacheWriter(out, n_samples=n_total, n_features=p, num_classes=k, weight=weight, bias=bias,
-                                     feature_dtype=store_dtype, store_logits=True, class_names=class_names,
-                                     layers=layer_widths, attrs=attrs, chunk_rows=chunk_rows, overwrite=True)
-            sink = _AsyncWriter(writer, chunk_rows)
-            with _progress(progress, n_total, start) as bar:
-                task = bar.add_task("extract", total=n_total, completed=start)
-                try:
-                    def emit(feats: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
-                             extra: dict[str, torch.Tensor]) -> None:
-                        nonlocal done
-                        if dev.type == "cuda":
-                            f = feats.float().to("cpu", non_blocking=True)
-                            z = logits.float().to("cpu", non_blocking=True)
-                            extra = {name: v.to("cpu", non_blocking=True) for name, v in extra.items()}
-                            event = torch.cuda.Event()
-                            event.record()
-                        else:
-                            f, z, event = feats.float(), logits.float(), None
-                        sink.put((event, f, y.numpy().astype(np.int64), z, extra))
-                        done += len(y)
-                        bar.update(task, completed=done)
-
-                    if first is not None:
-                        emit(feats0, logits0, first[1], pm.layer_features)
-                        for x, y in batches:
-                            with autocast:
-                                feats, logits = pm(_to_device(x, dev, use_cl))
-                            emit(feats, logits, y, pm.layer_features)
-                except InputError as exc:
-                    raise _unwrap_worker_error(exc) from None
-                finally:
-                    sink.close()
-            seconds = time.perf_counter() - t0
-            n_ref = 0
-            if prec != "fp32" and precision_check > 0:
-                n_ref = min(precision_check, n_total)
-                if not (resuming and state is not None and state.get("_has_reference")):
-                    ref = _reference_features(pm, src, n_ref, batch_size, n_workers, dev, use_cl)
-                    writer.write_reference(np.arange(n_ref), ref)
-            writer.finish()
-    except OSError as exc:
-        raise InputError(f"--out {out}: writing failed ({str(exc).splitlines()[0] if str(exc) else exc}); free disk "
-                         "space or fix the path, then rerun with --resume") from None
-    except InputError as exc:
-        if writer is None:
-            raise
-        raise InputError(f"{exc} ({out} is kept, marked incomplete: --resume continues it, --overwrite starts "
-                         "again)") from None
+        seconds, n_ref = _run(job, progress=progress, precision_check=precision_check)
     finally:
         pm.remove()
-        if writer is not None:
-            writer.close()
-    computed = n_total - start
+    computed = n_total - job.start
     return ExtractSummary(
-        out=out, n_samples=n_total, n_features=p, num_classes=k, resumed_from=start, n_reference=n_ref,
-        precision=prec, device=dev.type, store_dtype=store_dtype, classifier_source=pm.source,
+        out=out, n_samples=n_total, n_features=pm.n_features, num_classes=job.num_classes, resumed_from=job.start,
+        n_reference=n_ref, precision=prec, device=dev.type, store_dtype=store_dtype, classifier_source=pm.source,
         max_logit_error=pm.max_logit_error, seconds=seconds,
         images_per_s=computed / seconds if seconds > 0 and computed else math.nan, warnings=tuple(notes))

@@ -44,7 +44,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ncaudit.errors import InputError
 
 
 @contextlib.contextmanager
@@ -62,19 +61,6 @@ def full_precision_matmul() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = cuda_tf32
         torch.backends.cudnn.allow_tf32 = cudnn_tf32
         torch.set_float32_matmul_precision(precision)
-
-
-def resolve_device(device: str | torch.device = "cpu") -> torch.device:
-    """``"auto"`` -> CUDA when available else CPU; ``"cuda"`` without a GPU is an input error."""
-    name = str(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown device {name!r}; use cpu, cuda or auto") from None
 
 
 def gemm_dtype_for(feature_dtype: str | torch.dtype | np.dtype) -> torch.dtype:
