@@ -7,6 +7,7 @@ JSON-able dict that goes into the cache's ``transform`` attribute.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -14,7 +15,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -131,15 +132,18 @@ def build_transform(cfg: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor
 # ---------------------------------------------------------------------------------------------------------------------
 # Datasets
 # ---------------------------------------------------------------------------------------------------------------------
-def load_image(path: str) -> Image.Image:
-    """Open and fully decode an image (so a truncated file fails here), naming the file on failure."""
+def load_image(source: str | os.PathLike[str] | BinaryIO, name: str | None = None) -> Image.Image:
+    """Open and fully decode an image from a path or a binary file object into RGB (so a truncated file fails here),
+    naming the file (``name``, else the path) on failure."""
+    label = name or str(source if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "<image>"))
     try:
-        with open(path, "rb") as fh:
+        with contextlib.ExitStack() as stack:
+            fh = stack.enter_context(open(source, "rb")) if isinstance(source, (str, os.PathLike)) else source
             img = Image.open(fh)
             img.load()
             return img.convert("RGB") if img.mode != "RGB" else img.copy()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise InputError(f"{path}: unreadable or truncated image ({str(exc).splitlines()[0] if str(exc) else exc}); "
+        raise InputError(f"{label}: unreadable or truncated image ({str(exc).splitlines()[0] if str(exc) else exc}); "
                          "fix or remove the file") from None
 
 
@@ -216,6 +220,19 @@ def _torchvision_dataset(kind: str, root: Path, split: str) -> Any:
                          f"{root / expect} (ncaudit never downloads)") from None
 
 
+def _image_folder(root: Path) -> tuple[list[str], list[str], np.ndarray]:
+    """``(classes, image paths, labels)`` of an ImageFolder root: one sub-directory per class, classes sorted."""
+    from torchvision.datasets import ImageFolder
+    try:
+        folder = ImageFolder(str(root), loader=load_image)
+    except FileNotFoundError as exc:
+        raise InputError(f"--data {root}: no images found ({str(exc).splitlines()[0]}); expect one sub-directory "
+                         "per class holding .jpg/.png/... files") from None
+    paths = [p for p, _ in folder.samples]
+    labels = np.asarray([t for _, t in folder.samples], dtype=np.int64)
+    return list(folder.classes), paths, labels
+
+
 def open_dataset(
     data: str | os.PathLike[str],
     *,
@@ -256,17 +273,9 @@ def open_dataset(
     if kind == "imagefolder":
         if split is not None and (root / split).is_dir():
             root = root / split
-        from torchvision.datasets import ImageFolder
-        try:
-            folder = ImageFolder(str(root), loader=load_image)
-        except FileNotFoundError as exc:
-            raise InputError(f"--data {root}: no images found ({str(exc).splitlines()[0]}); expect one sub-directory "
-                             "per class holding .jpg/.png/... files") from None
-        classes = list(folder.classes)
-        paths = [p for p, _ in folder.samples]
-        raw = np.asarray([t for _, t in folder.samples], dtype=np.int64)
+        classes, paths, raw = _image_folder(root)
         base: Any = None
-        for p, t in folder.samples:
+        for p, t in zip(paths, raw.tolist()):
             digest.update(f"{os.path.relpath(p, root)}\t{t}\n".encode())
     else:
         split = split or "test"
