@@ -225,6 +225,24 @@ class ClassStatistics:
         self.scatter = torch.zeros(p, p, dtype=f64, device=dev)
         self._workspace = Workspace(dev)
 
+    #: The tensors that make up the state (everything :meth:`merge` reads).
+    STATE: tuple[str, ...] = ("count", "seen", "shift", "shifted_sum", "shifted_sqnorm", "scatter")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The accumulated state as CPU tensors (to send to another process and :meth:`load_state_dict` there)."""
+        return {name: getattr(self, name).detach().cpu() for name in self.STATE}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> ClassStatistics:
+        """Replace this state by ``state`` (from :meth:`state_dict` of an accumulator of the same shape)."""
+        for name in self.STATE:
+            value = state[name].to(self.device)
+            if value.shape != getattr(self, name).shape:
+                raise ValueError(f"state {name!r} has shape {tuple(value.shape)}, expected "
+                                 f"{tuple(getattr(self, name).shape)}")
+            setattr(self, name, value.to(getattr(self, name).dtype).clone())
+        self._shift32 = self.shift.to(torch.float32)
+        return self
+
     @torch.no_grad()
     def update(self, features: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
         """Accumulate one batch: ``features`` (B, p), any float dtype; ``labels`` (B,) integers in [0, C).
@@ -557,10 +575,23 @@ class SampleDecisions:
         white = torch.linalg.vector_norm(z, dim=1).to(torch.float64).square()
         self.whitened_scatter += torch.bincount(y, weights=white, minlength=c)
 
+    #: The tensors that make up the state (all sums: merging adds them).
+    STATE: tuple[str, ...] = ("count", "correct", "ncc_correct", "disagree", "squared_error", "whitened_scatter")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The accumulated sums as CPU tensors."""
+        return {name: getattr(self, name).detach().cpu() for name in self.STATE}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> SampleDecisions:
+        """Replace the sums by ``state`` (from :meth:`state_dict` of a pass with the same means and classifier)."""
+        for name in self.STATE:
+            setattr(self, name, state[name].to(self.device, getattr(self, name).dtype).clone())
+        return self
+
     @torch.no_grad()
     def merge(self, other: SampleDecisions) -> SampleDecisions:
         """Add ``other``'s counts and sums (it must use the same means, classifier and whitener)."""
-        for name in ("count", "correct", "ncc_correct", "disagree", "squared_error", "whitened_scatter"):
+        for name in self.STATE:
             getattr(self, name).add_(getattr(other, name).to(self.device))
         return self
 

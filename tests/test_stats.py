@@ -210,3 +210,21 @@ def test_one_hot_and_index_put_paths_agree(dtype):
         tol = 1e-10 if gemm == torch.float64 else 1e-6
         assert np.abs(st.sigma_w - sw).max() < tol * np.abs(np.diag(sw)).max()
         np.testing.assert_allclose(st.variances, var, rtol=tol)
+
+
+def test_state_dict_round_trip_merges_like_the_original():
+    rng = np.random.default_rng(11)
+    h = rng.standard_normal((300, 6)) + 5.0
+    y = rng.integers(0, 4, 300)
+    a, b = ClassStatistics(4, 6), ClassStatistics(4, 6)
+    a.update(h[:120], y[:120])
+    b.update(h[120:], y[120:])
+    moved = ClassStatistics(4, 6).load_state_dict(b.state_dict())
+    one = ClassStatistics(4, 6)
+    one.update(h, y)
+    merged = a.merge(moved).compute()
+    ref = one.compute()
+    np.testing.assert_allclose(merged.sigma_w, ref.sigma_w, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(merged.means, ref.means, rtol=1e-12)
+    with pytest.raises(ValueError):
+        ClassStatistics(5, 6).load_state_dict(b.state_dict())
