@@ -20,7 +20,8 @@ import torch
 from ncaudit import __version__, metrics
 from ncaudit.errors import InputError
 from ncaudit.device import resolve_device
-from ncaudit.stats import ClassStatistics, Decisions, SampleDecisions, Statistics, gemm_dtype_for
+from ncaudit.stats import (ClassStatistics, Decisions, LeastSquaresResidual, Residual, SampleDecisions, Statistics,
+                           gemm_dtype_for)
 from ncaudit.store import CacheInfo, FeatureCache
 from ncaudit.validate import check_classifier, check_finite, check_labels, classes_to_keep
 
@@ -35,6 +36,14 @@ METRIC_KEYS: tuple[str, ...] = (
 
 #: A measured nc1 within this factor of the precision floor measures rounding, not collapse.
 FLOOR_WARNING_FACTOR = 3.0
+#: Refine W_LS on the samples when its estimated relative error (metrics.ls_error_estimate) is above this.
+REFINE_ABOVE = 1e-7
+#: Stop refining once a step changes W_LS by less than this (relative): the error left is about its square.
+CONVERGED_BELOW = 1e-5
+#: At most this many refinement steps (the first rides along in pass 2; each further one reads the cache again).
+MAX_REFINE_STEPS = 3
+#: Internal identities (closed form vs direct loss, A + B = L, per-class NC1 sum) must hold to this (relative).
+SELF_CHECK_RTOL = 1e-6
 
 
 class ProgressTracker(Protocol):
@@ -159,17 +168,20 @@ def audit(
         setup = _setup(cache, options)
         accs = _statistics_pass(cache, setup, options, device, progress)
         sel = _select(accs, setup, options)
-        m, details, basis, least_sq = _closed_form(sel.stats, sel.weight, sel.bias, options)
-        decisions, layer_decisions = _decisions_pass(cache, setup, sel, basis, options, device, progress)
+        closed = _closed_form(sel.stats, sel.weight, sel.bias, options)
+        decisions, layer_decisions, residual = _decisions_pass(cache, setup, sel, closed, options, device, progress)
+        if closed.ls is not None:
+            closed.ls = _refine(cache, setup, sel, closed, residual, options, device, progress)
         reference = cache.reference_fp32()
+    m, details = closed.metrics, closed.details
+    _least_squares_metrics(closed, sel)
     _sample_metrics(m, details, decisions, sel.stats.n_samples)
-    m["nc1_precision_floor"] = _precision_floor(reference, basis, options, details)
+    m["nc1_precision_floor"] = _precision_floor(reference, closed.basis, options, details)
     layers = {name: _layer_block(sel.layer_stats[name], sel.layer_bases[name], layer_decisions[name])
               for name in setup.layers}
-    if least_sq is not None:
-        details["w_ls_norm"] = float(np.linalg.norm(least_sq.weight))
-    details.update(_run_details(setup, sel, options, device))
+    details.update(_run_details(setup, sel, options, device, closed))
     info = setup.info
+    per_class = _per_class(sel.stats, sel.weight, decisions, sel.keep, info.class_names)
     return AuditResult(
         source={"path": str(info.path), **{k: v for k, v in info.attrs.items() if k != "layer_order"}},
         n_samples=sel.stats.n_samples,
@@ -178,9 +190,9 @@ def audit(
         class_counts=[int(v) for v in sel.stats.counts],
         metrics={k: _finite(m.get(k)) for k in METRIC_KEYS},
         details=json_safe(details),
-        per_class=_per_class(sel.stats, sel.weight, decisions, sel.keep, info.class_names),
+        per_class=per_class,
         layers=layers,
-        warnings=_warnings(m, basis, sel, info.n_features),
+        warnings=_warnings(closed, sel, info.n_features, per_class),
     )
 
 
@@ -210,8 +222,8 @@ def _statistics_pass(cache: FeatureCache, setup: _Setup, options: AuditOptions, 
     """Pass 1: one class-statistics accumulator for the final features (key None) and one per requested layer."""
     info, where = setup.info, setup.where
     widths = {None: info.n_features, **{name: info.layers[name] for name in setup.layers}}
-    accs = {name: ClassStatistics(info.num_classes, width, device=device, gemm_dtype=setup.gemm,
-                                  normalize=options.normalize) for name, width in widths.items()}
+    accs = {name: ClassStatistics(info.num_classes, width, device=device, normalize=options.normalize)
+            for name, width in widths.items()}
     with progress.task("pass 1/2: class statistics", info.n_samples) as advance:
         for start, x, y, extra in cache.iter_batches(options.batch_size, layers=setup.layers):
             h, labels = _to_tensor(x), torch.from_numpy(y)
@@ -245,27 +257,57 @@ def _select(accs: dict[str | None, ClassStatistics], setup: _Setup, options: Aud
     return _Selection(keep, dropped, full_stats.select(keep), layer_stats, layer_bases, weight, bias, remap)
 
 
-def _decisions_pass(cache: FeatureCache, setup: _Setup, sel: _Selection, basis: metrics.MeansBasis,
-                    options: AuditOptions, device: torch.device,
-                    progress: ProgressTracker) -> tuple[Decisions, dict[str, Decisions]]:
-    """Pass 2: classifier and nearest-class-mean decisions, per-class NC1 and the direct MSE (NCC per layer)."""
+def _decisions_pass(cache: FeatureCache, setup: _Setup, sel: _Selection, closed: _Closed, options: AuditOptions,
+                    device: torch.device, progress: ProgressTracker,
+                    ) -> tuple[Decisions, dict[str, Decisions], Residual | None]:
+    """Pass 2: classifier and nearest-class-mean decisions, per-class NC1 and the direct MSE (NCC per layer), and the
+    first refinement sums of W_LS when its error estimate asks for them."""
     stats = sel.stats
     common = dict(device=device, gemm_dtype=setup.gemm, normalize=options.normalize)
-    dec = SampleDecisions(stats.means, stats.global_mean, sel.weight, sel.bias, basis.whitener,
+    dec = SampleDecisions(stats.means, stats.global_mean, sel.weight, sel.bias, closed.basis.whitener,
                           anchors=stats.anchors, **common)
     layer_dec = {
         name: SampleDecisions(s.means, s.global_mean, None, None, sel.layer_bases[name].whitener,
                               anchors=s.anchors, per_class=False, **common)
         for name, s in sel.layer_stats.items()
     }
+    residual = None
+    if closed.ls is not None and closed.estimate > REFINE_ABOVE:
+        residual = LeastSquaresResidual(closed.ls.weight, stats.global_mean, stats.priors, device=device,
+                                        normalize=options.normalize)
     with progress.task("pass 2/2: decisions", setup.info.n_samples) as advance:
         for _, x, y, extra in cache.iter_batches(options.batch_size, layers=setup.layers):
             labels = sel.remap[torch.from_numpy(y)]
-            dec.update(_to_tensor(x), labels)
+            h = _to_tensor(x)
+            dec.update(h, labels)
+            if residual is not None:
+                residual.update(h, labels)
             for name in setup.layers:
                 layer_dec[name].update(_to_tensor(extra[name]), labels)
             advance(len(y))
-    return dec.compute(), {name: d.compute() for name, d in layer_dec.items()}
+    return dec.compute(), {name: d.compute() for name, d in layer_dec.items()}, \
+        None if residual is None else residual.compute()
+
+
+def _refine(cache: FeatureCache, setup: _Setup, sel: _Selection, closed: _Closed, residual: Residual | None,
+            options: AuditOptions, device: torch.device, progress: ProgressTracker) -> metrics.LeastSquares:
+    """Iterative refinement of W_LS on the samples: the step measured in pass 2, then further passes (at most
+    ``MAX_REFINE_STEPS`` in all) while the last correction is above ``CONVERGED_BELOW``."""
+    ls = closed.ls
+    assert ls is not None
+    stats = sel.stats
+    while residual is not None:
+        ls = metrics.refine(stats, ls, residual)
+        if ls.steps >= MAX_REFINE_STEPS or (ls.correction or 0.0) <= CONVERGED_BELOW:
+            break
+        acc = LeastSquaresResidual(ls.weight, stats.global_mean, stats.priors, device=device,
+                                   normalize=options.normalize)
+        with progress.task(f"refinement {ls.steps + 1}: least squares", setup.info.n_samples) as advance:
+            for _, x, y, _ in cache.iter_batches(options.batch_size):
+                acc.update(_to_tensor(x), sel.remap[torch.from_numpy(y)])
+                advance(len(y))
+        residual = acc.compute()
+    return ls
 
 
 def _sample_metrics(m: dict[str, float | None], details: dict[str, Any], decisions: Decisions, n: int) -> None:
@@ -297,7 +339,10 @@ def _precision_floor(reference: tuple[np.ndarray, np.ndarray, np.ndarray] | None
     return metrics.nc1_of_deviations(a - b, basis)
 
 
-def _warnings(m: dict[str, float | None], basis: metrics.MeansBasis, sel: _Selection, p: int) -> list[str]:
+def _warnings(closed: _Closed, sel: _Selection, p: int, per_class: list[dict[str, Any]]) -> list[str]:
+    """What the reader must know: rounding-dominated NC1, rank deficiency, dropped classes, and every internal
+    identity that does not hold to SELF_CHECK_RTOL (with its likely cause)."""
+    m, basis = closed.metrics, closed.basis
     warnings: list[str] = []
     floor, nc1 = m.get("nc1_precision_floor"), m.get("nc1")
     if floor is not None and nc1 is not None and math.isfinite(nc1) and nc1 <= FLOOR_WARNING_FACTOR * floor:
@@ -310,14 +355,56 @@ def _warnings(m: dict[str, float | None], basis: metrics.MeansBasis, sel: _Selec
     if sel.dropped:
         shown = f"{sel.dropped[:20]}{' ...' if len(sel.dropped) > 20 else ''}"
         warnings.append(f"dropped {len(sel.dropped)} empty class(es): {shown}")
+    warnings += _self_check_warnings(closed, sel, per_class)
     return warnings
 
 
-def _run_details(setup: _Setup, sel: _Selection, options: AuditOptions, device: torch.device) -> dict[str, Any]:
+def _self_check_warnings(closed: _Closed, sel: _Selection, per_class: list[dict[str, Any]]) -> list[str]:
+    """Identities the report computes two ways; a disagreement above SELF_CHECK_RTOL is a warning naming its cause."""
+    m, out = closed.metrics, []
+    check = closed.details.get("mse_check")
+    if check is not None:
+        direct, closed_form, a_plus_b = check["direct"], check["closed_form"], check["term_a_plus_b"]
+        if _rel(closed_form, direct) > SELF_CHECK_RTOL:
+            out.append(f"self-check: the MSE loss from the statistics ({closed_form:.10g}) differs from the loss "
+                       f"evaluated sample by sample ({direct:.10g}) by {_rel(closed_form, direct):.2g} (relative): "
+                       "Sigma_W or the class means do not describe the rows (float16 rounding of the cache, or "
+                       "rows that changed between the passes); mse_loss, terms A and B are uncertain to that level")
+        if _rel(a_plus_b, closed_form) > SELF_CHECK_RTOL:
+            out.append(f"self-check: term (A) + term (B) = {a_plus_b:.10g} but L(W, b) = {closed_form:.10g} "
+                       f"({_rel(a_plus_b, closed_form):.2g} relative): Sigma_T is not resolved where the "
+                       "least-squares classifier needs it (estimated error "
+                       f"{closed.estimate:.2g}); terms A and B do not add up")
+    ls = closed.ls
+    if ls is not None and ls.steps and (ls.correction or 0.0) > CONVERGED_BELOW:
+        out.append(f"self-check: the least-squares classifier changed by {ls.correction:.2g} (relative) in its last "
+                   f"refinement step ({ls.steps} steps): terms A and B, ls_distance and ls_cosine are uncertain to "
+                   "about that level (Sigma_T is nearly singular; a --ridge would stabilise it)")
+    nc1 = m.get("nc1")
+    if nc1 is not None and math.isfinite(nc1) and nc1 > 0 and per_class:
+        weighted = float(sum(p * (row["nc1"] or 0.0) for p, row in zip(sel.stats.priors, per_class)))
+        if _rel(weighted, nc1) > SELF_CHECK_RTOL:
+            out.append(f"self-check: the pi-weighted per-class NC1 ({weighted:.10g}) differs from NC1 ({nc1:.10g}) by "
+                       f"{_rel(weighted, nc1):.2g} (relative): the second pass's per-class projection lost precision "
+                       "(float16 cache or extreme collapse); per-class nc1 values are uncertain to that level")
+    return out
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), np.finfo(float).tiny)
+
+
+def _run_details(setup: _Setup, sel: _Selection, options: AuditOptions, device: torch.device,
+                 closed: _Closed) -> dict[str, Any]:
     info = setup.info
+    ls = closed.ls
     return {
         "feature_dtype": info.feature_dtype,
-        "gemm_dtype": str(setup.gemm).replace("torch.", ""),
+        "gemm_dtype": {
+            "statistics": sel.stats.gemm_dtype,
+            "decisions": str(setup.gemm).replace("torch.", ""),
+            "refinement": "float64" if ls is not None and ls.steps else None,
+        },
         "device": str(device),
         "batch_size": options.batch_size,
         "normalized": options.normalize,
@@ -343,10 +430,21 @@ def _select_layers(requested: Sequence[str] | None, available: dict[str, int], w
     return [name for name in available if name in requested]
 
 
-def _closed_form(
-    stats: Statistics, weight: np.ndarray | None, bias: np.ndarray | None, options: AuditOptions,
-) -> tuple[dict[str, float | None], dict[str, Any], metrics.MeansBasis, metrics.LeastSquares | None]:
-    """Every metric that is a closed form of the statistics (and W, b): (metrics, details, Sigma_B basis, W_LS)."""
+@dataclass
+class _Closed:
+    """The closed forms of the statistics: metrics so far, details, the Sigma_B basis, W_LS and its error estimate."""
+
+    metrics: dict[str, float | None]
+    details: dict[str, Any]
+    basis: metrics.MeansBasis
+    ls: metrics.LeastSquares | None = None
+    estimate: float = 0.0
+
+
+def _closed_form(stats: Statistics, weight: np.ndarray | None, bias: np.ndarray | None,
+                 options: AuditOptions) -> _Closed:
+    """Every metric that is a closed form of the statistics (and W, b), the least-squares classifier and an estimate
+    of its error."""
     centred = stats.centred_means
     basis = metrics.means_basis(centred)
     m: dict[str, float | None] = {
@@ -364,9 +462,10 @@ def _closed_form(
         "ridge": options.ridge,
         "rcond": options.rcond,
     }
-    ls = None
+    closed = _Closed(m, details, basis)
     if weight is not None and bias is not None:
-        ls = metrics.least_squares(stats, options.ridge, options.rcond)
+        closed.ls = metrics.least_squares(stats, options.ridge, options.rcond, basis)
+        closed.estimate = metrics.ls_error_estimate(stats, weight, bias, closed.ls)
         m.update({
             "nc2_equinorm_classifier": metrics.equinorm(weight),
             "nc2_equiangle_classifier": metrics.equiangle(weight),
@@ -374,14 +473,35 @@ def _closed_form(
             "nc2_orthogonality_classifier": metrics.orthogonality(weight),
             "nc3": metrics.nc3(weight, centred),
             "mse_loss": metrics.mse_loss(stats, weight, bias),
-            "mse_term_a": metrics.mse_loss(stats, ls.weight, ls.bias),
-            "mse_term_b": metrics.mse_term_b(stats, weight, bias, ls),
-            "ls_distance": metrics.ls_distance(weight, ls),
-            "ls_cosine": metrics.ls_cosine(weight, ls),
         })
-        details["rank_sigma_t"] = ls.rank
-        details["sigma_t_cutoff"] = ls.cutoff
-    return m, details, basis, ls
+    return closed
+
+
+def _least_squares_metrics(closed: _Closed, sel: _Selection) -> None:
+    """Terms A and B, distance and cosine to W_LS, and the least-squares details (after any refinement)."""
+    ls, stats, m, details = closed.ls, sel.stats, closed.metrics, closed.details
+    if ls is None or sel.weight is None or sel.bias is None:
+        return
+    m.update({
+        "mse_term_a": metrics.ls_loss(stats, ls),
+        "mse_term_b": metrics.mse_term_b(stats, sel.weight, sel.bias, ls),
+        "ls_distance": metrics.ls_distance(sel.weight, ls),
+        "ls_cosine": metrics.ls_cosine(sel.weight, ls),
+    })
+    details.update({
+        "rank_sigma_t": ls.rank,
+        "sigma_t_cutoff": ls.cutoff,
+        "sigma_t_lambda_max": ls.pinv.lambda_max,
+        "sigma_t_error_bound": stats.error_bound,
+        "w_ls_norm": float(np.linalg.norm(ls.weight)),
+        "least_squares": {
+            "error_estimate": closed.estimate,
+            "refine_above": REFINE_ABOVE,
+            "refinement_steps": ls.steps,
+            "last_correction": ls.correction,
+            "dominant_between_directions": int(ls.pinv.top.shape[1]),
+        },
+    })
 
 
 def _per_class(stats: Statistics, weight: np.ndarray | None, dec: Any, keep: np.ndarray,

@@ -2,12 +2,13 @@
 
 :class:`ClassStatistics` is a state accumulator in the style of a torchmetrics ``Metric``: :meth:`update` per batch,
 :meth:`merge` of two states (shards, files, processes), :meth:`compute` into a frozen :class:`Statistics`, and
-:meth:`reset`. It does no I/O and no distributed communication.
+:meth:`reset`. It does no I/O and no distributed communication. :class:`SampleDecisions` (the second pass) and
+:class:`LeastSquaresResidual` (iterative refinement of the least-squares classifier) follow the same pattern.
 
-Accumulation scheme: a per-class shift
---------------------------------------
+Accumulation scheme: a per-class shift, float64 products
+--------------------------------------------------------
 Each class c is shifted by a fixed sample of its own, s_c (the first one the accumulator sees). Per batch, one
-GEMM accumulates the shifted scatter, and per-class row sums accumulate with ``index_add``:
+symmetric rank-B update accumulates the shifted scatter, and per-class row sums accumulate alongside:
 
 .. math::
 
@@ -23,21 +24,30 @@ At the end, with d_c = u_c / n_c = mu_c - s_c, a single correction gives the cen
 
 Because s_c is a sample of class c, the shifted rows are of the size of the within-class spread, not of the
 features' common offset: nothing cancels catastrophically even when Sigma_W is 1e-10 of the class means (the
-raw-moment formula E[h h^T] - mu mu^T loses every digit there). The batch GEMM therefore may run in float32 for
-float32 / float16 features (the rows are centred), while every accumulator is float64. This costs one p x p GEMM per
-batch, like a bare streamed X^T X, whatever the class mix of the batch (caches in dataset order often hold one class
-per batch); a Chan-style per-batch merge would add a C x p x p correction per batch instead. When a batch holds few
-classes, their sums u_c come out of the same GEMM through k one-hot columns appended to the rows.
+raw-moment formula E[h h^T] - mu mu^T loses every digit there). The shifted rows are formed in float64 (exact for
+float16 / float32 features) and multiplied in float64: the least-squares classifier needs Sigma_T in *every*
+direction, and real penultimate features have spectra that decay over ten or more decades, far below what a float32
+product resolves (its error is ~1e-7 of the largest eigenvalue in every direction). On the CPU the product is a
+symmetric rank-k update (BLAS ``syrk``, half the flops of a general X^T X); ``gemm_dtype=float32`` is kept for
+comparison only and reports an error bound to match. Every accumulator is float64; the update costs one p x p
+product per batch whatever the class mix (caches in dataset order often hold one class per batch); when a batch holds
+few classes, their sums u_c come out of the same product through k one-hot columns appended to the rows.
 
 :meth:`merge` re-expresses the other state's sums around this state's shifts (exact algebra:
 S += sum_c [n_c D_c D_c^T + u_c D_c^T + D_c u_c^T] with D_c = s_c^{other} - s_c), so the result does not depend on
 how the data were split, batched or ordered beyond floating-point rounding. TF32 and reduced-precision GEMMs are
 switched off while updating, whatever the global torch setting.
+
+The rounding error of the accumulated scatter is bounded (probabilistically, Higham & Mary 2019) by
+u * sqrt(n) * tr(S) in spectral norm, with u the unit roundoff of the product and n the rows per product;
+:attr:`Statistics.error_bound` carries that bound for Sigma_W, and the pseudo-inverse of Sigma_T never keeps an
+eigenvalue below it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -64,9 +74,29 @@ def full_precision_matmul() -> Iterator[None]:
 
 
 def gemm_dtype_for(feature_dtype: str | torch.dtype | np.dtype) -> torch.dtype:
-    """The batch GEMM dtype for features of this dtype: float64 for float64 features, else float32 (centred rows)."""
+    """The dtype of the second pass's decision GEMM for features of this dtype: float64 for float64 features, else
+    float32 (rows centred on a sample of their class; close calls are decided again in float64)."""
     name = str(feature_dtype).replace("torch.", "")
     return torch.float64 if name == "float64" else torch.float32
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = eps / 2 of a floating dtype."""
+    return float(torch.finfo(dtype).eps) / 2
+
+
+def gram(a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``a^T a`` (k x k) of a contiguous (B x k) matrix, into ``out``.
+
+    On the CPU this goes through NumPy, whose BLAS computes ``A^T A`` as a symmetric rank-k update (``syrk``): half
+    the flops of a general product. On CUDA it is ``torch.mm`` with TF32 off.
+    """
+    if a.device.type == "cpu":
+        an = a.numpy()
+        np.matmul(an.T, an, out=out.numpy())
+        return out
+    with full_precision_matmul():
+        return torch.mm(a.T, a, out=out)
 
 
 class Workspace:
@@ -81,7 +111,10 @@ class Workspace:
         self._buffers: dict[str, torch.Tensor] = {}
 
     def get(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-        """A (rows, cols) buffer of ``dtype`` (contents undefined), grown when a larger batch arrives."""
+        """A (rows, cols) buffer of ``dtype`` (contents undefined), grown when a larger batch arrives.
+
+        The result is contiguous: a buffer of other width is reallocated rather than sliced.
+        """
         buf = self._buffers.get(name)
         if buf is None or buf.dtype != dtype or buf.shape[0] < rows or buf.shape[1] != cols:
             buf = torch.empty(max(rows, 1), cols, dtype=dtype, device=self.device)
@@ -109,6 +142,11 @@ class Statistics:
     anchors : ndarray of shape (C, p) or None
         One sample of each class (the accumulator's shifts): h - anchor_y is small and exact in the features' own
         precision, which lets the second pass centre rows by class without float64 arithmetic.
+    error_bound : float
+        Bound on the spectral norm of the rounding error of ``sigma_w`` (u sqrt(n) tr(S) / N, see the module notes);
+        eigenvalues of Sigma_T below it are not resolved by how the statistics were accumulated.
+    gemm_dtype : str
+        dtype of the products that accumulated the scatter (``float64``; ``float32`` only in comparisons).
     """
 
     counts: np.ndarray
@@ -117,6 +155,8 @@ class Statistics:
     sigma_w: np.ndarray
     variances: np.ndarray
     anchors: np.ndarray | None = None
+    error_bound: float = 0.0
+    gemm_dtype: str = "float64"
 
     @property
     def n_samples(self) -> int:
@@ -169,7 +209,7 @@ class Statistics:
             raise ValueError("select() may only leave out classes without samples")
         anchors = None if self.anchors is None else self.anchors[classes]
         return Statistics(self.counts[classes], self.origin, self.offsets[classes], self.sigma_w,
-                          self.variances[classes], anchors)
+                          self.variances[classes], anchors, self.error_bound, self.gemm_dtype)
 
 
 class ClassStatistics:
@@ -182,10 +222,11 @@ class ClassStatistics:
     num_features
         p.
     device
-        Where the accumulators live and the GEMMs run (``cpu``, ``cuda``); results are identical up to rounding.
+        Where the accumulators live and the products run (``cpu``, ``cuda``); results are identical up to rounding.
     gemm_dtype
-        dtype of the per-batch scatter GEMM on shifted rows: float64 (default) or float32 (fast; exact enough
-        because rows are centred). Accumulators are float64 either way.
+        dtype of the per-batch scatter product on shifted rows: float64 (default, what the least-squares classifier
+        needs) or float32 (a comparison scheme only: it resolves Sigma_W to ~1e-7 of its largest eigenvalue).
+        Accumulators are float64 either way.
     normalize
         Project every feature onto the unit sphere, h / ||h||, before accumulating (``report --normalize``).
 
@@ -193,6 +234,10 @@ class ClassStatistics:
     -----
     Memory is O(p^2 + C p), independent of the number of samples. See the module docstring for the scheme.
     """
+
+    #: The tensors that make up the state (everything :meth:`merge` reads).
+    STATE: tuple[str, ...] = ("count", "seen", "shift", "shifted_sum", "shifted_sqnorm", "scatter", "max_rows",
+                              "products")
 
     def __init__(
         self,
@@ -205,6 +250,8 @@ class ClassStatistics:
     ) -> None:
         if num_classes < 1 or num_features < 1:
             raise ValueError(f"need num_classes >= 1 and num_features >= 1, got {num_classes}, {num_features}")
+        if gemm_dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"gemm_dtype must be float64 or float32, got {gemm_dtype}")
         self.num_classes = num_classes
         self.num_features = num_features
         self.device = torch.device(device)
@@ -219,14 +266,12 @@ class ClassStatistics:
         self.count = torch.zeros(c, dtype=f64, device=dev)
         self.seen = torch.zeros(c, dtype=torch.bool, device=dev)
         self.shift = torch.zeros(c, p, dtype=f64, device=dev)
-        self._shift32 = torch.zeros(c, p, dtype=torch.float32, device=dev)  # float32 copy of the shifts, for gathers
         self.shifted_sum = torch.zeros(c, p, dtype=f64, device=dev)
         self.shifted_sqnorm = torch.zeros(c, dtype=f64, device=dev)
         self.scatter = torch.zeros(p, p, dtype=f64, device=dev)
+        self.max_rows = torch.zeros((), dtype=f64, device=dev)  # rows of the largest product (error bound)
+        self.products = torch.zeros((), dtype=f64, device=dev)  # products added into the scatter (error bound)
         self._workspace = Workspace(dev)
-
-    #: The tensors that make up the state (everything :meth:`merge` reads).
-    STATE: tuple[str, ...] = ("count", "seen", "shift", "shifted_sum", "shifted_sqnorm", "scatter")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The accumulated state as CPU tensors (to send to another process and :meth:`load_state_dict` there)."""
@@ -240,7 +285,6 @@ class ClassStatistics:
                 raise ValueError(f"state {name!r} has shape {tuple(value.shape)}, expected "
                                  f"{tuple(getattr(self, name).shape)}")
             setattr(self, name, value.to(getattr(self, name).dtype).clone())
-        self._shift32 = self.shift.to(torch.float32)
         return self
 
     @torch.no_grad()
@@ -257,52 +301,47 @@ class ClassStatistics:
             raise ValueError(f"labels must have shape ({h.shape[0]},), got {tuple(y.shape)}")
         if h.shape[0] == 0:
             return
-        h = h.to(self.device, non_blocking=True)
         y = y.to(self.device, dtype=torch.int64, non_blocking=True)
-        if h.dtype != torch.float64:
-            h = h.to(torch.float32)
-        if self.normalize:
-            h = h / torch.linalg.vector_norm(h, dim=1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
-        self._claim_shifts(h, y)
-        # Rows minus their class's shift, in the rows' own precision: exact or nearly so, since both are samples of
-        # the same class (the shifts are stored samples, so the float32 cast of a shift is exact).
         b, p, c = h.shape[0], self.num_features, self.num_classes
-        ws = self._workspace
-        shift = self.shift if h.dtype == torch.float64 else self._shift32
         batch_counts = torch.bincount(y, minlength=c)
         present = batch_counts.nonzero().squeeze(1)
         k = int(present.numel())
         # Few classes in the batch (dataset order is often sorted by class): their row sums ride along in the
-        # scatter GEMM as k one-hot columns, [X | Y]^T [X | Y], for 2k/p more flops. Many classes: index_put_.
-        # The one-hot block is padded with zero columns to a multiple of 16: BLAS is up to 40% slower on odd widths.
-        onehot = k <= self.num_features // 16
+        # scatter product as k one-hot columns, [X | Y]^T [X | Y], for 2k/p more flops. Many classes: index_put_.
+        # The width is padded with zero columns to a multiple of 16: BLAS is up to 40% slower on odd widths.
+        onehot = k <= p // 16
         width = -(-(p + k) // 16) * 16 if onehot else p
-        wide = ws.get("wide", b, -(-(p + max(16, p // 16)) // 16) * 16, self.gemm_dtype)[:, :width]
-        shifted = wide[:, :p] if h.dtype == self.gemm_dtype else ws.get("shifted", b, p, h.dtype)
-        gathered = torch.index_select(shift, 0, y, out=ws.get("gathered", b, p, h.dtype))
-        torch.sub(h, gathered, out=shifted)
-        if shifted.data_ptr() != wide.data_ptr():
-            wide[:, :p].copy_(shifted)
+        ws = self._workspace
+        wide = ws.get("wide", b, width, torch.float64)
+        x = wide[:, :p]
+        x.copy_(h.to(self.device, non_blocking=True))  # float16 / float32 -> float64 is exact
+        if self.normalize:
+            x /= torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        self._claim_shifts(x, y)
+        # Rows minus their class's shift, in float64: exact for float16 / float32 features (both are samples).
+        x -= torch.index_select(self.shift, 0, y, out=ws.get("gathered", b, p, torch.float64))
         if onehot:
             column = torch.full((c,), -1, dtype=torch.int64, device=self.device)
             column[present] = torch.arange(k, device=self.device)
             wide[:, p:].zero_()
             wide[torch.arange(b, device=self.device), p + column[y]] = 1.0
-        with full_precision_matmul():
-            gram = torch.mm(wide.T, wide, out=ws.get("gram", width, width, self.gemm_dtype))
-        gram64 = gram if gram.dtype == torch.float64 else ws.get("gram64", width, width, torch.float64).copy_(gram)
-        self.scatter += gram64[:p, :p]
+        if self.gemm_dtype == torch.float64:
+            product = gram(wide, ws.get("gram", width, width, torch.float64))
+        else:
+            low = ws.get("wide_low", b, width, self.gemm_dtype).copy_(wide)
+            product = ws.get("gram", width, width, torch.float64).copy_(
+                gram(low, ws.get("gram_low", width, width, self.gemm_dtype)))
+        self.scatter += product[:p, :p]
         self.count += batch_counts.to(torch.float64)
         if onehot:
-            self.shifted_sum[present] += gram64[p:p + k, :p]
+            self.shifted_sum[present] += product[p:p + k, :p]
         else:
-            # Per-class sums of the shifted rows in float64 (O(B p), small next to the GEMM's O(B p^2));
             # index_put_ with accumulate, not index_add_, which serialises when a batch holds one class.
-            shifted64 = shifted if shifted.dtype == torch.float64 else \
-                ws.get("shifted64", b, p, torch.float64).copy_(shifted)
-            self.shifted_sum.index_put_((y,), shifted64, accumulate=True)
-        sqnorm = torch.linalg.vector_norm(shifted, dim=1).to(torch.float64).square()  # positive terms: no cancellation
+            self.shifted_sum.index_put_((y,), x, accumulate=True)
+        sqnorm = torch.linalg.vector_norm(x, dim=1).square()  # positive terms: no cancellation
         self.shifted_sqnorm += torch.bincount(y, weights=sqnorm, minlength=c)
+        self.max_rows.clamp_(min=float(b))
+        self.products += 1.0
 
     def _claim_shifts(self, h: torch.Tensor, y: torch.Tensor) -> None:
         """Fix the shift of every class seen for the first time to its first row in this batch."""
@@ -312,8 +351,7 @@ class ClassStatistics:
         new = (first < b) & ~self.seen
         if bool(new.any()):
             classes = new.nonzero().squeeze(1)
-            self.shift[classes] = h[first[classes]].to(torch.float64)
-            self._shift32[classes] = h[first[classes]].to(torch.float32)
+            self.shift[classes] = h[first[classes]]
             self.seen |= new
 
     @torch.no_grad()
@@ -331,17 +369,27 @@ class ClassStatistics:
         # Classes this state has not seen adopt the other's shift; the rest move the other's sums onto our shift.
         adopt = o_seen & ~self.seen
         self.shift[adopt] = o_shift[adopt]
-        self._shift32[adopt] = o_shift[adopt].to(torch.float32)
         self.seen |= o_seen
         delta = torch.where(o_seen[:, None], o_shift - self.shift, torch.zeros_like(o_shift))  # D_c
         nd = o_count[:, None] * delta
-        # sum_c [(u_c + n_c D_c)(u_c + n_c D_c)^T - u_c u_c^T / n_c ... ] written out without cancellation:
         # S' = S_o + U^T D + D^T U + D^T diag(n) D
         self.scatter += other.scatter.to(self.device) + o_sum.T @ delta + delta.T @ o_sum + delta.T @ nd
         self.shifted_sqnorm += o_sq + 2 * (o_sum * delta).sum(1) + o_count * delta.square().sum(1)
         self.shifted_sum += o_sum + nd
         self.count += o_count
+        self.max_rows = torch.maximum(self.max_rows, other.max_rows.to(self.device))
+        self.products += other.products.to(self.device) + 1.0
         return self
+
+    def error_bound(self) -> float:
+        """Bound on ||computed - exact||_2 of Sigma_W: u_gemm sqrt(rows per product) tr(S)/N plus the float64
+        accumulation of the products, u_64 sqrt(products) tr(S)/N (probabilistic bounds, Higham & Mary 2019)."""
+        total = float(self.count.sum())
+        if total == 0:
+            return 0.0
+        trace = float(self.shifted_sqnorm.sum()) / total
+        return trace * (unit_roundoff(self.gemm_dtype) * math.sqrt(float(self.max_rows))
+                        + unit_roundoff(torch.float64) * (math.sqrt(float(self.products)) + 2.0))
 
     @torch.no_grad()
     def compute(self) -> Statistics:
@@ -372,6 +420,8 @@ class ClassStatistics:
             sigma_w=as_np(sigma_w),
             variances=as_np(variances),
             anchors=as_np(self.shift).copy(),
+            error_bound=self.error_bound(),
+            gemm_dtype=str(self.gemm_dtype).replace("torch.", ""),
         )
 
 
@@ -407,7 +457,9 @@ class SampleDecisions:
     """Second streaming pass: classifier and nearest-class-mean decisions, per-class NC1 and the direct MSE.
 
     The class means, the classifier and the whitener U S^-1 of Sigma_B are fixed (from the first pass). One GEMM per
-    batch scores both decision rules against the columns [mu_c - mu_G | w_c]; nothing is p x p per class.
+    batch scores both decision rules against the columns [mu_c - mu_G | w_c]; nothing is p x p per class, and nothing
+    is C x C beyond a memory budget (large C: per-label constants are formed for the labels of each batch only, and
+    batches are processed in row chunks that keep the (rows x 2C) score block within the budget).
 
     Parameters
     ----------
@@ -420,11 +472,13 @@ class SampleDecisions:
     whitener : ndarray of shape (p, r)
         U S^-1 from :func:`ncaudit.metrics.means_basis`.
     device, gemm_dtype, normalize
-        As for :class:`ClassStatistics`.
+        As for :class:`ClassStatistics` (here float32 is the default choice for float16 / float32 features).
     per_class
         Also accumulate the per-class NC1 sums (the per-class block of the report).
     anchors : ndarray of shape (C, p), optional
         A sample of each class (:attr:`Statistics.anchors`); used with float32 GEMMs on float32 / float16 features.
+    memory_budget
+        Bytes for per-label tables and score blocks (default 256 MiB).
 
     Notes
     -----
@@ -442,6 +496,9 @@ class SampleDecisions:
     float64, so every decision equals the float64 one.
     """
 
+    #: The tensors that make up the state (all sums: merging adds them).
+    STATE: tuple[str, ...] = ("count", "correct", "ncc_correct", "disagree", "squared_error", "whitened_scatter")
+
     def __init__(
         self,
         means: np.ndarray,
@@ -455,6 +512,7 @@ class SampleDecisions:
         normalize: bool = False,
         per_class: bool = True,
         anchors: np.ndarray | None = None,
+        memory_budget: int = 256 << 20,
     ) -> None:
         self.device = torch.device(device)
         self.gemm_dtype = gemm_dtype
@@ -464,10 +522,10 @@ class SampleDecisions:
         self.means = torch.as_tensor(means, **f64)
         self.global_mean = torch.as_tensor(global_mean, **f64)
         self.num_classes, self.num_features = self.means.shape
-        centred = self.means - self.global_mean
+        self._centred = self.means - self.global_mean
         self.has_classifier = weight is not None
-        cols = [centred]
-        consts = [-0.5 * centred.square().sum(1)]
+        cols = [self._centred]
+        consts = [-0.5 * self._centred.square().sum(1)]
         if weight is not None:
             w = torch.as_tensor(weight, **f64)
             b = torch.zeros(self.num_classes, **f64) if bias is None else torch.as_tensor(bias, **f64)
@@ -479,16 +537,27 @@ class SampleDecisions:
         self._col_norm = torch.linalg.vector_norm(self._rows64, dim=0)
         white = torch.as_tensor(whitener, **f64)
         self._white = white.to(gemm_dtype)
+        ncols = self._rows.shape[1]
+        # Rows per chunk: the float64 score block (rows x ncols) and its float32 twin stay within the budget.
+        self._chunk = max(16, memory_budget // (16 * max(ncols, 1)))
         self.anchored = anchors is not None and gemm_dtype == torch.float32 and not normalize
+        self._label_table: tuple[torch.Tensor, torch.Tensor | None] | None = None
         if self.anchored:
-            a = torch.as_tensor(anchors, **f64)
-            self._anchors = a.to(torch.float32)
-            self._row_const = (a - self.global_mean) @ self._rows64 + self._const  # (C, C or 2C), per label
-            # V S^-2 = M^T U S^-3 (C, r) and D = (mu - a) M (C, C): S^-1 U^T (h - mu_y) = (q - D[y]) V S^-2.
-            self._proj = ((centred @ white) * white.square().sum(0)).to(torch.float32)
-            self._mean_offsets = ((self.means - a) @ centred.T).to(torch.float32)
+            self._anchors64 = torch.as_tensor(anchors, **f64)
+            self._anchors = self._anchors64.to(torch.float32)
+            # V S^-2 = M^T U S^-3 (C, r): S^-1 U^T (h - mu_y) = (q - D[y]) V S^-2 with D = (mu - a) M (C, C).
+            self._proj = ((self._centred @ white) * white.square().sum(0)).to(torch.float32)
+            if self.num_classes * (ncols + self.num_classes) * 8 <= memory_budget:
+                self._label_table = self._label_constants(torch.arange(self.num_classes, device=self.device))
         self._workspace = Workspace(self.device)
         self.reset()
+
+    def _label_constants(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-label float64 score constants (k, ncols) and float32 mean offsets (k, C) for ``labels`` (k,)."""
+        a = self._anchors64[labels]
+        const = (a - self.global_mean) @ self._rows64 + self._const
+        offsets = ((self.means[labels] - a) @ self._centred.T).to(torch.float32) if self.per_class else None
+        return const, offsets
 
     def reset(self) -> None:
         c, dev = self.num_classes, self.device
@@ -519,34 +588,49 @@ class SampleDecisions:
 
     @torch.no_grad()
     def update(self, features: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
-        """Decide one batch: ``features`` (B, p), ``labels`` (B,) in [0, C)."""
-        h = torch.as_tensor(features).to(self.device)
-        y = torch.as_tensor(labels).to(self.device, dtype=torch.int64)
-        b, p, c = h.shape[0], self.num_features, self.num_classes
-        if b == 0:
-            return
+        """Decide one batch: ``features`` (B, p), ``labels`` (B,) in [0, C); large batches go in row chunks."""
+        h = torch.as_tensor(features)
+        y = torch.as_tensor(labels)
+        for start in range(0, h.shape[0], self._chunk):
+            self._update(h[start:start + self._chunk].to(self.device),
+                         y[start:start + self._chunk].to(self.device, dtype=torch.int64))
+
+    def _scores(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor | None, torch.Tensor | None]:
+        """``(scores (B, ncols) float64, h used for rechecks, x the GEMM input, row norms or None, raw product)``."""
+        b, p = h.shape
         ws = self._workspace
         ncols = self._rows.shape[1]
-        low = self.gemm_dtype != torch.float64
         if self.anchored and h.dtype in (torch.float32, torch.float16):
             h = h.to(torch.float32)
             x = torch.index_select(self._anchors, 0, y, out=ws.get("x", b, p, torch.float32))
-            torch.sub(h, x, out=x)  # h - a_y: within-class sized, exact for nearby values
-            with full_precision_matmul():
-                raw = torch.mm(x, self._rows, out=ws.get("raw", b, ncols, torch.float32))
-            scores = torch.index_select(self._row_const, 0, y, out=ws.get("scores", b, ncols, torch.float64))
+            torch.sub(h, x, out=x)  # h - a_y: within-class sized
+            raw = mm(x, self._rows, ws.get("raw", b, ncols, torch.float32))
+            if self._label_table is not None:
+                const = self._label_table[0]
+                rows = y
+            else:
+                present, rows = torch.unique(y, return_inverse=True)
+                const, offsets = self._label_constants(present)
+                self._batch_offsets = (rows, offsets)
+            scores = torch.index_select(const, 0, rows, out=ws.get("scores", b, ncols, torch.float64))
             scores.add_(raw)
-            row_norm = torch.linalg.vector_norm(x, dim=1)
-        else:
-            h = ws.get("h64", b, p, torch.float64).copy_(h)
-            if self.normalize:
-                h /= torch.linalg.vector_norm(h, dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-            x = torch.sub(h, self.global_mean, out=ws.get("centred", b, p, torch.float64))
-            gemm_in = ws.get("centred_low", b, p, self.gemm_dtype).copy_(x) if low else x
-            with full_precision_matmul():
-                raw = torch.mm(gemm_in, self._rows, out=ws.get("raw", b, ncols, self.gemm_dtype))
-            scores = ws.get("scores", b, ncols, torch.float64).copy_(raw).add_(self._const)
-            row_norm = torch.linalg.vector_norm(x, dim=1) if low else None
+            return scores, h, x, torch.linalg.vector_norm(x, dim=1), raw
+        low = self.gemm_dtype != torch.float64
+        h = ws.get("h64", b, p, torch.float64).copy_(h)
+        if self.normalize:
+            h /= torch.linalg.vector_norm(h, dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        x = torch.sub(h, self.global_mean, out=ws.get("centred", b, p, torch.float64))
+        gemm_in = ws.get("centred_low", b, p, self.gemm_dtype).copy_(x) if low else x
+        raw = mm(gemm_in, self._rows, ws.get("raw", b, ncols, self.gemm_dtype))
+        scores = ws.get("scores", b, ncols, torch.float64).copy_(raw).add_(self._const)
+        return scores, h, x, (torch.linalg.vector_norm(x, dim=1) if low else None), raw
+
+    def _update(self, h: torch.Tensor, y: torch.Tensor) -> None:
+        b, c = h.shape[0], self.num_classes
+        if b == 0:
+            return
+        scores, h, x, row_norm, raw = self._scores(h, y)
         ncc_pred = self._argmax(scores, h, row_norm, slice(0, c))
         self.count += torch.bincount(y, minlength=c)
         self.ncc_correct += torch.bincount(y[ncc_pred == y], minlength=c)
@@ -557,26 +641,31 @@ class SampleDecisions:
             logits = scores[:, c:]
             logits[torch.arange(b, device=self.device), y] -= 1.0
             self.squared_error += torch.linalg.vector_norm(logits).square()
-        if not self.per_class:
-            return
+        if self.per_class:
+            self._per_class(h, y, x, raw)
+
+    def _per_class(self, h: torch.Tensor, y: torch.Tensor, x: torch.Tensor, raw: torch.Tensor) -> None:
+        """Accumulate ||S^-1 U^T (h - mu_y)||^2 per class (see the class notes)."""
+        b, p, c = h.shape[0], self.num_features, self.num_classes
+        ws = self._workspace
         r = self._white.shape[1]
         if self.anchored and x.dtype == torch.float32:
-            q = torch.index_select(self._mean_offsets, 0, y, out=ws.get("q", b, c, torch.float32))
+            if self._label_table is not None:
+                rows, offsets = y, self._label_table[1]
+            else:
+                rows, offsets = self._batch_offsets
+            q = torch.index_select(offsets, 0, rows, out=ws.get("q", b, c, torch.float32))
             torch.sub(raw[:, :c], q, out=q)  # (h - mu_y)^T M as a difference of two small terms
-            with full_precision_matmul():
-                z = torch.mm(q, self._proj, out=ws.get("z", b, r, torch.float32))
+            z = mm(q, self._proj, ws.get("z", b, r, torch.float32))
         else:
             # h - mu_y in float64 keeps its relative precision however large the common offset.
             within = torch.index_select(self.means, 0, y, out=ws.get("within", b, p, torch.float64))
             torch.sub(h, within, out=within)
+            low = self.gemm_dtype != torch.float64
             w_in = ws.get("within_low", b, p, self.gemm_dtype).copy_(within) if low else within
-            with full_precision_matmul():
-                z = torch.mm(w_in, self._white, out=ws.get("z", b, r, self.gemm_dtype))
+            z = mm(w_in, self._white, ws.get("z", b, r, self.gemm_dtype))
         white = torch.linalg.vector_norm(z, dim=1).to(torch.float64).square()
         self.whitened_scatter += torch.bincount(y, weights=white, minlength=c)
-
-    #: The tensors that make up the state (all sums: merging adds them).
-    STATE: tuple[str, ...] = ("count", "correct", "ncc_correct", "disagree", "squared_error", "whitened_scatter")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The accumulated sums as CPU tensors."""
@@ -605,3 +694,114 @@ class SampleDecisions:
             squared_error=float(self.squared_error) if self.has_classifier else None,
             whitened_scatter=as_np(self.whitened_scatter),
         )
+
+
+@dataclass(frozen=True)
+class Residual:
+    """Sums over the samples for one iterative-refinement step of the least-squares classifier W_0.
+
+    Attributes
+    ----------
+    gradient : ndarray of shape (C, p)
+        (1/N) sum_i r_i (h_i - mu_G)^T with r_i = (e_{y_i} - pi) - W_0 (h_i - mu_G): Sigma_YH - W_0 Sigma_T,
+        the residual of the normal equations, evaluated on the samples.
+    loss : float
+        (1/2N) sum_i ||r_i||^2 = L(W_0, b_0), the loss of W_0 evaluated sample by sample.
+    n_samples : int
+    """
+
+    gradient: np.ndarray
+    loss: float
+    n_samples: int
+
+
+class LeastSquaresResidual:
+    """Streaming sums for iterative refinement of a least-squares classifier ``W_0`` on the samples themselves.
+
+    The closed form W_LS = Sigma_YH Sigma_T^dagger uses Sigma_T as accumulated; where Sigma_T has eigenvalues that its
+    float64 accumulation resolves only to a few digits (spectra decaying over twelve decades), one pass of these
+    sums gives the exact residual of the normal equations, and W_1 = W_0 + (Sigma_YH - W_0 Sigma_T) Sigma_T^dagger
+    is accurate to the square of W_0's relative error (semi-normal equations with refinement, Bjorck 1987).
+
+    Parameters
+    ----------
+    weight : ndarray of shape (C, p)
+        W_0.
+    global_mean : ndarray of shape (p,)
+        mu_G.
+    priors : ndarray of shape (C,)
+        pi.
+    device, normalize
+        As for :class:`ClassStatistics`.
+    """
+
+    STATE: tuple[str, ...] = ("gradient", "squared", "count")
+
+    def __init__(self, weight: np.ndarray, global_mean: np.ndarray, priors: np.ndarray, *,
+                 device: str | torch.device = "cpu", normalize: bool = False) -> None:
+        self.device = torch.device(device)
+        f64 = dict(dtype=torch.float64, device=self.device)
+        self.weight = torch.as_tensor(weight, **f64)
+        self.weight_t = self.weight.T.contiguous()
+        self.global_mean = torch.as_tensor(global_mean, **f64)
+        self.priors = torch.as_tensor(priors, **f64)
+        self.normalize = normalize
+        self._workspace = Workspace(self.device)
+        self.reset()
+
+    def reset(self) -> None:
+        c, p = self.weight.shape
+        self.gradient = torch.zeros(p, c, dtype=torch.float64, device=self.device)
+        self.squared = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.count = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
+        """Add one batch: ``features`` (B, p), ``labels`` (B,) already mapped to [0, C)."""
+        h = torch.as_tensor(features)
+        y = torch.as_tensor(labels).to(self.device, dtype=torch.int64)
+        b, (c, p) = h.shape[0], self.weight.shape
+        if b == 0:
+            return
+        ws = self._workspace
+        x = ws.get("x", b, p, torch.float64).copy_(h.to(self.device))
+        if self.normalize:
+            x /= torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        x -= self.global_mean
+        r = mm(x, self.weight_t, ws.get("r", b, c, torch.float64))
+        r.neg_().sub_(self.priors)
+        r[torch.arange(b, device=self.device), y] += 1.0  # r = (e_y - pi) - W_0 x
+        self.gradient += mm(x.T, r, ws.get("g", p, c, torch.float64))
+        self.squared += r.square().sum()
+        self.count += b
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name).detach().cpu() for name in self.STATE}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> LeastSquaresResidual:
+        for name in self.STATE:
+            setattr(self, name, state[name].to(self.device, torch.float64).clone())
+        return self
+
+    @torch.no_grad()
+    def merge(self, other: LeastSquaresResidual) -> LeastSquaresResidual:
+        for name in self.STATE:
+            getattr(self, name).add_(getattr(other, name).to(self.device))
+        return self
+
+    def compute(self) -> Residual:
+        n = float(self.count)
+        if n == 0:
+            raise ValueError("no samples were accumulated")
+        return Residual(gradient=(self.gradient.T / n).cpu().numpy(), loss=0.5 * float(self.squared) / n,
+                        n_samples=int(n))
+
+
+def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` into ``out`` without TF32: NumPy's BLAS on the CPU (faster than torch's on some CPUs, and the same
+    library as :func:`gram`), ``torch.mm`` on CUDA."""
+    if a.device.type == "cpu":
+        np.matmul(a.numpy(), b.numpy(), out=out.numpy())
+        return out
+    with full_precision_matmul():
+        return torch.mm(a, b, out=out)
