@@ -487,10 +487,12 @@ class SampleDecisions:
 
     With float32 GEMMs and ``anchors``, rows are centred on the anchor a_y of their own class instead of mu_G: the GEMM
     then multiplies within-class-sized numbers, and a float64 constant per (label, class) restores the same scores,
-    s = (h - a_y)^T [M | W] + ((a_y - mu_G)^T [M | W] + const). The per-class NC1 reuses that product: with
-    U = M V S^-1, S^-1 U^T (h - mu_y) = V^T S^-2 [(h - a_y)^T M - (mu_y - a_y)^T M], two small terms, so no float64
-    pass over the features and no extra (B x p x r) GEMM are needed. Without anchors (or with float64 features, or
-    normalised ones) rows are centred on mu_G in float64 and projected directly.
+    s = (h - a_y)^T [M | W] + ((a_y - mu_G)^T [M | W] + const). Without anchors (or with float64 features, or
+    normalised ones) rows are centred on mu_G in float64.
+
+    The per-class NC1 projects h - mu_y (float64) on the whitener U S^-1 in float64: a float32 projection, or one
+    recovered from the scores through U = M V S^-1, carries relative errors of ~u_32 p cond(M), 1e-4 and more on
+    real features.
 
     A float32-scored row whose top-two margin is within the GEMM's worst-case rounding bound is decided again in
     float64, so every decision equals the float64 one.
@@ -535,29 +537,23 @@ class SampleDecisions:
         self._const = torch.cat(consts)
         self._rows = self._rows64.to(gemm_dtype)
         self._col_norm = torch.linalg.vector_norm(self._rows64, dim=0)
-        white = torch.as_tensor(whitener, **f64)
-        self._white = white.to(gemm_dtype)
+        self._white = torch.as_tensor(whitener, **f64)
         ncols = self._rows.shape[1]
         # Rows per chunk: the float64 score block (rows x ncols) and its float32 twin stay within the budget.
         self._chunk = max(16, memory_budget // (16 * max(ncols, 1)))
         self.anchored = anchors is not None and gemm_dtype == torch.float32 and not normalize
-        self._label_table: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._label_table: torch.Tensor | None = None
         if self.anchored:
             self._anchors64 = torch.as_tensor(anchors, **f64)
             self._anchors = self._anchors64.to(torch.float32)
-            # V S^-2 = M^T U S^-3 (C, r): S^-1 U^T (h - mu_y) = (q - D[y]) V S^-2 with D = (mu - a) M (C, C).
-            self._proj = ((self._centred @ white) * white.square().sum(0)).to(torch.float32)
-            if self.num_classes * (ncols + self.num_classes) * 8 <= memory_budget:
+            if self.num_classes * ncols * 8 <= memory_budget:
                 self._label_table = self._label_constants(torch.arange(self.num_classes, device=self.device))
         self._workspace = Workspace(self.device)
         self.reset()
 
-    def _label_constants(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-label float64 score constants (k, ncols) and float32 mean offsets (k, C) for ``labels`` (k,)."""
-        a = self._anchors64[labels]
-        const = (a - self.global_mean) @ self._rows64 + self._const
-        offsets = ((self.means[labels] - a) @ self._centred.T).to(torch.float32) if self.per_class else None
-        return const, offsets
+    def _label_constants(self, labels: torch.Tensor) -> torch.Tensor:
+        """Per-label float64 score constants (a_y - mu_G)^T [M | W] + const, shape (k, ncols), for ``labels`` (k,)."""
+        return (self._anchors64[labels] - self.global_mean) @ self._rows64 + self._const
 
     def reset(self) -> None:
         c, dev = self.num_classes, self.device
@@ -595,9 +591,8 @@ class SampleDecisions:
             self._update(h[start:start + self._chunk].to(self.device),
                          y[start:start + self._chunk].to(self.device, dtype=torch.int64))
 
-    def _scores(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                 torch.Tensor | None, torch.Tensor | None]:
-        """``(scores (B, ncols) float64, h used for rechecks, x the GEMM input, row norms or None, raw product)``."""
+    def _scores(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(scores (B, ncols) float64, the rows (for rechecks and the per-class block), row norms or None)``."""
         b, p = h.shape
         ws = self._workspace
         ncols = self._rows.shape[1]
@@ -607,15 +602,13 @@ class SampleDecisions:
             torch.sub(h, x, out=x)  # h - a_y: within-class sized
             raw = mm(x, self._rows, ws.get("raw", b, ncols, torch.float32))
             if self._label_table is not None:
-                const = self._label_table[0]
-                rows = y
-            else:
+                const, rows = self._label_table, y
+            else:  # large C: constants for this batch's labels only
                 present, rows = torch.unique(y, return_inverse=True)
-                const, offsets = self._label_constants(present)
-                self._batch_offsets = (rows, offsets)
+                const = self._label_constants(present)
             scores = torch.index_select(const, 0, rows, out=ws.get("scores", b, ncols, torch.float64))
             scores.add_(raw)
-            return scores, h, x, torch.linalg.vector_norm(x, dim=1), raw
+            return scores, h, torch.linalg.vector_norm(x, dim=1)
         low = self.gemm_dtype != torch.float64
         h = ws.get("h64", b, p, torch.float64).copy_(h)
         if self.normalize:
@@ -624,13 +617,13 @@ class SampleDecisions:
         gemm_in = ws.get("centred_low", b, p, self.gemm_dtype).copy_(x) if low else x
         raw = mm(gemm_in, self._rows, ws.get("raw", b, ncols, self.gemm_dtype))
         scores = ws.get("scores", b, ncols, torch.float64).copy_(raw).add_(self._const)
-        return scores, h, x, (torch.linalg.vector_norm(x, dim=1) if low else None), raw
+        return scores, h, torch.linalg.vector_norm(x, dim=1) if low else None
 
     def _update(self, h: torch.Tensor, y: torch.Tensor) -> None:
         b, c = h.shape[0], self.num_classes
         if b == 0:
             return
-        scores, h, x, row_norm, raw = self._scores(h, y)
+        scores, h, row_norm = self._scores(h, y)
         ncc_pred = self._argmax(scores, h, row_norm, slice(0, c))
         self.count += torch.bincount(y, minlength=c)
         self.ncc_correct += torch.bincount(y[ncc_pred == y], minlength=c)
@@ -642,30 +635,16 @@ class SampleDecisions:
             logits[torch.arange(b, device=self.device), y] -= 1.0
             self.squared_error += torch.linalg.vector_norm(logits).square()
         if self.per_class:
-            self._per_class(h, y, x, raw)
+            self._per_class(h, y)
 
-    def _per_class(self, h: torch.Tensor, y: torch.Tensor, x: torch.Tensor, raw: torch.Tensor) -> None:
-        """Accumulate ||S^-1 U^T (h - mu_y)||^2 per class (see the class notes)."""
+    def _per_class(self, h: torch.Tensor, y: torch.Tensor) -> None:
+        """Accumulate ||S^-1 U^T (h - mu_y)||^2 per class, in float64 (see the class notes)."""
         b, p, c = h.shape[0], self.num_features, self.num_classes
         ws = self._workspace
-        r = self._white.shape[1]
-        if self.anchored and x.dtype == torch.float32:
-            if self._label_table is not None:
-                rows, offsets = y, self._label_table[1]
-            else:
-                rows, offsets = self._batch_offsets
-            q = torch.index_select(offsets, 0, rows, out=ws.get("q", b, c, torch.float32))
-            torch.sub(raw[:, :c], q, out=q)  # (h - mu_y)^T M as a difference of two small terms
-            z = mm(q, self._proj, ws.get("z", b, r, torch.float32))
-        else:
-            # h - mu_y in float64 keeps its relative precision however large the common offset.
-            within = torch.index_select(self.means, 0, y, out=ws.get("within", b, p, torch.float64))
-            torch.sub(h, within, out=within)
-            low = self.gemm_dtype != torch.float64
-            w_in = ws.get("within_low", b, p, self.gemm_dtype).copy_(within) if low else within
-            z = mm(w_in, self._white, ws.get("z", b, r, self.gemm_dtype))
-        white = torch.linalg.vector_norm(z, dim=1).to(torch.float64).square()
-        self.whitened_scatter += torch.bincount(y, weights=white, minlength=c)
+        within = ws.get("within", b, p, torch.float64).copy_(h)
+        within -= torch.index_select(self.means, 0, y, out=ws.get("mu_y", b, p, torch.float64))
+        z = mm(within, self._white, ws.get("z", b, self._white.shape[1], torch.float64))
+        self.whitened_scatter += torch.bincount(y, weights=torch.linalg.vector_norm(z, dim=1).square(), minlength=c)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The accumulated sums as CPU tensors."""

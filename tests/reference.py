@@ -1,7 +1,7 @@
 """An independent float64 reference of every metric, written plainly: two passes, per-class loops, numpy only.
 
-It shares no code with ncaudit. Least squares is solved on the centred samples with ``np.linalg.lstsq`` (not from the
-statistics), nearest-class-mean decisions use explicit distances, and losses are averaged sample by sample.
+It shares no code with ncaudit. Least squares is solved on the centred samples with ``np.linalg.lstsq`` (an SVD
+of the rows, never their Gram matrix, and not from the statistics), nearest-class-mean decisions use explicit distances, and losses are averaged sample by sample.
 """
 
 from __future__ import annotations
@@ -105,7 +105,9 @@ def reference_metrics(h, y, W=None, b=None, ridge=0.0, reference_rows=None):
     hc = h - mu_g
     yc = Y - Y.mean(axis=0)
     if ridge == 0:
-        w_ls = np.linalg.lstsq(hc, yc, rcond=None)[0].T
+        # The spec's cut-off: eigenvalues of Sigma_T at or below p * eps * lambda_max are dropped, i.e. singular
+        # values of the centred rows at or below sqrt(p * eps) * s_max.
+        w_ls = np.linalg.lstsq(hc, yc, rcond=np.sqrt(p * np.finfo(float).eps))[0].T
     else:
         A = np.vstack([hc, np.sqrt(ridge * n_samples) * np.eye(p)])
         B = np.vstack([yc, np.zeros((p, C))])
