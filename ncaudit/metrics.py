@@ -203,9 +203,20 @@ def quadratic_trace(a: np.ndarray, sigma: np.ndarray) -> float:
 
 
 def total_quadratic(stats: Statistics, a: np.ndarray) -> float:
-    """tr(A Sigma_T A^T) = tr(A Sigma_W A^T) + ||A M diag(pi)^{1/2}||_F^2, without forming Sigma_T (p x p)."""
-    between = (stats.centred_means @ a.T) * np.sqrt(stats.priors)[:, None]  # (C, m)
-    return quadratic_trace(a, stats.sigma_w) + float(np.sum(between * between))
+    """tr(A Sigma_T A^T) = tr(A Sigma_W A^T) + ||A M diag(pi)^{1/2}||_F^2, without forming Sigma_T (p x p), and in
+    blocks of rows of A (m, p) so that no (m, C) array exceeds the block budget."""
+    scale = np.sqrt(stats.priors)
+    between = 0.0
+    step = block_rows(stats.n_classes)
+    for start in range(0, a.shape[0], step):
+        part = (a[start:start + step] @ stats.centred_means.T) * scale
+        between += float(np.sum(part * part))
+    return quadratic_trace(a, stats.sigma_w) + between
+
+
+def block_rows(width: int, budget: int = 64 << 20) -> int:
+    """Rows of a float64 (rows, width) block that fit ``budget`` bytes (at least one)."""
+    return max(1, budget // (8 * max(width, 1)))
 
 
 def mse_loss(stats: Statistics, weight: np.ndarray, bias: np.ndarray | None = None, *,
@@ -227,10 +238,16 @@ def mse_loss(stats: Statistics, weight: np.ndarray, bias: np.ndarray | None = No
     """
     if shift is None:
         shift = weight @ stats.global_mean + (0.0 if bias is None else bias)
-    residual = stats.centred_means @ weight.T + shift - np.eye(stats.n_classes)
-    within = quadratic_trace(weight, stats.sigma_w)
-    between = float(stats.priors @ np.sum(residual**2, axis=1))
-    return 0.5 * (max(within, 0.0) + between)
+    c = stats.n_classes
+    centred, pi = stats.centred_means, stats.priors
+    between = 0.0
+    step = block_rows(c)
+    for start in range(0, c, step):  # blocks of classes: never a C x C array at large C
+        rows = slice(start, min(start + step, c))
+        residual = centred[rows] @ weight.T + shift
+        residual[np.arange(residual.shape[0]), np.arange(rows.start, rows.stop)] -= 1.0
+        between += float(pi[rows] @ np.sum(residual**2, axis=1))
+    return 0.5 * (max(quadratic_trace(weight, stats.sigma_w), 0.0) + between)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
