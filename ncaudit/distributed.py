@@ -264,6 +264,15 @@ def all_equal(values: Sequence[int]) -> bool:
     return bool(torch.equal(lo, hi))
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on some rank (e.g. one rank hit an input error: every rank then stops, none hangs)."""
+    if not is_active() or dist.get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def broadcast_ints(values: Sequence[int] | None, src: int = 0) -> list[int]:
     """Rank ``src``'s list of integers on every rank (others pass None), e.g. the shard states rank 0 scanned."""
     if not is_active() or dist.get_world_size() == 1:

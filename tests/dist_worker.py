@@ -113,6 +113,7 @@ def main(out: Path) -> None:
         results["all_equal_same"] = np.array(nd.all_equal([N, 3]))
         results["all_equal_differ"] = np.array(nd.all_equal([N, ctx.rank]))
         results["all_equal_lengths"] = np.array(nd.all_equal([1] * (ctx.rank + 1)))
+        results["any_rank"] = np.array([nd.any_rank(ctx.rank == 1), nd.any_rank(False)])
         results["broadcast"] = np.array(nd.broadcast_ints([3, 1, 4] if ctx.rank == 0 else None))
         results["rank_rows"] = np.array([nd.rank_rows(N).start, nd.rank_rows(N).stop])
         meta = {"rank": nd.rank(), "world": nd.world_size(), "is_main": nd.is_main(), "backend": ctx.backend}

@@ -91,6 +91,7 @@ def test_one_process_needs_no_group(monkeypatch):
         assert (nd.rank(), nd.world_size(), nd.is_main()) == (0, 1, True)
         nd.barrier()
         assert nd.all_equal([1, 2]) and nd.broadcast_ints([5, 6]) == [5, 6]
+        assert nd.any_rank(True) and not nd.any_rank(False)
         acc = ClassStatistics(3, 2)
         acc.update(np.ones((4, 2)), np.array([0, 1, 2, 0]))
         before = acc.state_dict()
@@ -197,7 +198,7 @@ def test_two_ranks_helpers(two_ranks):
     for r, got in enumerate(ranks):
         assert got["progress_total"] == 5 + 100 + 37 and got["progress_seen_monotonic"]
         assert got["all_equal_same"] and not got["all_equal_differ"] and not got["all_equal_lengths"]
-        assert got["broadcast"].tolist() == [3, 1, 4]
+        assert got["broadcast"].tolist() == [3, 1, 4] and got["any_rank"].tolist() == [True, False]
         assert got["mismatch_refused"]
     assert ranks[0]["own_count"] == w.N  # rank 0: the merged total
     assert ranks[1]["own_count"] == ranks[1]["local_count"] == w.N - 251  # rank 1 kept its own rows
