@@ -7,6 +7,7 @@ are imported inside the commands that need them, so ``ncaudit --help`` answers a
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn, Optional
@@ -63,12 +64,20 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """Audit trained image classifiers for Neural Collapse.
 
     Typical use: `ncaudit extract` a checkpoint over a dataset into an HDF5 cache, then `ncaudit report` it.
     """
+    if os.environ.get("WORLD_SIZE", "1") != "1" and ctx.invoked_subcommand:  # launched by torchrun
+        from ncaudit.distributed import check_launch
+
+        try:
+            check_launch(ctx.invoked_subcommand)
+        except InputError as exc:
+            fail(str(exc))
 
 
 @app.command()

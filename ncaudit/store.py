@@ -245,17 +245,25 @@ class FeatureCache:
         *,
         layers: Sequence[str] = (),
         prefetch: bool = True,
+        rows: range | None = None,
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
         """Yield ``(start, features (B, p), labels (B,), {layer: (B, p_layer)})`` over the first ``n_samples`` rows.
 
         Features keep their stored dtype. With ``prefetch`` a reader thread reads the next batch while the caller
-        computes on the current one (h5py releases no GIL while reading, torch does while computing).
+        computes on the current one (h5py releases no GIL while reading, torch does while computing). ``rows``, a
+        contiguous range within the first ``n_samples`` rows (one rank's part), streams only those; ``start`` stays
+        the row's index in the file.
         """
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
         feats, labels = self._file["features"], self._file["labels"]
         layer_ds = {name: self._file[f"layers/{name}/features"] for name in layers}
         n = self.info.n_samples
+        first = 0
+        if rows is not None:
+            if rows.step != 1 or not 0 <= rows.start <= rows.stop <= n:
+                raise ValueError(f"rows must be a contiguous range within [0, {n}), got {rows}")
+            first, n = rows.start, rows.stop
 
         def read(start: int) -> tuple[int, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
             stop = min(start + batch_size, n)
@@ -268,7 +276,7 @@ class FeatureCache:
                                  "its shard files is missing or damaged") from None
             return start, x, y, extra
 
-        starts = range(0, n, batch_size)
+        starts = range(first, n, batch_size)
         if not prefetch or len(starts) <= 1:
             for start in starts:
                 yield read(start)
@@ -525,12 +533,15 @@ def write_cache(
     return Path(path)
 
 
-def join_shards(path: str | os.PathLike[str], shards: Sequence[str | os.PathLike[str]]) -> Path:
+def join_shards(path: str | os.PathLike[str], shards: Sequence[str | os.PathLike[str]], *,
+                allow_partial: bool = False) -> Path:
     """Join complete shard caches (one per rank) into one cache whose ``/features``, ``/labels`` (and ``/logits``
     and layer features, when every shard has them) are HDF5 virtual datasets over the shards.
 
     Shard paths are stored relative to the joined file's directory when they lie beside or below it, so the set of
-    files can be moved together. The classifier, class names and provenance are copied from the first shard.
+    files can be moved together. The classifier, class names and provenance are copied from the first shard. With
+    ``allow_partial``, an incomplete shard contributes its first ``n_written`` rows (the pieces of an interrupted and
+    resumed distributed extraction, :mod:`ncaudit.shards`).
     """
     out = Path(path)
     shard_paths = [Path(s) for s in shards]
@@ -538,7 +549,7 @@ def join_shards(path: str | os.PathLike[str], shards: Sequence[str | os.PathLike
         raise InputError("no shard files to join")
     infos = []
     for s in shard_paths:
-        with FeatureCache(s) as cache:
+        with FeatureCache(s, allow_partial=allow_partial) as cache:
             infos.append(cache.info)
     p, c = infos[0].n_features, infos[0].num_classes
     for info in infos:

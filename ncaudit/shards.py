@@ -1,0 +1,260 @@
+"""Shard planning for a distributed (or resumed) extraction: which rows each rank writes, into which file.
+
+A multi-rank ``extract`` writes its rows into shard files beside ``--out``, named by the rows they were created for:
+``<stem>.rows-<start>-<stop>.h5`` holds rows [start, stop) of the dataset, written in order from ``start``; its
+``n_written`` attribute says how far it got. Naming shards by rows rather than by rank lets an interrupted run resume
+with any number of ranks, losing and duplicating nothing:
+
+* every existing shard keeps what it has written, rows [start, start + n_written), and is never written again;
+* the rows that no shard covers are split into ``world`` contiguous, balanced parts (in row order), and each rank
+  writes its part into new shard files, one per gap it touches, so a file is only ever appended by the one rank
+  that created it;
+* shards with nothing written cover nothing: they are stale (removed, or overwritten by a new shard of that name).
+
+Once every row is covered, :func:`join_pieces` lists the pieces in row order for :func:`ncaudit.store.join_shards`
+(``allow_partial=True``: a kept partial shard contributes its first ``n_written`` rows).
+
+Everything here is pure except :func:`scan_shards`, which reads the row counts of the shard files on disk.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+
+from ncaudit.errors import InputError
+
+_DIGITS = 12
+
+
+def split_rows(n_rows: int, world: int) -> list[range]:
+    """``world`` contiguous ranges covering [0, n_rows) in order, sizes differing by at most one (larger first).
+
+    Never pads or repeats a row (unlike ``DistributedSampler``): every row belongs to exactly one part.
+    """
+    if world < 1:
+        raise ValueError(f"world size must be at least 1, got {world}")
+    if n_rows < 0:
+        raise ValueError(f"n_rows must be non-negative, got {n_rows}")
+    base, extra = divmod(n_rows, world)
+    bounds = [r * base + min(r, extra) for r in range(world + 1)]
+    return [range(bounds[r], bounds[r + 1]) for r in range(world)]
+
+
+def shard_path(out: str | os.PathLike[str], start: int, stop: int) -> Path:
+    """The shard file beside ``out`` for rows [start, stop): ``<stem>.rows-<start>-<stop>.h5`` (zero-padded)."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.rows-{start:0{_DIGITS}d}-{stop:0{_DIGITS}d}.h5")
+
+
+def parse_shard_path(out: str | os.PathLike[str], path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """``(start, stop)`` when ``path`` is a shard file name of ``out``, else None."""
+    stem = re.escape(Path(out).stem)
+    match = re.fullmatch(rf"{stem}\.rows-(\d+)-(\d+)\.h5", Path(path).name)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2))
+
+
+@dataclass(frozen=True)
+class ShardState:
+    """An existing shard file: created for rows [start, stop), of which the first ``n_written`` are on disk."""
+
+    start: int
+    stop: int
+    n_written: int
+    path: Path | None = None
+
+    @property
+    def covered(self) -> range:
+        """The dataset rows this shard holds: [start, start + n_written)."""
+        return range(self.start, self.start + self.n_written)
+
+    @property
+    def complete(self) -> bool:
+        return self.n_written == self.stop - self.start
+
+    def _where(self) -> str:
+        return str(self.path) if self.path is not None else f"shard rows {self.start}-{self.stop}"
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """A shard to create and fill, rows [start, stop), by one rank."""
+
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> range:
+        return range(self.start, self.stop)
+
+    def path(self, out: str | os.PathLike[str]) -> Path:
+        return shard_path(out, self.start, self.stop)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """What a run with ``world`` ranks does to finish ``n_rows`` rows.
+
+    Attributes
+    ----------
+    kept : shards whose written rows are kept as they are (never written again), in row order.
+    assignments : per rank, the new shards it creates and fills, in row order (empty when nothing is left for it).
+    stale : existing shards with nothing written; remove them before writing (a new shard may reuse the name).
+    """
+
+    n_rows: int
+    world: int
+    kept: tuple[ShardState, ...]
+    assignments: tuple[tuple[ShardSpec, ...], ...]
+    stale: tuple[ShardState, ...]
+
+    def rows_of(self, rank: int) -> list[range]:
+        """The rows rank ``rank`` computes, one range per shard it writes."""
+        return [spec.rows for spec in self.assignments[rank]]
+
+    @property
+    def n_todo(self) -> int:
+        """Rows left to compute, over all ranks."""
+        return sum(spec.stop - spec.start for specs in self.assignments for spec in specs)
+
+    @property
+    def n_done(self) -> int:
+        """Rows already on disk (in kept shards)."""
+        return sum(state.n_written for state in self.kept)
+
+
+def _checked(n_rows: int, existing: Iterable[ShardState]) -> list[ShardState]:
+    """The shards with rows written, in row order, after checking they fit [0, n_rows) and do not overlap."""
+    states = list(existing)
+    for s in states:
+        if not (0 <= s.start < s.stop and 0 <= s.n_written <= s.stop - s.start):
+            raise InputError(f"{s._where()}: inconsistent shard (rows {s.start}-{s.stop}, {s.n_written} written); "
+                             "remove it or start again with --overwrite")
+        if s.stop > n_rows:
+            raise InputError(f"{s._where()}: the shard reaches row {s.stop} but this run has {n_rows} rows; resume "
+                             "with the same data and --limit, or start again with --overwrite")
+    written = sorted((s for s in states if s.n_written > 0), key=lambda s: s.start)
+    for a, b in itertools.pairwise(written):
+        if b.start < a.start + a.n_written:
+            raise InputError(f"{a._where()} and {b._where()} both hold rows from {b.start}: shards of different runs "
+                             "are mixed; remove the stray one or start again with --overwrite")
+    return written
+
+
+def _gaps(n_rows: int, written: Sequence[ShardState]) -> list[range]:
+    """The rows of [0, n_rows) that no written shard covers, as ranges in order."""
+    gaps, pos = [], 0
+    for s in written:
+        if s.start > pos:
+            gaps.append(range(pos, s.start))
+        pos = max(pos, s.start + s.n_written)
+    if pos < n_rows:
+        gaps.append(range(pos, n_rows))
+    return gaps
+
+
+def _pieces(gaps: Sequence[range], first: int, last: int) -> tuple[ShardSpec, ...]:
+    """The rows at positions [first, last) of the concatenated gaps, as one spec per gap touched."""
+    specs, offset = [], 0
+    for gap in gaps:
+        lo, hi = max(first - offset, 0), min(last - offset, len(gap))
+        if lo < hi:
+            specs.append(ShardSpec(gap.start + lo, gap.start + hi))
+        offset += len(gap)
+    return tuple(specs)
+
+
+def plan(n_rows: int, world: int, existing: Iterable[ShardState] = ()) -> ShardPlan:
+    """Assign the rows of [0, n_rows) that no existing shard holds to ``world`` ranks.
+
+    Parameters
+    ----------
+    n_rows
+        Rows of the dataset (after ``--limit``).
+    world
+        Ranks of this run.
+    existing
+        Shards already on disk (:func:`scan_shards`), possibly from runs with other world sizes.
+
+    Returns
+    -------
+    ShardPlan
+        Existing shards keep their first ``n_written`` rows; the uncovered rows, in order, are split into ``world``
+        contiguous parts of balanced size; rank r's part becomes one new shard per gap it touches. A new shard never
+        has the name of a kept one (it starts on a row that no kept shard holds, and names carry the start row).
+
+    Raises
+    ------
+    InputError
+        A shard outside [0, n_rows), inconsistent, or overlapping another (shards of different runs mixed).
+    """
+    if world < 1:
+        raise ValueError(f"world size must be at least 1, got {world}")
+    states = list(existing)
+    written = _checked(n_rows, states)
+    gaps = _gaps(n_rows, written)
+    parts = split_rows(sum(len(g) for g in gaps), world)
+    assignments = tuple(_pieces(gaps, part.start, part.stop) for part in parts)
+    stale = tuple(sorted((s for s in states if s.n_written == 0), key=lambda s: (s.start, s.stop)))
+    return ShardPlan(n_rows, world, tuple(written), assignments, stale)
+
+
+def join_pieces(n_rows: int, states: Iterable[ShardState]) -> list[ShardState]:
+    """The shards to join, in row order, once their written rows cover [0, n_rows) exactly once.
+
+    Shards with nothing written are left out. Pass ``[s.path for s in pieces]`` to
+    :func:`ncaudit.store.join_shards` with ``allow_partial=True``.
+
+    Raises
+    ------
+    InputError
+        Some rows are held by no shard (a rank did not finish: rerun with ``--resume``), or by two.
+    """
+    written = _checked(n_rows, states)
+    gaps = _gaps(n_rows, written)
+    if gaps:
+        missing = sum(len(g) for g in gaps)
+        raise InputError(f"{missing} of {n_rows} rows are in no shard (first missing: rows {gaps[0].start}-"
+                         f"{gaps[0].stop}); a rank did not finish: rerun extract with --resume")
+    return written
+
+
+def scan_shards(out: str | os.PathLike[str]) -> list[ShardState]:
+    """The shard files of ``out`` on disk (beside it), with the rows each has written, in row order.
+
+    Raises
+    ------
+    InputError
+        A shard file that cannot be read, or whose size disagrees with its name.
+    """
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    states = []
+    if not parent.is_dir():
+        return states
+    for entry in parent.iterdir():
+        rows = parse_shard_path(out, entry)
+        if rows is None:
+            continue
+        start, stop = rows
+        try:
+            with h5py.File(entry, "r", locking=False) as f:
+                n_file = int(f["features"].shape[0]) if "features" in f else -1
+                complete = bool(f.attrs.get("complete", False))
+                n_written = n_file if complete else int(f.attrs.get("n_written", 0))
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            raise InputError(f"{entry}: unreadable shard file ({str(exc).splitlines()[0] if str(exc) else exc}); "
+                             "remove it to recompute its rows") from None
+        if n_file != stop - start or not 0 <= n_written <= n_file:
+            raise InputError(f"{entry}: the shard holds {n_file} rows ({n_written} written) but its name says "
+                             f"{stop - start}; remove it to recompute its rows")
+        states.append(ShardState(start, stop, n_written, entry))
+    return sorted(states, key=lambda s: (s.start, s.stop))

@@ -1,0 +1,204 @@
+"""ncaudit.distributed: launch detection, one-process fallbacks, and 2 CPU ranks on gloo merging exactly.
+
+The 2-rank checks run ``tests/dist_worker.py`` once under ``python -m torch.distributed.run --standalone
+--nproc_per_node=2`` (a free port, one process per rank) and compare every rank's merged result with one process
+accumulating the same rows in the same order. They skip, saying why, when the gloo group cannot start here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dist_worker as w
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ncaudit import distributed as nd
+from ncaudit import metrics
+from ncaudit.cli import app
+from ncaudit.errors import InputError
+from ncaudit.stats import ClassStatistics
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "node0",
+            "MASTER_PORT": "29500"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Launch environment and one-process behaviour (in this process)
+# ---------------------------------------------------------------------------------------------------------------------
+def test_launch_env_reads_torchrun_variables():
+    assert nd.launch_env({}) == nd.Launch()
+    launch = nd.launch_env(TORCHRUN)
+    assert launch == nd.Launch(1, 4, 1, 2, "node0", 29500) and launch.distributed
+    assert nd.launch_env({"RANK": "0", "WORLD_SIZE": "1"}) == nd.Launch()
+
+
+@pytest.mark.parametrize("env, message", [
+    ({**TORCHRUN, "RANK": "4"}, "0 <= RANK < WORLD_SIZE"),
+    ({**TORCHRUN, "WORLD_SIZE": "two"}, "not an integer"),
+    ({k: v for k, v in TORCHRUN.items() if k != "RANK"}, "RANK is not set"),
+    ({k: v for k, v in TORCHRUN.items() if k != "LOCAL_RANK"}, "LOCAL_RANK is not set"),
+    ({k: v for k, v in TORCHRUN.items() if k != "MASTER_PORT"}, "MASTER_ADDR / MASTER_PORT"),
+    ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "8"}, "without torchrun"),
+])
+def test_launch_env_refuses_inconsistent_launches(env, message):
+    with pytest.raises(InputError, match=message):
+        nd.launch_env(env)
+
+
+def test_commands_not_wired_refuse_several_ranks(monkeypatch):
+    nd.check_launch("report", {})
+    with pytest.raises(InputError, match="runs as one process"):
+        nd.check_launch("report", TORCHRUN)
+    monkeypatch.setattr(nd, "WIRED_COMMANDS", frozenset({"report"}))
+    nd.check_launch("report", TORCHRUN)
+    with pytest.raises(InputError):
+        nd.check_launch("extract", TORCHRUN)
+
+
+def test_cli_refuses_an_unwired_command_under_torchrun(tmp_path):
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "x.h5")], env=TORCHRUN)
+    assert result.exit_code == 2
+    assert "runs as one process" in result.output
+
+
+def test_devices(monkeypatch):
+    assert nd.local_device("cpu") == torch.device("cpu")
+    assert nd.backend_for(torch.device("cpu")) == "gloo"
+    if not torch.cuda.is_available():
+        assert nd.local_device("auto", nd.Launch(1, 2, 1)) == torch.device("cpu")
+        with pytest.raises(InputError, match="no CUDA device"):
+            nd.local_device("cuda")
+    else:
+        assert nd.local_device("auto", nd.Launch(0, 1, 0)) == torch.device("cuda:0")
+        with pytest.raises(InputError, match="processes per node"):
+            nd.local_device("cuda", nd.Launch(0, 2, torch.cuda.device_count()))
+
+
+def test_one_process_needs_no_group(monkeypatch):
+    for key in TORCHRUN:
+        monkeypatch.delenv(key, raising=False)
+    with nd.process_group("cpu") as ctx:
+        assert (ctx.rank, ctx.world_size, ctx.backend, ctx.is_main, ctx.distributed) == (0, 1, None, True, False)
+        assert ctx.rows(10) == range(10)
+        assert (nd.rank(), nd.world_size(), nd.is_main()) == (0, 1, True)
+        nd.barrier()
+        assert nd.all_equal([1, 2]) and nd.broadcast_ints([5, 6]) == [5, 6]
+        assert nd.any_rank(True) and not nd.any_rank(False)
+        acc = ClassStatistics(3, 2)
+        acc.update(np.ones((4, 2)), np.array([0, 1, 2, 0]))
+        before = acc.state_dict()
+        assert nd.merge_states(acc) is acc
+        assert all(torch.equal(before[k], v) for k, v in acc.state_dict().items())
+        seen = []
+        with nd.GlobalProgress(initial=3, on_update=seen.append) as progress:
+            progress.advance(4)
+            progress.advance(5)
+        assert progress.total == 12 and seen == [7, 12] and progress.local == 9
+
+
+def test_rank_rows_are_contiguous_and_never_padded():
+    parts = [nd.rank_rows(10, r, 4) for r in range(4)]
+    assert parts == [range(3), range(3, 6), range(6, 8), range(8, 10)]
+    assert nd.rank_rows(3, 3, 4) == range(3, 3)  # more ranks than rows: empty slices, no duplicates
+
+
+def test_spawn_is_an_independent_empty_twin():
+    rng = np.random.default_rng(0)
+    acc = ClassStatistics(3, 4, normalize=True)
+    acc.update(rng.standard_normal((10, 4)), rng.integers(0, 3, 10))
+    before = {k: v.clone() for k, v in acc.state_dict().items()}
+    twin = nd.spawn(acc)
+    assert (twin.num_classes, twin.num_features, twin.normalize) == (3, 4, True)
+    assert float(twin.count.sum()) == 0.0
+    twin.update(rng.standard_normal((5, 4)), rng.integers(0, 3, 5))
+    assert all(torch.equal(before[k], v) for k, v in acc.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Two ranks on gloo
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Run tests/dist_worker.py on 2 CPU ranks once; the per-rank results (skip when gloo cannot start here)."""
+    out = tmp_path_factory.mktemp("dist")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH",
+                                                                                                       "")]),
+           "OMP_NUM_THREADS": "1"}
+    for key in TORCHRUN:
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           str(ROOT / "tests" / "dist_worker.py"), str(out)]
+    try:
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the 2-rank run did not finish in 300 s")
+    log = (run.stdout + run.stderr).strip()
+    if not all((out / f"started.{r}").exists() for r in (0, 1)):
+        last = log.splitlines()[-3:] if log else ["no output"]
+        pytest.skip("the gloo process group could not start in this environment: " + " | ".join(last))
+    assert run.returncode == 0, log[-4000:]
+    ranks = [dict(np.load(out / f"rank{r}.npz")) for r in (0, 1)]
+    metas = [json.loads((out / f"meta{r}.json").read_text()) for r in (0, 1)]
+    return ranks, metas
+
+
+def one_process(kind: str) -> dict[str, np.ndarray]:
+    """The same rows accumulated by one process, in the same order and batches."""
+    h, y = w.dataset(kind)
+    rows = range(len(y))
+    stats = w.accumulate(h, y, rows).compute()
+    geo = metrics.pair_geometry(stats.centred_means, variances=stats.variances)
+    return w.summary(stats, w.decide(stats, h, y, rows), geo)
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(np.asarray(a, float) - b)) / max(np.max(np.abs(b)), np.finfo(float).tiny))
+
+
+@pytest.mark.parametrize("kind, tol", [("f64_sorted", 1e-10), ("f64_shuffled", 1e-10), ("f32_shuffled", 1e-7)])
+def test_two_ranks_merge_to_the_one_process_statistics(two_ranks, kind, tol):
+    ranks, _ = two_ranks
+    ref = one_process(kind)
+    for r, got in enumerate(ranks):
+        np.testing.assert_array_equal(got[f"{kind}/counts"], ref["counts"])
+        for key in ("means", "centred_means", "sigma_w", "variances"):
+            assert rel(got[f"{kind}/{key}"], ref[key]) <= tol, (r, key, rel(got[f"{kind}/{key}"], ref[key]))
+        for key in ("cdnv", "equiangle", "maxangle", "orthogonality"):
+            i = ("cdnv", "equiangle", "maxangle", "orthogonality").index(key)
+            assert rel(got[f"{kind}/pairs"][i], ref["pairs"][i]) <= tol, (r, key)
+    for key in ("means", "sigma_w", "variances"):  # rank 0 broadcast the merged state: both ranks hold the same bits
+        np.testing.assert_array_equal(ranks[0][f"{kind}/{key}"], ranks[1][f"{kind}/{key}"])
+
+
+@pytest.mark.parametrize("kind, tol", [("f64_sorted", 1e-10), ("f64_shuffled", 1e-10), ("f32_shuffled", 1e-7)])
+def test_two_ranks_merge_to_the_one_process_decisions(two_ranks, kind, tol):
+    ranks, _ = two_ranks
+    ref = one_process(kind)
+    got = ranks[0]  # everywhere=False: the total is on rank 0
+    for key in ("dec_counts", "correct", "ncc_correct", "disagree"):
+        np.testing.assert_array_equal(got[f"{kind}/{key}"], ref[key])
+    assert rel(got[f"{kind}/squared_error"], ref["squared_error"]) <= tol
+    assert rel(got[f"{kind}/whitened_scatter"], ref["whitened_scatter"]) <= tol
+    assert int(ref["dec_counts"].sum()) == w.N and int(ranks[1][f"{kind}/dec_counts"].sum()) < w.N
+
+
+def test_two_ranks_helpers(two_ranks):
+    ranks, metas = two_ranks
+    assert [m["rank"] for m in metas] == [0, 1] and {m["world"] for m in metas} == {2}
+    assert [m["is_main"] for m in metas] == [True, False] and {m["backend"] for m in metas} == {"gloo"}
+    assert ranks[0]["rank_rows"].tolist() == [0, 251] and ranks[1]["rank_rows"].tolist() == [251, 501]
+    for r, got in enumerate(ranks):
+        assert got["progress_total"] == 5 + 100 + 37 and got["progress_seen_monotonic"]
+        assert got["all_equal_same"] and not got["all_equal_differ"] and not got["all_equal_lengths"]
+        assert got["broadcast"].tolist() == [3, 1, 4] and got["any_rank"].tolist() == [True, False]
+        assert got["mismatch_refused"]
+    assert ranks[0]["own_count"] == w.N  # rank 0: the merged total
+    assert ranks[1]["own_count"] == ranks[1]["local_count"] == w.N - 251  # rank 1 kept its own rows
