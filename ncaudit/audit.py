@@ -447,12 +447,13 @@ def _closed_form(stats: Statistics, weight: np.ndarray | None, bias: np.ndarray 
     of its error."""
     centred = stats.centred_means
     basis = metrics.means_basis(centred)
+    pairs = metrics.pair_geometry(centred, variances=stats.variances)  # one blocked pass per set of vectors
     m: dict[str, float | None] = {
         "nc1": metrics.nc1(stats.sigma_w, basis),
-        "cdnv": metrics.cdnv(stats.variances, stats.means),
+        "cdnv": pairs.cdnv,
         "nc2_equinorm_means": metrics.equinorm(centred),
-        "nc2_equiangle_means": metrics.equiangle(centred),
-        "nc2_maxangle_means": metrics.maxangle(centred),
+        "nc2_equiangle_means": pairs.equiangle,
+        "nc2_maxangle_means": pairs.maxangle,
         "nc2_orthogonality_means": metrics.orthogonality(stats.means),
     }
     details: dict[str, Any] = {
@@ -464,15 +465,18 @@ def _closed_form(stats: Statistics, weight: np.ndarray | None, bias: np.ndarray 
     }
     closed = _Closed(m, details, basis)
     if weight is not None and bias is not None:
-        closed.ls = metrics.least_squares(stats, options.ridge, options.rcond, basis)
-        closed.estimate = metrics.ls_error_estimate(stats, weight, bias, closed.ls)
+        closed.ls = ls = metrics.least_squares(stats, options.ridge, options.rcond, basis)
+        loss = metrics.mse_loss(stats, weight, bias)
+        closed.estimate = metrics.ls_error_estimate(stats, weight, ls, metrics.ls_loss(stats, ls),
+                                                    metrics.mse_term_b(stats, weight, bias, ls, loss=loss))
+        rows = metrics.pair_geometry(weight)
         m.update({
             "nc2_equinorm_classifier": metrics.equinorm(weight),
-            "nc2_equiangle_classifier": metrics.equiangle(weight),
-            "nc2_maxangle_classifier": metrics.maxangle(weight),
-            "nc2_orthogonality_classifier": metrics.orthogonality(weight),
+            "nc2_equiangle_classifier": rows.equiangle,
+            "nc2_maxangle_classifier": rows.maxangle,
+            "nc2_orthogonality_classifier": rows.orthogonality,
             "nc3": metrics.nc3(weight, centred),
-            "mse_loss": metrics.mse_loss(stats, weight, bias),
+            "mse_loss": loss,
         })
     return closed
 
@@ -484,7 +488,7 @@ def _least_squares_metrics(closed: _Closed, sel: _Selection) -> None:
         return
     m.update({
         "mse_term_a": metrics.ls_loss(stats, ls),
-        "mse_term_b": metrics.mse_term_b(stats, sel.weight, sel.bias, ls),
+        "mse_term_b": metrics.mse_term_b(stats, sel.weight, sel.bias, ls, loss=m["mse_loss"]),
         "ls_distance": metrics.ls_distance(sel.weight, ls),
         "ls_cosine": metrics.ls_cosine(sel.weight, ls),
     })

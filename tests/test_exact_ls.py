@@ -164,7 +164,7 @@ def test_error_estimate_tracks_the_actual_error():
     acc.update(h, y)
     stats = acc.compute()
     ls = metrics.least_squares(stats)
-    estimate = metrics.ls_error_estimate(stats, w, b, ls)
+    estimate = metrics.ls_error_estimate(stats, w, ls, metrics.ls_loss(stats, ls), metrics.mse_term_b(stats, w, b, ls))
     ref = reference_metrics(h.astype(np.float64), y, w, b)
     actual = abs(np.linalg.norm(ls.weight) - np.linalg.norm(ref["w_ls"])) / np.linalg.norm(ref["w_ls"])
     assert actual < 10 * estimate
