@@ -1,215 +1,323 @@
-"""Benchmark: ncaudit's one-pass class statistics vs a bare streamed X^T X (torch, float32), plus the report passes.
+"""Benchmark: the whole ``ncaudit report`` against a bare X^T X, per pass, and the candidate schemes for Sigma_T.
 
 Usage::
 
-    python bench/stats.py                      # the two shapes of the issue, in memory and on disk
-    python bench/stats.py --shapes 100000,512,100 --repeat 3
-    python bench/stats.py --device cuda
+    python bench/stats.py                          # both shapes of the issues, 3 runs of every contender
+    python bench/stats.py --shapes 100000,512,100 --repeat 1
+    python bench/stats.py --exactness              # least-squares error of each scheme on real and planted features
+    python bench/stats.py --json                   # also print every figure as JSON on stdout
 
-For each (N, p, C) it times, on the same data:
+For each (N, p, C) a float32 cache in class order with a classifier is written once (``bench/scale.py``'s generator,
+under ``--dir``), then every contender runs as a **fresh process** on that same file: wall time from the parent,
+peak RSS from ``/usr/bin/time -f %M`` of that process alone (``ru_maxrss`` of children would carry the parent's peak
+across fork/exec). Contenders:
 
-* ``xtx``    bare streamed X^T X in float32 (batches of ``--batch`` rows, accumulated in float64);
-* ``stats``  ClassStatistics.update over the same batches (float32 GEMM on class-shifted rows, float64 state);
-* ``disk``   both again, reading the batches from an HDF5 cache (FeatureCache.iter_batches vs plain h5py slices);
-* ``pass2``  SampleDecisions (classifier + nearest-class-mean decisions, per-class NC1) over the same batches;
-* peak RSS of a fresh process auditing the on-disk cache at N/4 and N rows (memory must not grow with N);
-* ``report`` / ``report_4_layers``: the whole audit (both passes) of an on-disk cache, without and with four extra
-  layers of width p under ``/layers`` (``--layers-n`` rows): the per-layer block should cost at most 4x one layer.
+* ``read``    reading ``/features`` once in batches (h5py), nothing else;
+* ``xtx32``   read + a bare streamed X^T X, ``torch.mm`` in float32 accumulated in float64 (the yardstick of the
+  issues);
+* ``xtx64``   the same in float64 (``torch.mm``): the yardstick when exact least squares needs float64 products;
+* ``syrk64``  the same in float64 through NumPy's ``A.T @ A`` (BLAS syrk: half the flops) -- what ncaudit's first
+  pass does;
+* ``report``  ``python -m ncaudit report FILE --json``, import included.
+
+The ``report`` process also records the seconds of each pass (statistics, decisions, refinement) through the
+progress hook; "closed forms" is the rest of the audit (metrics, least squares, error estimate). The candidate
+schemes for the scatter and for the pseudo-inverse of Sigma_T are timed in-process on the same data:
+
+* scatter: float32 products (the former scheme: fast, but Sigma_W only to ~1e-7 of its largest eigenvalue),
+  float64 ``torch.mm``, float64 syrk (chosen);
+* pseudo-inverse of Sigma_T: eigendecomposition of Sigma_W + SVD of the factor [Sigma_W^1/2, M diag(pi)^1/2]
+  (the former scheme, p x (p + C)), block elimination around the dominant between-class directions (chosen).
+
+``--exactness`` extracts the bundled network (every epoch) and random-init timm resnet18 / convnext_atto on the
+digits, builds planted twelve-decade spectra, and prints each least-squares quantity's worst relative error against
+``np.linalg.lstsq`` on the samples for: float32 scatter, float64 scatter (closed form only), and the default report
+(float64 scatter + refinement when the error estimate asks for it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from ncaudit import metrics  # noqa: E402
-from ncaudit.stats import ClassStatistics, SampleDecisions  # noqa: E402
+from ncaudit.stats import ClassStatistics  # noqa: E402
 from ncaudit.store import FeatureCache  # noqa: E402
 
+SHAPES = ("400000,512,100", "100000,2048,1000")
+BATCH = 4096
 
-def timed(fn, repeat: int) -> float:
-    best = float("inf")
+_READ = """
+import sys, h5py, numpy as np
+path, kind = sys.argv[1], sys.argv[2]
+if kind.startswith("xtx"):
+    import torch
+with h5py.File(path, "r", locking=False) as f:
+    ds = f["features"]
+    p = ds.shape[1]
+    s = np.zeros((p, p)) if kind == "syrk64" else torch.zeros(p, p, dtype=torch.float64)
+    for i in range(0, ds.shape[0], {batch}):
+        x = ds[i:i + {batch}]
+        if kind == "xtx32":
+            b = torch.from_numpy(x); s += torch.mm(b.T, b).double()
+        elif kind == "xtx64":
+            b = torch.from_numpy(x).double(); s += torch.mm(b.T, b)
+        elif kind == "syrk64":
+            b = x.astype(np.float64); s += b.T @ b
+"""
+
+_REPORT = """
+import contextlib, json, sys, time
+sys.path.insert(0, {root!r})
+t0 = time.perf_counter()
+from ncaudit.audit import AuditOptions, audit
+t_import = time.perf_counter() - t0
+passes = {{}}
+class Timer:
+    @contextlib.contextmanager
+    def task(self, description, total):
+        t = time.perf_counter()
+        yield lambda n: None
+        passes[description.split(":")[0]] = time.perf_counter() - t
+t = time.perf_counter()
+result = audit(sys.argv[1], AuditOptions(device="cpu"), Timer())
+t_audit = time.perf_counter() - t
+passes["closed forms and the rest"] = t_audit - sum(passes.values())
+print(json.dumps({{"import": t_import, "audit": t_audit, "passes": passes, "details": result.details}}))
+"""
+
+
+def fresh(cmd: list[str]) -> tuple[float, float, str]:
+    """Run ``cmd`` as a fresh process: (wall seconds, peak RSS MiB of that process, stdout)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        t0 = time.perf_counter()
+        run = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name, *cmd], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        wall = time.perf_counter() - t0
+        if run.returncode != 0:
+            raise RuntimeError(f"{cmd[:4]} failed: {run.stderr.strip().splitlines()[-1:]}")
+        return wall, float(Path(rss.name).read_text().split()[-1]) / 1024, run.stdout
+
+
+def contenders(path: Path, repeat: int) -> dict[str, dict[str, object]]:
+    """Every contender, ``repeat`` times, alternated (so drift in the machine's load hits all of them alike)."""
+    out: dict[str, dict[str, object]] = {}
     for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        for kind in ("read", "xtx32", "xtx64", "syrk64", "report"):
+            if kind == "report":
+                cmd = [sys.executable, "-c", _REPORT.format(root=str(ROOT)), str(path)]
+            else:
+                cmd = [sys.executable, "-c", _READ.format(batch=BATCH), str(path), kind]
+            wall, rss, stdout = fresh(cmd)
+            row = out.setdefault(kind, {"runs": [], "rss_mib": []})
+            row["runs"].append(wall)  # type: ignore[union-attr]
+            row["rss_mib"].append(rss)  # type: ignore[union-attr]
+            if kind == "report":
+                row["breakdown"] = json.loads(stdout.strip().splitlines()[-1])
+    return out
+
+
+def _timed(fn, repeat: int) -> float:
+    best = math.inf
+    for _ in range(repeat):
         t = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return best
 
 
-def make_data(n: int, p: int, c: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Post-ReLU-like features: a class mean plus noise, sorted by class as dataset order often is."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, c, (n,), generator=g).sort().values
-    means = torch.rand(c, p, generator=g) * 2
-    x = torch.empty(n, p)
-    step = 65536
-    for i in range(0, n, step):
-        x[i:i + step] = (means[y[i:i + step]] + 0.3 * torch.randn(min(step, n - i), p, generator=g)).relu_()
-    return x.numpy(), y.numpy()
+def scatter_candidates(path: Path, repeat: int) -> dict[str, float]:
+    """Pass 1 alone, in memory, per scatter scheme (the data read once beforehand)."""
+    with FeatureCache(path) as cache:
+        batches = [(torch.from_numpy(x), torch.from_numpy(y)) for _, x, y, _ in cache.iter_batches(BATCH)]
+        c, p = cache.info.num_classes, cache.info.n_features
+    import ncaudit.stats as stats_module
 
-
-def bench_memory(x: np.ndarray, y: np.ndarray, c: int, batch: int, device: str, repeat: int) -> dict[str, float]:
-    dev = torch.device(device)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-
-    def xtx() -> None:
-        s = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=dev)
-        for i in range(0, len(y), batch):
-            b = xt[i:i + batch].to(dev)
-            s += (b.T @ b).double()
-
-    def stats() -> None:
-        acc = ClassStatistics(c, x.shape[1], device=dev, gemm_dtype=torch.float32)
-        for i in range(0, len(y), batch):
-            acc.update(xt[i:i + batch], yt[i:i + batch])
+    def run(dtype: torch.dtype) -> None:
+        acc = ClassStatistics(c, p, gemm_dtype=dtype)
+        for x, y in batches:
+            acc.update(x, y)
         acc.compute()
 
-    acc = ClassStatistics(c, x.shape[1], device=dev, gemm_dtype=torch.float32)
-    for i in range(0, len(y), batch):
-        acc.update(xt[i:i + batch], yt[i:i + batch])
-    st = acc.compute()
-    basis = metrics.means_basis(st.centred_means)
-    w = st.centred_means + 0.01
+    def torch_gram(a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.mm(a.T, a, out=out)
 
-    def pass2() -> None:
-        dec = SampleDecisions(st.means, st.global_mean, w, np.zeros(c), basis.whitener, device=dev,
-                              gemm_dtype=torch.float32, anchors=st.anchors)
-        for i in range(0, len(y), batch):
-            dec.update(xt[i:i + batch], yt[i:i + batch])
-        dec.compute()
-
-    def pass2_plain() -> None:  # the same decisions without the per-class block
-        dec = SampleDecisions(st.means, st.global_mean, w, np.zeros(c), basis.whitener, device=dev,
-                              gemm_dtype=torch.float32, per_class=False)
-        for i in range(0, len(y), batch):
-            dec.update(xt[i:i + batch], yt[i:i + batch])
-
-    return {"xtx": timed(xtx, repeat), "stats": timed(stats, repeat), "pass2": timed(pass2, repeat),
-            "pass2_without_per_class": timed(pass2_plain, repeat)}
+    out = {"float32 products": _timed(lambda: run(torch.float32), repeat),
+           "float64 syrk (chosen)": _timed(lambda: run(torch.float64), repeat)}
+    original = stats_module.gram
+    stats_module.gram = torch_gram
+    try:
+        out["float64 torch.mm"] = _timed(lambda: run(torch.float64), repeat)
+    finally:
+        stats_module.gram = original
+    return out
 
 
-def bench_disk(path: Path, c: int, batch: int, device: str, repeat: int) -> dict[str, float]:
-    dev = torch.device(device)
-
-    def xtx() -> None:
-        with h5py.File(path, "r", locking=False) as f:
-            ds = f["features"]
-            s = torch.zeros(ds.shape[1], ds.shape[1], dtype=torch.float64, device=dev)
-            for i in range(0, ds.shape[0], batch):
-                b = torch.from_numpy(ds[i:i + batch]).to(dev)
-                s += (b.T @ b).double()
-
-    def stats() -> None:
-        with FeatureCache(path) as cache:
-            acc = ClassStatistics(c, cache.info.n_features, device=dev, gemm_dtype=torch.float32)
-            for _, xb, yb, _ in cache.iter_batches(batch):
-                acc.update(torch.from_numpy(xb), torch.from_numpy(yb))
-            acc.compute()
-
-    return {"disk_xtx": timed(xtx, repeat), "disk_stats": timed(stats, repeat)}
+def factor_svd_pinv(stats: metrics.Statistics) -> int:
+    """The former scheme: eigh(Sigma_W), then the SVD of the p x (p + C) factor [Sigma_W^1/2, M diag(pi)^1/2]."""
+    lam, q = np.linalg.eigh(stats.sigma_w)
+    factor = np.hstack([q * np.sqrt(np.clip(lam, 0, None)), stats.centred_means.T * np.sqrt(stats.priors)])
+    s = np.linalg.svd(factor, compute_uv=True, full_matrices=False)[1]
+    return int(np.sum(s**2 > stats.n_features * metrics.EPS * s[0] ** 2))
 
 
-def write_h5(path: Path, x: np.ndarray, y: np.ndarray, c: int) -> None:
-    with h5py.File(path, "w") as f:
-        f.attrs["ncaudit_schema"] = 1
-        f.attrs["num_classes"] = c
-        f.attrs["complete"] = True
-        f.attrs["n_written"] = len(y)
-        f.create_dataset("features", data=x, chunks=(min(256, len(y)), x.shape[1]))
-        f.create_dataset("labels", data=y.astype(np.int64), chunks=(min(256, len(y)),))
+def pinv_candidates(path: Path, repeat: int) -> dict[str, float]:
+    with FeatureCache(path) as cache:
+        acc = ClassStatistics(cache.info.num_classes, cache.info.n_features)
+        for _, x, y, _ in cache.iter_batches(BATCH):
+            acc.update(x, y)
+    stats = acc.compute()
+    basis = metrics.means_basis(stats.centred_means)
+    return {"eigh + factor SVD (former)": _timed(lambda: factor_svd_pinv(stats), repeat),
+            "block elimination (chosen)": _timed(lambda: metrics.total_pinv(stats, basis=basis), repeat)}
 
 
-def bench_layers(n: int, p: int, c: int, device: str, repeat: int) -> dict[str, float]:
-    """The full audit of a cache with and without four extra layers of width p."""
+def bench_shape(shape: str, directory: Path, repeat: int) -> dict[str, object]:
+    import scale
+
+    n, p, c = (int(v) for v in shape.split(","))
+    path = directory / f"bench_{n}_{p}_{c}.h5"
+    if not scale.cache_matches(path, n, p, c):
+        scale.generate(path, n, p, c)
+    row: dict[str, object] = {"N": n, "p": p, "C": c, "file_gb": path.stat().st_size / 1e9}
+    row["contenders"] = runs = contenders(path, repeat)
+    best = {k: min(v["runs"]) for k, v in runs.items()}  # type: ignore[type-var]
+    row["ratios"] = {f"report / {k}": best["report"] / best[k] for k in ("read", "xtx32", "xtx64", "syrk64")}
+    row["scatter_candidates"] = scatter_candidates(path, repeat)
+    row["pinv_candidates"] = pinv_candidates(path, repeat)
+    return row
+
+
+def print_shape(row: dict[str, object]) -> None:
+    runs = row["contenders"]
+    print(f"\n(N, p, C) = ({row['N']:,}, {row['p']}, {row['C']}), {row['file_gb']:.2f} GB float32 cache")
+    print(f"  {'contender (fresh process)':28s} {'best s':>8s} {'all runs s':>24s} {'peak RSS MiB':>13s}")
+    for kind, v in runs.items():  # type: ignore[union-attr]
+        all_runs = " ".join(f"{t:.2f}" for t in v["runs"])
+        print(f"  {kind:28s} {min(v['runs']):8.2f} {all_runs:>24s} {max(v['rss_mib']):13.0f}")
+    for name, value in row["ratios"].items():  # type: ignore[union-attr]
+        print(f"  {name:28s} {value:8.2f}x")
+    bd = runs["report"]["breakdown"]  # type: ignore[index]
+    print(f"  report breakdown (last run): import {bd['import']:.2f} s, "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in bd["passes"].items()))
+    gemm = bd["details"].get("gemm_dtype")
+    ls = bd["details"].get("least_squares", {})
+    print(f"  products: {gemm}; least squares: estimate {ls.get('error_estimate', 0):.2g}, "
+          f"refinement steps {ls.get('refinement_steps')}")
+    print("  pass 1 alone, in memory, per scatter scheme: "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in row["scatter_candidates"].items()))  # type: ignore[union-attr]
+    print("  pseudo-inverse of Sigma_T: "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in row["pinv_candidates"].items()))  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --exactness
+# ---------------------------------------------------------------------------------------------------------------------
+def exactness() -> list[dict[str, object]]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from reference import reference_metrics
+    from test_exact_ls import planted_decades
+
     from ncaudit.audit import AuditOptions, audit
+    from ncaudit.demo import default_fixtures, load_manifest
+    from ncaudit.extract import extract
+    from ncaudit.store import write_cache
 
-    x, y = make_data(n, p, c, seed=1)
+    fixtures = default_fixtures()
+    t = load_manifest(fixtures)["transform"]
+    keys = ("mse_term_a", "mse_term_b", "ls_distance", "ls_cosine")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "layers.h5"
-        write_h5(path, x, y, c)
-        with h5py.File(path, "a") as f:
-            for k in range(4):
-                f.create_dataset(f"layers/block{k}/features", data=np.roll(x, k + 1, axis=1),
-                                 chunks=(min(256, n), p))
-        plain = timed(lambda: audit(path, AuditOptions(device=device)), repeat)
-        layered = timed(lambda: audit(path, AuditOptions(device=device, layers=[])), repeat)
-    return {"report": plain, "report_4_layers": layered, "layers_cost_per_layer": (layered - plain) / plain / 4}
+        cases: list[tuple[str, Path]] = []
+        kw = dict(split="train", device="cpu", precision="fp32", workers=0, progress=False, mean=t["mean"],
+                  std=t["std"], crop_pct=t["crop_pct"], interpolation=t["interpolation"])
+        for epoch in (0, 1, 5, 50, 200):
+            path = Path(tmp) / f"e{epoch}.h5"
+            extract("test_resnet", fixtures / "checkpoints" / f"test_resnet_digits_e{epoch:03d}.safetensors",
+                    fixtures / "digits", path, img_size=t["img_size"], **kw)
+            cases.append((f"bundled test_resnet epoch {epoch}", path))
+        import timm
 
-
-def peak_rss_of_audit(path: Path, device: str) -> float:
-    """Peak RSS (MiB) of a fresh process auditing ``path`` (statistics + decisions)."""
-    code = (
-        "import resource, sys; sys.path.insert(0, %r)\n"
-        "from ncaudit.audit import audit, AuditOptions\n"
-        "audit(%r, AuditOptions(device=%r))\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
-    ) % (str(Path(__file__).resolve().parents[1]), str(path), device)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr.strip().splitlines()[-1])
-    return float(out.stdout.strip().splitlines()[-1])
+        for arch in ("resnet18", "convnext_atto"):
+            torch.manual_seed(0)
+            ckpt = Path(tmp) / f"{arch}.pth"
+            torch.save(timm.create_model(arch, pretrained=False, num_classes=10).state_dict(), ckpt)
+            path = Path(tmp) / f"{arch}.h5"
+            extract(arch, ckpt, fixtures / "digits", path, img_size=32, **kw)
+            cases.append((f"{arch} random init (digits)", path))
+        for placement, radius, seed in (("random", 1.0, 0), ("top", 1.0, 1)):
+            h, y, w, b = planted_decades(placement, radius, seed)
+            path = Path(tmp) / f"planted_{placement}.h5"
+            write_cache(path, h, y, weight=w, bias=b)
+            cases.append((f"planted 12 decades ({placement} means)", path))
+        for name, path in cases:
+            with FeatureCache(path) as cache:
+                h = np.concatenate([bt[1] for bt in cache.iter_batches(1 << 16)])
+                y = np.concatenate([bt[2] for bt in cache.iter_batches(1 << 16)])
+                w, b = cache.classifier()
+            b = np.zeros(len(w)) if b is None else b
+            ref = reference_metrics(h.astype(np.float64), y, w, b)
+            ref["w_ls_norm"] = float(np.linalg.norm(ref["w_ls"]))
+            row: dict[str, object] = {"case": name}
+            for scheme, dtype in (("float32 scatter", torch.float32), ("float64 scatter, closed form", torch.float64)):
+                acc = ClassStatistics(len(w), h.shape[1], gemm_dtype=dtype)
+                acc.update(h, y)
+                st = acc.compute()
+                ls = metrics.least_squares(st)
+                ours = {"mse_term_a": metrics.ls_loss(st, ls), "mse_term_b": metrics.mse_term_b(st, w, b, ls),
+                        "ls_distance": metrics.ls_distance(w, ls), "ls_cosine": metrics.ls_cosine(w, ls),
+                        "w_ls_norm": float(np.linalg.norm(ls.weight))}
+                row[scheme] = max(abs(ours[k] - ref[k]) / abs(ref[k]) for k in ours)
+            result = audit(path, AuditOptions(device="cpu"))
+            ours = {k: result.metrics[k] for k in keys} | {"w_ls_norm": result.details["w_ls_norm"]}
+            row["report (default)"] = max(abs(ours[k] - ref[k]) / abs(ref[k]) for k in ours)
+            ls_d = result.details["least_squares"]
+            row["estimate"] = ls_d["error_estimate"]
+            row["refinement steps"] = ls_d["refinement_steps"]
+            rows.append(row)
+    print(f"\n{'features':40s} {'float32 scatter':>16s} {'float64 closed':>15s} {'report':>9s} {'estimate':>9s} steps")
+    for r in rows:
+        print(f"{r['case']:40s} {r['float32 scatter']:16.1e} {r['float64 scatter, closed form']:15.1e} "
+              f"{r['report (default)']:9.1e} {r['estimate']:9.1e} {r['refinement steps']:5d}")
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="*", default=["400000,512,100", "100000,2048,1000"],
-                    help="N,p,C triples")
-    ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--no-disk", action="store_true")
-    ap.add_argument("--json", action="store_true", help="print the results as JSON")
-    ap.add_argument("--layers-n", type=int, default=100000, help="rows of the 4-layer audit (0: skip it)")
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES), help="N,p,C triples")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "ncaudit-bench",
+                    help="where the benchmark caches are written once and reused")
+    ap.add_argument("--exactness", action="store_true", help="only the least-squares exactness table")
+    ap.add_argument("--json", action="store_true", help="also print every figure as JSON on stdout")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}", file=sys.stderr)
-    rows = []
-    for shape in args.shapes:
-        n, p, c = (int(v) for v in shape.split(","))
-        x, y = make_data(n, p, c)
-        row: dict[str, float | int] = {"N": n, "p": p, "C": c}
-        row.update(bench_memory(x, y, c, args.batch, args.device, args.repeat))
-        if not args.no_disk:
-            with tempfile.TemporaryDirectory() as tmp:
-                full, quarter = Path(tmp) / "full.h5", Path(tmp) / "quarter.h5"
-                write_h5(full, x, y, c)
-                row.update(bench_disk(full, c, args.batch, args.device, args.repeat))
-                del x
-                with h5py.File(full, "r") as f:
-                    write_h5(quarter, f["features"][::4], f["labels"][::4], c)  # every class kept
-                row["rss_mib_quarter_N"] = peak_rss_of_audit(quarter, args.device)
-                row["rss_mib_N"] = peak_rss_of_audit(full, args.device)
-        row["ratio_memory"] = row["stats"] / row["xtx"]
-        if "disk_xtx" in row:
-            row["ratio_disk"] = row["disk_stats"] / row["disk_xtx"]
-        row["ratio_pass2_per_class"] = row["pass2"] / row["pass2_without_per_class"]
-        if args.layers_n:
-            row.update(bench_layers(min(args.layers_n, n), p, c, args.device, 1))
-        rows.append(row)
-        print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-              file=sys.stderr)
+    print(f"torch {torch.__version__}, numpy {np.__version__}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
+    if args.exactness:
+        rows: list[dict[str, object]] = exactness()
+    else:
+        args.dir.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for shape in args.shapes:
+            rows.append(bench_shape(shape, args.dir, args.repeat))
+            print_shape(rows[-1])
     if args.json:
-        print(json.dumps(rows, indent=2))
-    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB",
-          file=sys.stderr)
+        print(json.dumps(rows, indent=2, default=str))
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     main()

@@ -20,6 +20,7 @@ import torch
 from ncaudit import __version__, metrics
 from ncaudit.errors import InputError
 from ncaudit.device import resolve_device
+from ncaudit.distributed import DistContext, merge_all, together
 from ncaudit.stats import (ClassStatistics, Decisions, LeastSquaresResidual, Residual, SampleDecisions, Statistics,
                            gemm_dtype_for)
 from ncaudit.store import CacheInfo, FeatureCache
@@ -132,6 +133,7 @@ class _Setup:
     layers: list[str]
     gemm: torch.dtype
     classifier: tuple[np.ndarray, np.ndarray | None] | None
+    rows: range | None = None  # this rank's contiguous rows (None: all of them, one process)
 
 
 @dataclass
@@ -152,8 +154,13 @@ def audit(
     path: str | Path,
     options: AuditOptions = AuditOptions(),
     progress: ProgressTracker | None = None,
+    group: DistContext | None = None,
 ) -> AuditResult:
     """Compute every metric of the cache at ``path``.
+
+    With ``group`` (a torch.distributed process group, :func:`ncaudit.distributed.process_group`), every rank streams
+    its contiguous slice of the rows, and the accumulators of each pass merge exactly across the ranks before the
+    next step: every rank returns the same result, which equals the single-process one to rounding.
 
     Raises
     ------
@@ -163,9 +170,9 @@ def audit(
     """
     progress = progress or _NoProgress()
     _check_options(options)
-    device = resolve_device(options.device)
+    device = group.device if group is not None else resolve_device(options.device)
     with FeatureCache(path, allow_partial=options.allow_partial) as cache:
-        setup = _setup(cache, options)
+        setup = _setup(cache, options, group)
         accs = _statistics_pass(cache, setup, options, device, progress)
         sel = _select(accs, setup, options)
         closed = _closed_form(sel.stats, sel.weight, sel.bias, options)
@@ -205,7 +212,7 @@ def _check_options(options: AuditOptions) -> None:
         raise InputError(f"--rcond must lie in [0, 1), got {options.rcond}")
 
 
-def _setup(cache: FeatureCache, options: AuditOptions) -> _Setup:
+def _setup(cache: FeatureCache, options: AuditOptions, group: DistContext | None) -> _Setup:
     info = cache.info
     where = str(info.path)
     if info.n_samples == 0:
@@ -214,28 +221,39 @@ def _setup(cache: FeatureCache, options: AuditOptions) -> _Setup:
     classifier = cache.classifier()
     if classifier is not None:
         check_classifier(*classifier, where)
-    return _Setup(info, where, layers, gemm_dtype_for(info.feature_dtype), classifier)
+    rows = group.rows(info.n_samples) if group is not None and group.distributed else None
+    return _Setup(info, where, layers, gemm_dtype_for(info.feature_dtype), classifier, rows)
 
 
 def _statistics_pass(cache: FeatureCache, setup: _Setup, options: AuditOptions, device: torch.device,
                      progress: ProgressTracker) -> dict[str | None, ClassStatistics]:
-    """Pass 1: one class-statistics accumulator for the final features (key None) and one per requested layer."""
+    """Pass 1: one class-statistics accumulator for the final features (key None) and one per requested layer,
+    merged across ranks when distributed."""
     info, where = setup.info, setup.where
     widths = {None: info.n_features, **{name: info.layers[name] for name in setup.layers}}
     accs = {name: ClassStatistics(info.num_classes, width, device=device, normalize=options.normalize)
             for name, width in widths.items()}
-    with progress.task("pass 1/2: class statistics", info.n_samples) as advance:
-        for start, x, y, extra in cache.iter_batches(options.batch_size, layers=setup.layers):
-            h, labels = _to_tensor(x), torch.from_numpy(y)
-            check_labels(labels, info.num_classes, start, where)
-            check_finite(h, start, where)
-            accs[None].update(h, labels)
-            for name in setup.layers:
-                hl = _to_tensor(extra[name])
-                check_finite(hl, start, where, f"/layers/{name}/features")
-                accs[name].update(hl, labels)
-            advance(len(y))
+
+    def stream() -> None:
+        with progress.task("pass 1/2: class statistics", _n_rows(setup)) as advance:
+            for start, x, y, extra in cache.iter_batches(options.batch_size, layers=setup.layers, rows=setup.rows):
+                h, labels = _to_tensor(x), torch.from_numpy(y)
+                check_labels(labels, info.num_classes, start, where)
+                check_finite(h, start, where)
+                accs[None].update(h, labels)
+                for name in setup.layers:
+                    hl = _to_tensor(extra[name])
+                    check_finite(hl, start, where, f"/layers/{name}/features")
+                    accs[name].update(hl, labels)
+                advance(len(y))
+
+    together(stream)
+    merge_all(accs.values())
     return accs
+
+
+def _n_rows(setup: _Setup) -> int:
+    return setup.info.n_samples if setup.rows is None else len(setup.rows)
 
 
 def _select(accs: dict[str | None, ClassStatistics], setup: _Setup, options: AuditOptions) -> _Selection:
@@ -275,16 +293,21 @@ def _decisions_pass(cache: FeatureCache, setup: _Setup, sel: _Selection, closed:
     if closed.ls is not None and closed.estimate > REFINE_ABOVE:
         residual = LeastSquaresResidual(closed.ls.weight, stats.global_mean, stats.priors, device=device,
                                         normalize=options.normalize)
-    with progress.task("pass 2/2: decisions", setup.info.n_samples) as advance:
-        for _, x, y, extra in cache.iter_batches(options.batch_size, layers=setup.layers):
-            labels = sel.remap[torch.from_numpy(y)]
-            h = _to_tensor(x)
-            dec.update(h, labels)
-            if residual is not None:
-                residual.update(h, labels)
-            for name in setup.layers:
-                layer_dec[name].update(_to_tensor(extra[name]), labels)
-            advance(len(y))
+
+    def stream() -> None:
+        with progress.task("pass 2/2: decisions", _n_rows(setup)) as advance:
+            for _, x, y, extra in cache.iter_batches(options.batch_size, layers=setup.layers, rows=setup.rows):
+                labels = sel.remap[torch.from_numpy(y)]
+                h = _to_tensor(x)
+                dec.update(h, labels)
+                if residual is not None:
+                    residual.update(h, labels)
+                for name in setup.layers:
+                    layer_dec[name].update(_to_tensor(extra[name]), labels)
+                advance(len(y))
+
+    together(stream)
+    merge_all([dec, *layer_dec.values(), residual])
     return dec.compute(), {name: d.compute() for name, d in layer_dec.items()}, \
         None if residual is None else residual.compute()
 
@@ -302,10 +325,15 @@ def _refine(cache: FeatureCache, setup: _Setup, sel: _Selection, closed: _Closed
             break
         acc = LeastSquaresResidual(ls.weight, stats.global_mean, stats.priors, device=device,
                                    normalize=options.normalize)
-        with progress.task(f"refinement {ls.steps + 1}: least squares", setup.info.n_samples) as advance:
-            for _, x, y, _ in cache.iter_batches(options.batch_size):
-                acc.update(_to_tensor(x), sel.remap[torch.from_numpy(y)])
-                advance(len(y))
+
+        def stream() -> None:
+            with progress.task(f"refinement {ls.steps + 1}: least squares", _n_rows(setup)) as advance:
+                for _, x, y, _ in cache.iter_batches(options.batch_size, rows=setup.rows):
+                    acc.update(_to_tensor(x), sel.remap[torch.from_numpy(y)])
+                    advance(len(y))
+
+        together(stream)
+        merge_all([acc])
         residual = acc.compute()
     return ls
 

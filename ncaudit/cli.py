@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -199,11 +199,13 @@ def report(
             batch_size=batch_size, device=device, ridge=ridge, rcond=rcond, allow_partial=allow_partial,
             drop_empty_classes=drop_empty_classes, normalize=normalize, layers=[] if layers else None,
         )
-        result = audit(cache, options, RichProgress(stderr, enabled=False if quiet else None))
+        result = _audit_on_ranks(cache, options, quiet)
     except InputError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail("interrupted; nothing was written", code=130)
+    if result is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     result.checks = evaluate(checks, result.metrics)
     for warning in result.warnings:
         stderr.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
@@ -221,6 +223,20 @@ def report(
     if not result.passed:
         raise typer.Exit(code=1)
 
+
+
+def _audit_on_ranks(cache: Path, options: Any, quiet: bool) -> Any:
+    """``audit`` in one process, or on every rank of a torchrun launch (None on ranks other than 0)."""
+    from ncaudit.audit import audit
+    from ncaudit.distributed import launch_env, process_group
+    from ncaudit.progress import RichProgress
+
+    if not launch_env().distributed:
+        return audit(cache, options, RichProgress(stderr, enabled=False if quiet else None))
+    with process_group(options.device) as group:
+        progress = RichProgress(stderr, enabled=False if quiet or not group.is_main else None)
+        result = audit(cache, options, progress, group)
+    return result if group.is_main else None
 
 
 @app.command()

@@ -22,7 +22,7 @@ import datetime as _dt
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, Self, TypeVar
 
@@ -37,7 +37,7 @@ from ncaudit.shards import split_rows
 DEFAULT_TIMEOUT = _dt.timedelta(minutes=60)
 
 #: The commands that run distributed under torchrun; the others refuse to start with more than one rank.
-WIRED_COMMANDS: frozenset[str] = frozenset()
+WIRED_COMMANDS: frozenset[str] = frozenset({"report"})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -288,6 +288,24 @@ def broadcast_ints(values: Sequence[int] | None, src: int = 0) -> list[int]:
     return [int(v) for v in data.cpu()]
 
 
+T = TypeVar("T")
+
+
+def together(step: Callable[[], T]) -> T:
+    """Run ``step`` on every rank; an error on any rank then stops every rank (none is left waiting at a merge that
+    never comes). The failing rank raises its own error, the others an input error pointing to it."""
+    if not is_active() or dist.get_world_size() == 1:
+        return step()
+    failed: Exception | None = None
+    try:
+        out = step()
+    except Exception as exc:  # noqa: BLE001 - every failure must reach the other ranks before it is raised here
+        failed, out = exc, None
+    if any_rank(failed is not None):
+        raise failed or InputError("another rank stopped on an error (its message is above); fix the input and rerun")
+    return out  # type: ignore[return-value]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Exact merge of accumulator states
 # ---------------------------------------------------------------------------------------------------------------------
@@ -402,6 +420,13 @@ def merge_states(acc: A, *, everywhere: bool = True) -> A:
     elif r == 0:
         acc.load_state_dict(total.state_dict())
     return acc
+
+
+def merge_all(accs: Iterable[Mergeable | None], *, everywhere: bool = True) -> None:
+    """:func:`merge_states` of every accumulator given (None entries are skipped), in the same order on every rank."""
+    for acc in accs:
+        if acc is not None:
+            merge_states(acc, everywhere=everywhere)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

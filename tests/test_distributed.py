@@ -54,17 +54,18 @@ def test_launch_env_refuses_inconsistent_launches(env, message):
 
 
 def test_commands_not_wired_refuse_several_ranks(monkeypatch):
-    nd.check_launch("report", {})
-    with pytest.raises(InputError, match="runs as one process"):
-        nd.check_launch("report", TORCHRUN)
-    monkeypatch.setattr(nd, "WIRED_COMMANDS", frozenset({"report"}))
+    nd.check_launch("trajectory", {})
     nd.check_launch("report", TORCHRUN)
+    with pytest.raises(InputError, match="runs as one process"):
+        nd.check_launch("trajectory", TORCHRUN)
+    monkeypatch.setattr(nd, "WIRED_COMMANDS", frozenset({"trajectory"}))
+    nd.check_launch("trajectory", TORCHRUN)
     with pytest.raises(InputError):
-        nd.check_launch("extract", TORCHRUN)
+        nd.check_launch("demo", TORCHRUN)
 
 
 def test_cli_refuses_an_unwired_command_under_torchrun(tmp_path):
-    result = CliRunner().invoke(app, ["report", str(tmp_path / "x.h5")], env=TORCHRUN)
+    result = CliRunner().invoke(app, ["trajectory", str(tmp_path / "x.h5")], env=TORCHRUN)
     assert result.exit_code == 2
     assert "runs as one process" in result.output
 
@@ -202,3 +203,62 @@ def test_two_ranks_helpers(two_ranks):
         assert got["mismatch_refused"]
     assert ranks[0]["own_count"] == w.N  # rank 0: the merged total
     assert ranks[1]["own_count"] == ranks[1]["local_count"] == w.N - 251  # rank 1 kept its own rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# `torchrun -m ncaudit report`: 2 ranks give the 1-process report
+# ---------------------------------------------------------------------------------------------------------------------
+def _torchrun_env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    for key in TORCHRUN:
+        env.pop(key, None)
+    return env
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 1e-7)])
+def test_torchrun_report_equals_one_process(tmp_path, dtype, tol):
+    from reference import planted
+
+    from ncaudit.store import write_cache
+
+    h, y, etf = planted(C=7, p=20, n=90, sigma=0.3, offset=5.0, seed=61)
+    order = np.random.default_rng(62).permutation(len(y))  # shuffled: every rank sees every class
+    rng = np.random.default_rng(63)
+    path = write_cache(tmp_path / "c.h5", h[order].astype(dtype), y[order], weight=etf + 0.2 * rng.standard_normal(
+        etf.shape), bias=0.1 * rng.standard_normal(7), layers={"early": (h[order] ** 2).astype(dtype)})
+    args = ["-m", "ncaudit", "report", str(path), "--json", "-q", "--layers", "--batch-size", "64"]
+    env = _torchrun_env()
+    one = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                          "--nproc_per_node=2", *args], env=env, capture_output=True, text=True, timeout=300)
+    if two.returncode != 0 and "process group" in two.stderr:
+        pytest.skip("the gloo process group could not start in this environment")
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = json.loads(one.stdout), json.loads(two.stdout)  # rank 0 alone prints
+    assert a["class_counts"] == b["class_counts"]
+    for key, value in a["metrics"].items():
+        if value is None:
+            assert b["metrics"][key] is None
+        else:
+            assert b["metrics"][key] == pytest.approx(value, rel=tol, abs=1e-300), key
+    for row_a, row_b in zip(a["per_class"], b["per_class"]):
+        assert row_b["nc1"] == pytest.approx(row_a["nc1"], rel=tol)
+    assert b["layers"]["early"]["nc1"] == pytest.approx(a["layers"]["early"]["nc1"], rel=tol)
+
+
+def test_torchrun_report_stops_every_rank_on_bad_input(tmp_path):
+    """A bad label in rank 1's rows: every rank exits (exit 2 from the failing one), none hangs at a merge."""
+    from ncaudit.store import write_cache
+
+    y = np.arange(200) % 4
+    y[150] = 9  # outside [0, 4): only rank 1 (rows 100..199) sees it
+    path = write_cache(tmp_path / "bad.h5", np.random.default_rng(0).standard_normal((200, 6)), y, num_classes=4)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                          "--nproc_per_node=2", "-m", "ncaudit", "report", str(path), "-q"], env=_torchrun_env(),
+                         capture_output=True, text=True, timeout=300)
+    if "process group" in run.stderr and "label" not in run.stderr:
+        pytest.skip("the gloo process group could not start in this environment")
+    assert run.returncode != 0
+    assert "label 9 at row 150" in run.stderr
