@@ -412,8 +412,10 @@ class DataSource:
 
     @property
     def data(self) -> str:
-        """Where the data are, for the provenance."""
-        return str(self.root.resolve()) if str(self.root) not in ("", ".") else ""
+        """Where the data are, for the provenance (a Hugging Face hub name as it is)."""
+        if str(self.root) in ("", ".") or (self.kind.startswith("hfds/") and not self.root.exists()):
+            return str(self.root) if str(self.root) not in ("", ".") else ""
+        return str(self.root.resolve())
 
 
 def read_class_map(path: str | os.PathLike[str]) -> list[str]:
@@ -551,25 +553,23 @@ def _open_tar(root: Path, split: str | None) -> DataSource:
     try:
         reader = ReaderImageInTar(str(root))
     except (AssertionError, ValueError, OSError, tarfile.TarError) as exc:
-        raise InputError(f"--data {root}: no images found in tar files ({str(exc) or type(exc).__name__}); give a "
-                         ".tar of <class>/<image> files or a directory of <class>.tar files") from None
+        raise InputError(f"--data {root}: cannot read images from the tar files ({str(exc) or type(exc).__name__}); "
+                         "give a .tar of <class>/<image> files or a directory of <class>.tar files") from None
     classes = sorted(reader.class_name_to_idx)
     lut = np.zeros(len(classes), dtype=np.int64)
     for name, idx in reader.class_name_to_idx.items():
         lut[idx] = classes.index(name)
     labels = lut[np.asarray(reader.targets, dtype=np.int64)]
-    files: list[str] = []
+    files: dict[str, int] = {}
     rows: list[tuple[int, str, int, int, int]] = []  # (label, member, file, offset, size)
     for (member, parent, child), label in zip(reader.samples, labels.tolist()):
         path = os.path.join(str(root), parent) if parent else str(root)
-        if path not in files:
-            files.append(path)
         base = child.offset_data if child is not None else 0  # a tar inside a tar: offsets add up
-        rows.append((label, member.name, files.index(path), base + member.offset_data, member.size))
+        rows.append((label, member.name, files.setdefault(path, len(files)), base + member.offset_data, member.size))
     rows.sort(key=lambda r: (r[0], r[1]))
     raw = np.asarray([r[0] for r in rows], dtype=np.int64)
-    images = _TarMembers(files, np.asarray([r[2] for r in rows]), np.asarray([r[3] for r in rows], dtype=np.int64),
-                         np.asarray([r[4] for r in rows], dtype=np.int64), [r[1] for r in rows])
+    file_index, offsets, sizes = (np.asarray([r[i] for r in rows], dtype=np.int64) for i in (2, 3, 4))
+    images = _TarMembers(list(files), file_index, offsets, sizes, [r[1] for r in rows])
     digest = hashlib.sha256("".join(f"{r[1]}\t{r[0]}\t{r[4]}\n" for r in rows).encode())
     return DataSource(dataset=_Samples(images, raw, None), kind="tar", split=split, root=root, labels=raw,
                       dataset_classes=classes, class_names=None, fingerprint=digest.hexdigest(),
@@ -663,7 +663,11 @@ def _hfds_error(name: str, exc: BaseException) -> InputError:
 
 def _open_hfds(name: str, root: Path | None, split: str | None) -> DataSource:
     reader, how = _hfds_reader(name, root, split)
-    raw = np.asarray(list(reader.iter_targets()), dtype=np.int64)
+    ds, key = reader.dataset, reader.label_key
+    if key in ds.column_names:  # one column read by arrow, not row by row
+        raw = np.asarray(ds.select_columns([key]).with_format("numpy")[key], dtype=np.int64)
+    else:
+        raw = np.asarray(list(reader.iter_targets()), dtype=np.int64)
     if raw.size and int(raw.min()) < 0:
         raise InputError(f"--dataset hfds/{name}: some labels are negative (unlabelled samples, e.g. a test split "
                          "without labels); pick a labelled split")
