@@ -159,8 +159,8 @@ def extract(
                                         "of DATA/_info.json or a shard pattern such as 'x-{0000..0009}.tar'."),
     class_map: str | None = typer.Option(None, "--class-map", help="JSON list (or .txt, one name a line) of "
                                             "class names in model order: maps dataset class names to model indices. "
-                                            "Without it ImageNet synset folders map by synset for 1000-class (ImageNet) "
-                                            "models, other datasets keep their own label order."),
+                                            "Without it ImageNet synset folders map by synset for ImageNet models, "
+                                            "other datasets keep their own label order."),
     ema: bool | None = typer.Option(None, "--ema/--no-ema", help="Use the EMA or the plain weights when the "
                                        "checkpoint holds both (default: plain)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cuda or cpu."),
@@ -190,12 +190,12 @@ def extract(
     resume: bool = typer.Option(False, "--resume", help="Continue a partial cache written with the same weights "
                                 "(sha256), data and options."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing cache."),
-    layers: str | None = typer.Option(None, "--layers", metavar="NAME[,NAME...]", help="Also store these layers: "
-                                         "module names (layer3, stages.2, blocks.11, features.7) or, for timm, "
-                                         "feature_info indices (0,1,2). Spatial maps are average-pooled, token "
-                                         "sequences give the class token. The projected file size is printed; a "
-                                         "cache larger than the free space is refused."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+    layers: str | None = typer.Option(None, "--layers", metavar="NAMES", help="Also store these layers, "
+                                      "NAME[,NAME...]: module names (layer3, stages.2, blocks.11, features.7) or, for "
+                                      "timm, feature_info indices (0,1,2). Spatial maps are average-pooled, token "
+                                      "sequences give the class token. The projected file size is printed; a cache "
+                                      "larger than the free space is refused."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar on stderr."),
 ) -> None:
     """Stream a dataset through a model and cache penultimate features, labels, logits and (W, b) in HDF5.
 
@@ -215,7 +215,8 @@ def extract(
         summary = run_extract(
             model, chosen, data, out, dataset=dataset, split=split, class_map=class_map, device=device,
             precision=precision, batch_size=batch_size, workers=workers, limit=limit, store_dtype=store_dtype,
-            precision_check=precision_check, resume=resume, overwrite=overwrite, progress=progress, layers=layers,
+            precision_check=precision_check, resume=resume, overwrite=overwrite, progress=not no_progress,
+            layers=layers,
             transform=TransformOverrides(img_size=img_size, mean=mean, std=std, crop_pct=crop_pct,
                                          interpolation=interpolation, crop_mode=crop_mode),
             log=lambda msg: stderr.print(f"[yellow]warning:[/] {escape(msg)}", soft_wrap=True),

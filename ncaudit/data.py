@@ -648,8 +648,8 @@ def _hfds_reader(name: str, root: Path | None, split: str | None) -> tuple[Any, 
             errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         except Exception as exc:  # noqa: BLE001 - datasets raises many kinds (not found, offline, network)
             raise _hfds_error(name, exc) from None
-    raise InputError(f"--dataset hfds/{name}: no split {' / '.join([split] if split else ['validation', 'test', 'train'])}"
-                     f" ({errors[-1]}); give --split")
+    tried = " / ".join([split] if split else ["validation", "test", "train"])
+    raise InputError(f"--dataset hfds/{name}: no split {tried} ({errors[-1]}); give --split")
 
 
 def _hfds_error(name: str, exc: BaseException) -> InputError:

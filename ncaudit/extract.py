@@ -114,7 +114,7 @@ def _unwrap_worker_error(exc: BaseException) -> InputError:
     text = str(exc).strip().splitlines()
     last = text[-1] if text else type(exc).__name__
     prefix = "ncaudit.errors.InputError: "
-    return InputError(last[len(prefix):] if last.startswith(prefix) else last)
+    return InputError(last.removeprefix(prefix))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -356,7 +356,8 @@ def _model_labels(loaded: LoadedModel) -> tuple[str, list[str], list[str]] | Non
     return (subset, *imagenet_classes(subset)) if subset else None
 
 
-def _own_class_names(loaded: LoadedModel, space: tuple[str, list[str], list[str]] | None) -> tuple[list[str], str] | None:
+def _own_class_names(loaded: LoadedModel,
+                     space: tuple[str, list[str], list[str]] | None) -> tuple[list[str], str] | None:
     """The names published weights give their outputs: timm ``pretrained_cfg`` label names, ImageNet's synsets and
     descriptions (timm ``ImageNetInfo``), or a torchvision enum's categories."""
     if loaded.weights != "pretrained":
