@@ -75,6 +75,7 @@ def main() -> None:
 
     from ncaudit import metrics
     from ncaudit.audit import AuditOptions, audit
+    from ncaudit.data import TransformOverrides
     from ncaudit.demo import default_fixtures, load_manifest
     from ncaudit.extract import extract
     from ncaudit.stats import ClassStatistics
@@ -87,8 +88,9 @@ def main() -> None:
     t = load_manifest(fixtures)["transform"]
     cache = args.out / "convnext_atto_digits_train.h5"
     extract("convnext_atto", ckpt, fixtures / "digits", cache, split="train", device="cpu", precision="fp32",
-            workers=0, progress=False, img_size=t["img_size"], mean=t["mean"], std=t["std"], crop_pct=t["crop_pct"],
-            interpolation=t["interpolation"], overwrite=True)
+            workers=0, progress=False, overwrite=True, transform=TransformOverrides(
+                img_size=t["img_size"], mean=t["mean"], std=t["std"], crop_pct=t["crop_pct"],
+                interpolation=t["interpolation"]))
     with FeatureCache(cache) as fc:
         h = np.concatenate([b[1] for b in fc.iter_batches(1 << 16)])
         y = np.concatenate([b[2] for b in fc.iter_batches(1 << 16)])

@@ -233,6 +233,7 @@ def exactness() -> list[dict[str, object]]:
     from test_exact_ls import planted_decades
 
     from ncaudit.audit import AuditOptions, audit
+    from ncaudit.data import TransformOverrides
     from ncaudit.demo import default_fixtures, load_manifest
     from ncaudit.extract import extract
     from ncaudit.store import write_cache
@@ -243,12 +244,11 @@ def exactness() -> list[dict[str, object]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cases: list[tuple[str, Path]] = []
-        kw = dict(split="train", device="cpu", precision="fp32", workers=0, progress=False, mean=t["mean"],
-                  std=t["std"], crop_pct=t["crop_pct"], interpolation=t["interpolation"])
-        for epoch in (0, 1, 5, 50, 200):
+        kw = dict(split="train", device="cpu", precision="fp32", workers=0, progress=False)
+        for epoch in (0, 1, 5, 50, 200):  # the bundled checkpoints record their preprocessing
             path = Path(tmp) / f"e{epoch}.h5"
             extract("test_resnet", fixtures / "checkpoints" / f"test_resnet_digits_e{epoch:03d}.safetensors",
-                    fixtures / "digits", path, img_size=t["img_size"], **kw)
+                    fixtures / "digits", path, **kw)
             cases.append((f"bundled test_resnet epoch {epoch}", path))
         import timm
 
@@ -257,7 +257,9 @@ def exactness() -> list[dict[str, object]]:
             ckpt = Path(tmp) / f"{arch}.pth"
             torch.save(timm.create_model(arch, pretrained=False, num_classes=10).state_dict(), ckpt)
             path = Path(tmp) / f"{arch}.h5"
-            extract(arch, ckpt, fixtures / "digits", path, img_size=32, **kw)
+            extract(arch, ckpt, fixtures / "digits", path, transform=TransformOverrides(
+                img_size=32, mean=t["mean"], std=t["std"], crop_pct=t["crop_pct"], interpolation=t["interpolation"]),
+                **kw)
             cases.append((f"{arch} random init (digits)", path))
         for placement, radius, seed in (("random", 1.0, 0), ("top", 1.0, 1)):
             h, y, w, b = planted_decades(placement, radius, seed)

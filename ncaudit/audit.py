@@ -439,6 +439,7 @@ def _run_details(setup: _Setup, sel: _Selection, options: AuditOptions, device: 
         "has_classifier": sel.weight is not None,
         "has_bias": bool(info.has_bias) and not options.normalize,
         "complete": info.complete,
+        "partial": None if info.complete else {"rows": info.n_samples, "of": info.n_rows},
         "dropped_classes": sel.dropped,
         "classes": [int(c) for c in sel.keep],
     }

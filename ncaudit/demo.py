@@ -22,14 +22,18 @@ from ncaudit.trajectory import TrajectoryRow, build_rows
 
 SPLITS = ("train", "test")
 
-EXPLANATION = """\
-What you are looking at: timm's test_resnet (0.37 M parameters, 96 penultimate features) trained with SGD and weight
-decay on 1,438 real 8x8 handwritten digits, audited at checkpoints from initialisation (epoch 0) to epoch 200. Every
-row is a real extraction and report of that checkpoint, on the training images and on 359 held-out test images.
-Read it as the PNAS figures: training accuracy reaches 1.0, and the network keeps going into the terminal phase.
-NC1 (within-class spread over between-class spread) falls by orders of magnitude; the class means and classifier rows
-approach an equinorm, equiangular simplex (NC2 -> 0) and each other (NC3 -> 0); the classifier's decisions become the
-nearest class mean's (NC4 -> 0). Test NC1 stays above train NC1: collapse is a property of the training data first."""
+#: What the demo shows, as paragraphs (one line each: the terminal wraps them).
+EXPLANATION = (
+    "What you are looking at: timm's test_resnet (0.37 M parameters, 96 penultimate features) trained with SGD and "
+    "weight decay on 1,438 real 8x8 handwritten digits, audited at checkpoints from initialisation (epoch 0) to epoch "
+    "200. Every row is a real extraction and report of that checkpoint, on the training images and on 359 held-out "
+    "test images.\n\n"
+    "Read it as the PNAS figures: training accuracy reaches 1.0, and the network keeps going into the terminal phase. "
+    "NC1 (within-class spread over between-class spread) falls by orders of magnitude; the class means and "
+    "classifier rows approach an equinorm, equiangular simplex (NC2 -> 0) and each other (NC3 -> 0); the "
+    "classifier's decisions become the nearest class mean's (NC4 -> 0). Test NC1 stays above train NC1: collapse is "
+    "a property of the training data first."
+)
 
 
 def default_fixtures() -> Path:
@@ -94,7 +98,6 @@ def run_demo(
 
     fixtures = fixtures or default_fixtures()
     manifest = load_manifest(fixtures)
-    transform = manifest.get("transform", {})
     checkpoints = sorted(manifest["checkpoints"], key=lambda c: c["epoch"])
     if epochs is not None:
         checkpoints = [c for c in checkpoints if c["epoch"] in set(epochs)]
@@ -111,12 +114,10 @@ def run_demo(
             step = i * len(SPLITS) + j + 1
             cache = out / "caches" / f"e{ckpt['epoch']:03d}_{split}.h5"
             say(f"[{step}/{steps}] epoch {ckpt['epoch']:>3}, {split}: extract + report")
-            extract(
+            extract(  # the transform comes from each checkpoint's own metadata
                 manifest.get("model", "test_resnet"), fixtures / "checkpoints" / ckpt["file"],
                 fixtures / "digits", cache, split=split, device=device, precision="fp32", batch_size=256,
-                workers=0, img_size=transform.get("img_size"), mean=transform.get("mean"), std=transform.get("std"),
-                crop_pct=transform.get("crop_pct"), interpolation=transform.get("interpolation"), overwrite=True,
-                progress=False,
+                workers=0, overwrite=True, progress=False,
             )
             result = audit(cache, AuditOptions(device=device))
             report = out / "reports" / f"e{ckpt['epoch']:03d}_{split}.json"

@@ -18,7 +18,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +27,36 @@ import numpy as np
 import torch
 
 from ncaudit import __version__
-from ncaudit.data import DataSource, build_transform, open_dataset, transform_config
+from ncaudit.data import (
+    DataSource,
+    TransformOverrides,
+    build_transform,
+    describe_transform,
+    map_labels,
+    open_samples,
+    read_class_map,
+    transform_config,
+    transform_warnings,
+)
 from ncaudit.device import resolve_device
 from ncaudit.errors import InputError
-from ncaudit.models import LoadedModel, PenultimateModel, load_model
+from ncaudit.models import (
+    LoadedModel,
+    PenultimateModel,
+    Weights,
+    imagenet_classes,
+    imagenet_subset_for,
+    load_model,
+    recorded_preprocessing,
+)
 from ncaudit.stats import full_precision_matmul
 from ncaudit.store import DEFAULT_CHUNK_ROWS, CacheWriter, attr_value, encode_attr
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STORE_DTYPES = ("float32", "float16")
 #: Attributes that must match for ``--resume`` to continue a partial file.
-RESUME_KEYS = ("model", "checkpoint_sha256", "ema", "dataset", "split", "data_fingerprint", "transform", "precision",
-               "layers")
+RESUME_KEYS = ("model", "weights", "seed", "checkpoint_sha256", "ema", "dataset", "split", "data_fingerprint",
+               "transform", "precision", "layers")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -96,7 +114,7 @@ def _unwrap_worker_error(exc: BaseException) -> InputError:
     text = str(exc).strip().splitlines()
     last = text[-1] if text else type(exc).__name__
     prefix = "ncaudit.errors.InputError: "
-    return InputError(last[len(prefix):] if last.startswith(prefix) else last)
+    return InputError(last.removeprefix(prefix))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -240,8 +258,15 @@ def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> to
 
 def _progress(enabled: bool, total: int, done: int) -> Any:
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from rich.text import Text
 
     class _Rate(ProgressColumn):
@@ -310,47 +335,112 @@ def _check_flags(store_dtype: str, batch_size: int, limit: int | None, precision
         raise InputError("--resume and --overwrite contradict each other; pass one of them")
 
 
-def _open_source(data: str | os.PathLike[str] | DataSource, loaded: LoadedModel, *, dataset: str, split: str | None,
-                 class_map: str | os.PathLike[str] | None, transform: dict[str, Any]) -> tuple[DataSource, dict[str, Any]]:
-    """The samples and the transform config recorded for them (in-memory sources come already transformed)."""
-    if isinstance(data, DataSource):
-        return data, {"library": "none", "note": "images given in memory, already transformed"}
-    cfg = transform_config(loaded.model, loaded.library, **transform)
-    src = open_dataset(data, dataset=dataset, split=split, class_map=class_map, transform=build_transform(cfg))
-    return src, cfg
+def _open_data(data: str | os.PathLike[str] | DataSource | None, dataset: str, split: str | None) -> DataSource:
+    """The samples, labels still in the dataset's order (in-memory sources come ready)."""
+    return data if isinstance(data, DataSource) else open_samples(data, dataset=dataset, split=split)
 
 
-def _model_class_names(src: DataSource, k: int, note: Callable[[str], None]) -> list[str] | None:
-    """Check that the dataset's labels fit the model's K outputs; the class names to store, in model order."""
+def _init_classes(weights: Weights, src: DataSource, class_map: str | os.PathLike[str] | None) -> int | None:
+    """The head size of a random init: the class map's length, else the dataset's number of classes."""
+    if weights.kind != "random-init":
+        return None
+    if class_map is not None:
+        return len(read_class_map(class_map))
+    return max(len(src.dataset_classes), int(src.labels.max()) + 1)
+
+
+def _model_labels(loaded: LoadedModel) -> tuple[str, list[str], list[str]] | None:
+    """``(label set, names, synsets)`` of a model whose outputs follow an ImageNet label set: published ImageNet
+    weights, or a head the size of one (1000: imagenet-1k) for synset-named data."""
+    subset = loaded.imagenet or imagenet_subset_for(loaded.num_classes)
+    return (subset, *imagenet_classes(subset)) if subset else None
+
+
+def _own_class_names(loaded: LoadedModel,
+                     space: tuple[str, list[str], list[str]] | None) -> tuple[list[str], str] | None:
+    """The names published weights give their outputs: timm ``pretrained_cfg`` label names, ImageNet's synsets and
+    descriptions (timm ``ImageNetInfo``), or a torchvision enum's categories."""
+    if loaded.weights != "pretrained":
+        return None
+    names = (loaded.pretrained_cfg or {}).get("label_names")
+    if names and len(names) == loaded.num_classes:
+        return [str(n) for n in names], "pretrained_cfg label_names"
+    if loaded.imagenet and space is not None:
+        return space[1], f"timm ImageNetInfo('{space[0]}')"
+    categories = list((loaded.tv_weights.meta.get("categories") or []) if loaded.tv_weights is not None else [])
+    return (categories, "torchvision weights categories") if len(categories) == loaded.num_classes else None
+
+
+def _label_classes(src: DataSource, loaded: LoadedModel, class_map: str | os.PathLike[str] | None,
+                   note: Callable[[str], None]) -> tuple[list[str] | None, str]:
+    """Map the dataset's labels to the model's outputs (class map, else synsets, else dataset order), check they fit
+    the head, and return the class names to store (model order) with where they came from."""
+    space = _model_labels(loaded)
+    own = _own_class_names(loaded, space)
+    if src.label_mapping == "dataset order" and src.reader != "in memory, already transformed":
+        map_labels(src, class_map=class_map, model_classes=space)
+    k = loaded.num_classes
     n_data_classes = len(src.class_names) if src.class_names is not None else len(src.dataset_classes)
     if src.class_names is not None and len(src.class_names) != k:
         raise InputError(f"--class-map lists {len(src.class_names)} classes but the model's head has {k} outputs; "
                          "list every model class, in model order")
     if n_data_classes > k or int(src.labels.max()) >= k:
         raise InputError(f"the dataset has {n_data_classes} classes but the model's head has {k} outputs; pass "
-                         "--class-map or the dataset the checkpoint was trained on")
+                         "--class-map or the dataset the weights were trained on")
     if src.class_names is None and len(src.dataset_classes) < k:
         note(f"the dataset has {len(src.dataset_classes)} classes and the head {k}: labels follow the dataset's class "
              "order 0..; pass --class-map if the model orders its classes differently")
     if src.class_names is not None:
-        return src.class_names
-    return src.dataset_classes if len(src.dataset_classes) == k else None
+        return src.class_names, src.label_mapping
+    if own is not None:
+        return own
+    return (src.dataset_classes, "the dataset's classes") if len(src.dataset_classes) == k else (None, "")
+
+
+def _transform_for(src: DataSource, loaded: LoadedModel, overrides: TransformOverrides,
+                   note: Callable[[str], None]) -> dict[str, Any]:
+    """The eval transform (weights' records, then flags), set on the source; warnings for a resolution or
+    normalisation the weights were not trained with."""
+    if src.reader == "in memory, already transformed":
+        return {"library": "none", "note": "images given in memory, already transformed"}
+    recorded = recorded_preprocessing(loaded)
+    cfg = transform_config(loaded.model, loaded.library, recorded=recorded, **asdict(overrides))
+    for warning in transform_warnings(cfg, recorded):
+        note(warning)
+    if not recorded and loaded.weights == "checkpoint":
+        note(f"the checkpoint records no preprocessing (no safetensors metadata, no training args): using the "
+             f"{next(iter(cfg['sources'].values()))}; pass --img-size/--mean/--std if it was trained otherwise")
+    src.set_transform(build_transform(cfg))
+    return cfg
+
+
+def _describe(loaded: LoadedModel, src: DataSource, cfg: dict[str, Any], names_from: str) -> list[str]:
+    """The first lines of output: the weights, the data and the transform, each with where it came from."""
+    where = f" {src.root}" if src.data and not src.kind.startswith("hfds/") else ""
+    split = f", split {src.split}" if src.split else ""
+    lines = [f"model: {loaded.name} ({loaded.num_classes} classes), {loaded.source}",
+             f"data: {src.kind}{where}{split}: {len(src)} images, {len(src.dataset_classes)} classes; reader: "
+             f"{src.reader}; labels: {src.label_mapping}" + (f"; class names: {names_from}" if names_from else "")]
+    return lines + describe_transform(cfg)
 
 
 def _provenance(model_name: str, loaded: LoadedModel, src: DataSource, cfg: dict[str, Any], precision: str,
                 device: torch.device, limit: int | None) -> dict[str, Any]:
     """The root attributes that say where the features came from (and that --resume must find unchanged)."""
+    ckpt = loaded.checkpoint
     attrs: dict[str, Any] = {
-        "model": model_name, "checkpoint": str(loaded.checkpoint.path.resolve()),
-        "checkpoint_sha256": loaded.checkpoint.sha256, "checkpoint_key": loaded.checkpoint.key,
-        "ema": bool(loaded.checkpoint.ema), "dataset": src.kind, "data": str(src.root.resolve()),
-        "split": src.split or "", "data_fingerprint": src.fingerprint, "precision": precision,
-        "device": device.type, "transform": cfg, "ncaudit_version": __version__, "limit": int(limit or 0),
+        "model": model_name, "weights": loaded.weights, "weights_source": loaded.source,
+        "checkpoint": str(ckpt.path.resolve()) if ckpt else "", "checkpoint_sha256": ckpt.sha256 if ckpt else "",
+        "checkpoint_key": ckpt.key if ckpt else "", "ema": bool(ckpt.ema) if ckpt else False, "dataset": src.kind,
+        "data": src.data, "split": src.split or "", "reader": src.reader, "label_mapping": src.label_mapping,
+        "data_fingerprint": src.fingerprint, "precision": precision, "device": device.type, "transform": cfg,
+        "ncaudit_version": __version__, "limit": int(limit or 0),
+        "seed": loaded.seed if loaded.seed is not None else "",
     }
-    meta = loaded.checkpoint.metadata
+    meta = ckpt.metadata if ckpt else {}
     if meta:
         attrs["checkpoint_metadata"] = meta
-    epoch = meta.get("epoch", "")
+    epoch = meta.get("epoch", "") if loaded.weights == "checkpoint" else "0" if loaded.weights == "random-init" else ""
     if epoch.strip().lstrip("-").isdigit():
         attrs["epoch"] = int(epoch)
     return attrs
@@ -493,14 +583,14 @@ def _run(job: _Job, *, progress: bool, precision_check: int) -> tuple[float, int
 
 def extract(
     model_name: str,
-    checkpoint: str | os.PathLike[str],
-    data: str | os.PathLike[str] | DataSource,
+    weights: Weights | str | os.PathLike[str],
+    data: str | os.PathLike[str] | DataSource | None,
     out: str | os.PathLike[str],
     *,
-    dataset: str = "imagefolder",
+    dataset: str = "folder",
     split: str | None = None,
     class_map: str | os.PathLike[str] | None = None,
-    ema: bool | None = None,
+    transform: TransformOverrides | None = None,
     device: str = "auto",
     precision: str = "auto",
     batch_size: int = 64,
@@ -508,11 +598,6 @@ def extract(
     limit: int | None = None,
     store_dtype: str = "float32",
     precision_check: int = 512,
-    img_size: int | None = None,
-    mean: Sequence[float] | str | None = None,
-    std: Sequence[float] | str | None = None,
-    crop_pct: float | None = None,
-    interpolation: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -520,22 +605,26 @@ def extract(
     channels_last: bool = True,
     layers: Sequence[str] | str | None = None,
     log: Callable[[str], None] | None = None,
+    info: Callable[[str], None] | None = None,
 ) -> ExtractSummary:
-    """Extract penultimate features, labels, logits and the final affine map of a checkpoint over a dataset.
+    """Extract penultimate features, labels, logits and the final affine map of a model over a dataset.
 
     Parameters
     ----------
     model_name
-        timm model name or ``torchvision:NAME``.
-    checkpoint
-        Local ``.pth``/``.pt``/``.bin`` (loaded with ``weights_only=True``) or ``.safetensors`` file.
+        timm model name (with a pretrained tag for ``--pretrained``, e.g. ``resnet50.a1_in1k``), ``hf-hub:ORG/NAME``
+        or ``torchvision:NAME``.
+    weights
+        A :class:`ncaudit.models.Weights` (checkpoint, published weights or random init), or a checkpoint path:
+        ``.pth``/``.pt``/``.bin`` (loaded with ``weights_only=True``) or ``.safetensors``.
     data, dataset, split, class_map
-        See :func:`ncaudit.data.open_dataset`; ``data`` may also be a ready :class:`ncaudit.data.DataSource`
-        (e.g. :func:`ncaudit.data.tensor_source` over in-memory tensors), used as is.
+        See :func:`ncaudit.data.open_samples` and :func:`ncaudit.data.map_labels`; ``data`` may also be a ready
+        :class:`ncaudit.data.DataSource` (e.g. :func:`ncaudit.data.tensor_source` over in-memory tensors), used as is.
     out
         The ``.h5`` cache to write (schema 1).
-    ema
-        Pick EMA (True) or plain (False) weights; None: plain when present.
+    transform
+        Overrides of the eval transform, which otherwise comes from what the weights record (safetensors metadata,
+        training ``args``, the published config), else the model's default (:func:`ncaudit.data.transform_config`).
     device, precision
         ``auto`` = CUDA with bf16 autocast when present, else CPU fp32.
     batch_size, workers, limit
@@ -544,10 +633,8 @@ def extract(
         ``float32`` or ``float16`` for ``/features``.
     precision_check
         When the precision is not fp32, recompute the first K samples in float32 into ``/reference_fp32`` (0: off).
-    img_size, mean, std, crop_pct, interpolation
-        Overrides of the model's eval transform (:func:`ncaudit.data.transform_config`).
     resume, overwrite
-        Continue a partial cache written with the same checkpoint and data; replace an existing file.
+        Continue a partial cache written with the same weights and data; replace an existing file.
     progress
         Show a progress bar on stderr.
     chunk_rows
@@ -557,8 +644,9 @@ def extract(
     layers
         Further layers to store under ``/layers/<name>/features`` (names or ``"a,b"``; see
         :func:`ncaudit.models.resolve_layers`): spatial maps average-pooled, token sequences reduced to the class token.
-    log
-        Called with one-line notes (warnings) as they arise.
+    log, info
+        Called with one-line warnings as they arise; with the lines that say what was loaded and where each
+        transform value came from, before the first image is read.
 
     Returns
     -------
@@ -576,19 +664,27 @@ def extract(
         if log is not None:
             log(msg)
 
-    out = Path(out)
+    out, overrides = Path(out), transform or TransformOverrides()
+    weights = weights if isinstance(weights, Weights) else Weights("checkpoint", checkpoint=Path(weights))
     _check_flags(store_dtype, batch_size, limit, precision_check, workers, resume, overwrite)
     state = _existing_state(out)
     _check_out(out, state, resume=resume, overwrite=overwrite)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    loaded = load_model(model_name, checkpoint, ema=ema, img_size=img_size)
+    src = _open_data(data, dataset, split) if weights.kind == "random-init" else None  # its classes size the head
+    loaded = load_model(model_name, weights, img_size=overrides.img_size,
+                        num_classes=_init_classes(weights, src, class_map) if src is not None else None)
+    src = src if src is not None else _open_data(data, dataset, split)
     loaded.model = loaded.model.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    src, cfg = _open_source(data, loaded, dataset=dataset, split=split, class_map=class_map, transform=dict(
-        img_size=img_size, mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation))
-    class_names = _model_class_names(src, loaded.num_classes, note)
+    class_names, names_from = _label_classes(src, loaded, class_map, note)
+    cfg = _transform_for(src, loaded, overrides, note)
+    for line in _describe(loaded, src, cfg, names_from):
+        (info or (lambda _: None))(line)
+    for remark in src.notes:
+        note(remark)
     n_total = len(src) if limit is None else min(limit, len(src))
     attrs = _provenance(model_name, loaded, src, cfg, prec, dev, limit)
+    attrs["class_names_source"] = names_from
     layer_names = [n for n in (layers.split(",") if isinstance(layers, str) else (layers or ())) if n.strip()]
     pm = PenultimateModel(loaded, layer_names)
     attrs["layers"] = [name for name, _, _ in pm.layers]

@@ -1,5 +1,6 @@
-"""Models for ``ncaudit extract``: build a timm or torchvision classifier, load a local checkpoint into it and find
-its penultimate features and final affine map ``(W, b)``.
+"""Models for ``ncaudit extract``: build a timm or torchvision classifier with its weights (a local checkpoint, the
+library's published weights through its own cache, or a seeded random init) and find its penultimate features and
+final affine map ``(W, b)``.
 
 The penultimate features are the exact input of the affine map that produces the logits. They are captured with
 forward pre-hooks on the classifier module(s) while the model runs its own ``forward``, so the logits stored next to
@@ -10,17 +11,17 @@ logits; extraction stops when it does not.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import os
 import pickle
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import Any
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before timm is imported: never try the network
 
 import numpy as np
 import torch
@@ -45,7 +46,8 @@ class Checkpoint:
 
     ``key`` is the entry of the file the weights came from (``""`` for a bare state dict), ``ema`` whether those are
     EMA weights and ``has_ema`` / ``has_plain`` what else the file held. ``metadata`` holds a safetensors file's
-    metadata, or a pickle's scalar top-level entries (``epoch``, ``arch``, ...), as strings.
+    metadata, or a pickle's scalar top-level entries (``epoch``, ``arch``, ...), as strings; ``args`` the plain
+    values of a training script's ``args`` entry (timm ``train.py``, torchvision's reference scripts).
     """
 
     path: Path
@@ -56,6 +58,7 @@ class Checkpoint:
     has_plain: bool
     has_ema: bool
     metadata: dict[str, str] = field(default_factory=dict)
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 def file_sha256(path: str | os.PathLike[str], block: int = 1 << 22) -> str:
@@ -133,9 +136,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, ema: bool | None = None) ->
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file; give the path of a .pth/.pt/.bin or .safetensors file")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
-        from safetensors import safe_open
 
         try:
             raw: Any = load_file(str(path), device="cpu")
@@ -147,6 +149,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, ema: bool | None = None) ->
         raw = _read_pickle(path)
         metadata = {str(k): str(v) for k, v in raw.items() if isinstance(v, (int, float, str)) and not
                     isinstance(v, bool)} if isinstance(raw, Mapping) and not _is_state_dict(raw) else {}
+    args = _plain_args(raw.get("args")) if isinstance(raw, Mapping) and not _is_state_dict(raw) else {}
     sha = file_sha256(path)
 
     plain: tuple[str, Mapping[str, Any]] | None = None
@@ -175,7 +178,19 @@ def load_checkpoint(path: str | os.PathLike[str], *, ema: bool | None = None) ->
     use_ema = ema is True or (ema is None and plain is None)
     key, state = ema_sd if use_ema else plain  # type: ignore[misc]
     return Checkpoint(path=path, sha256=sha, state_dict=clean_state_dict(state), key=key, ema=use_ema,
-                      has_plain=plain is not None, has_ema=ema_sd is not None, metadata=metadata)
+                      has_plain=plain is not None, has_ema=ema_sd is not None, metadata=metadata, args=args)
+
+
+def _plain_args(args: Any) -> dict[str, Any]:
+    """The numbers, strings and lists of numbers of a training script's ``args`` (a Namespace or a dict)."""
+    items = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, Mapping) else {}
+    out: dict[str, Any] = {}
+    for key, value in items.items():
+        if isinstance(value, (int, float, str)) or value is None:
+            out[str(key)] = value
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+            out[str(key)] = list(value)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -187,29 +202,35 @@ def _split_name(name: str) -> tuple[str, str]:
     return "timm", name
 
 
-def _build(library: str, arch: str, num_classes: int | None, img_size: int | None = None) -> nn.Module:
+def _build(library: str, arch: str, num_classes: int | None, img_size: int | None = None,
+           pretrained: Any = None) -> nn.Module:
+    """Construct the model; ``pretrained`` is True (timm) or a torchvision weights enum member to load published
+    weights through the library's own loading code."""
     kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     if img_size is not None:  # models with a fixed input size (ViTs) take it at construction; others refuse it
         try:
             key = "image_size" if library == "torchvision" else "img_size"
-            return _build_kw(library, arch, {**kwargs, key: img_size})
+            return _build_kw(library, arch, {**kwargs, key: img_size}, pretrained)
         except TypeError:
             pass
-    return _build_kw(library, arch, kwargs)
+    return _build_kw(library, arch, kwargs, pretrained)
 
 
-def _build_kw(library: str, arch: str, kwargs: dict[str, Any]) -> nn.Module:
+def _build_kw(library: str, arch: str, kwargs: dict[str, Any], pretrained: Any = None) -> nn.Module:
     if library == "torchvision":
         import torchvision
         if arch not in torchvision.models.list_models():
             raise InputError(f"unknown torchvision model {arch!r}; see torchvision.models.list_models() "
                              "(e.g. torchvision:resnet18)")
-        return torchvision.models.get_model(arch, weights=None, **kwargs)
+        try:
+            return torchvision.models.get_model(arch, weights=pretrained, **kwargs)
+        except ValueError as exc:  # e.g. an image_size the published weights do not allow
+            raise InputError(f"torchvision:{arch}: {str(exc).splitlines()[0]}") from None
     import timm
-    if not timm.is_model(arch):
+    if not arch.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.is_model(arch):
         raise InputError(f"unknown timm model {arch!r}; see timm.list_models() or prefix torchvision: for a "
                          "torchvision model")
-    return timm.create_model(arch, pretrained=False, **kwargs)
+    return timm.create_model(arch, pretrained=bool(pretrained), **kwargs)
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:
@@ -262,35 +283,133 @@ def _num_classes_from(state: Mapping[str, torch.Tensor], head_name: str, head: n
                      " for this architecture; check --model (the checkpoint may be for another architecture)")
 
 
+WEIGHT_KINDS = ("checkpoint", "pretrained", "random-init")
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Where a model's weights come from: exactly one of a local checkpoint, the library's published weights, or a
+    seeded random initialisation.
+
+    ``kind`` is ``checkpoint`` (``checkpoint`` the file, ``ema`` which copy in it), ``pretrained`` (timm: the tag in
+    the model name or ``hf-hub:ORG/NAME``; torchvision: ``tag`` names a weights enum member, ``DEFAULT`` when None) or
+    ``random-init`` (``torch.manual_seed(seed)`` before construction: an untrained network, reproducibly).
+    """
+
+    kind: str = "checkpoint"
+    checkpoint: Path | None = None
+    ema: bool | None = None
+    tag: str | None = None
+    seed: int = 0
+
+    @classmethod
+    def from_flags(cls, checkpoint: str | os.PathLike[str] | None = None, *, pretrained: bool = False,
+                   random_init: bool = False, weights: str | None = None, ema: bool | None = None,
+                   seed: int = 0) -> Weights:
+        """The weights the CLI flags ask for; exactly one of ``--checkpoint``, ``--pretrained`` (``--weights``
+        implies it), ``--random-init``.
+
+        Raises
+        ------
+        InputError
+            None or several of them, or ``--ema`` without a checkpoint.
+        """
+        chosen = [flag for flag, on in (("--checkpoint", checkpoint is not None),
+                                        ("--pretrained", pretrained or weights is not None),
+                                        ("--random-init", random_init)) if on]
+        if not chosen:
+            raise InputError("say where the weights come from: --checkpoint FILE, --pretrained (the library's "
+                             "published weights) or --random-init (an untrained network)")
+        if len(chosen) > 1:
+            implied = " (--weights implies --pretrained)" if weights is not None and not pretrained else ""
+            raise InputError(f"{' and '.join(chosen)} contradict each other{implied}; give exactly one of "
+                             "--checkpoint, --pretrained, --random-init")
+        if ema is not None and checkpoint is None:
+            raise InputError(f"--ema/--no-ema pick a copy inside a --checkpoint file; drop it with {chosen[0]}")
+        if checkpoint is not None:
+            return cls("checkpoint", checkpoint=Path(checkpoint), ema=ema)
+        if random_init:
+            return cls("random-init", seed=seed)
+        return cls("pretrained", tag=weights)
+
+
 @dataclass
 class LoadedModel:
-    """A model in eval mode with its checkpoint loaded."""
+    """A model in eval mode with its weights loaded.
+
+    ``weights`` is where they came from (one of :data:`WEIGHT_KINDS`) and ``source`` says it in words.
+    ``checkpoint`` is the local file they were read from: the checkpoint, or for published weights the file in the
+    library's cache when it can be found (its state dict is not kept); None for a random init. ``pretrained_cfg`` /
+    ``tv_weights`` are the published weights' timm config or torchvision enum member, and ``imagenet`` the ImageNet
+    label set (a timm ``ImageNetInfo`` subset) the published weights' outputs follow.
+    """
 
     model: nn.Module
     name: str
     library: str
     num_classes: int
-    checkpoint: Checkpoint
+    checkpoint: Checkpoint | None
     heads: list[tuple[str, nn.Module]] = field(default_factory=list)
+    weights: str = "checkpoint"
+    source: str = ""
+    seed: int | None = None
+    pretrained_cfg: dict[str, Any] | None = None
+    tv_weights: Any = None
+    imagenet: str | None = None
 
 
-def load_model(name: str, checkpoint: str | os.PathLike[str] | Checkpoint, *, ema: bool | None = None,
-               img_size: int | None = None) -> LoadedModel:
-    """Build ``name`` (timm name or ``torchvision:NAME``) with the checkpoint's number of classes and load it.
+def load_model(name: str, weights: Weights | str | os.PathLike[str] | Checkpoint, *, ema: bool | None = None,
+               img_size: int | None = None, num_classes: int | None = None) -> LoadedModel:
+    """Build ``name`` (a timm name, ``hf-hub:ORG/NAME`` or ``torchvision:NAME``) with its weights, in eval mode.
 
-    The architecture is first built on the meta device (no memory, no init) to find the classifier, whose weight
-    shape in the checkpoint gives the number of classes K; then it is built for real with ``num_classes=K`` and the
-    state dict is loaded strictly.
+    ``weights`` is a :class:`Weights` or a checkpoint path (``ema`` then picks the copy). A checkpoint gives the
+    number of classes K through its classifier's shape: the architecture is first built on the meta device (no
+    memory, no init) to find the classifier, then for real with ``num_classes=K``, and the state dict is loaded
+    strictly. Published weights come through the library's own loading code and cache (timm ``create_model(...,
+    pretrained=True)``: HF_HOME / HF_HUB_CACHE; torchvision weights enums: TORCH_HOME, read with
+    ``weights_only=True``), honouring HF_HUB_OFFLINE. A random init needs ``num_classes``.
 
     ``img_size`` is passed to constructors that take one (timm ``img_size``, torchvision ``image_size``: ViTs).
 
     Raises
     ------
     InputError
-        Unknown model, no classifier, or a checkpoint that does not fit the architecture.
+        Unknown model, no classifier, a checkpoint that does not fit the architecture, published weights that are
+        neither cached nor downloadable (the message names the cache and the variable).
     """
     library, arch = _split_name(name)
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, ema=ema)
+    if not isinstance(weights, Weights):
+        ckpt = weights if isinstance(weights, Checkpoint) else load_checkpoint(weights, ema=ema)
+        return _from_checkpoint(name, library, arch, ckpt, img_size)
+    if weights.kind == "checkpoint":
+        if weights.checkpoint is None:
+            raise InputError("no checkpoint file given; pass --checkpoint FILE")
+        return _from_checkpoint(name, library, arch, load_checkpoint(weights.checkpoint, ema=weights.ema), img_size)
+    if weights.kind == "random-init":
+        return _random_init(name, library, arch, num_classes, weights.seed, img_size)
+    if weights.kind != "pretrained":
+        raise InputError(f"unknown weights kind {weights.kind!r}; use one of {', '.join(WEIGHT_KINDS)}")
+    if library == "torchvision":
+        return _torchvision_pretrained(name, arch, weights.tag, img_size)
+    if weights.tag is not None:
+        raise InputError(f"--weights {weights.tag}: names torchvision weights; a timm model takes its pretrained tag "
+                         f"in the name, e.g. {arch.split('.')[0]}.a1_in1k (see timm.list_pretrained())")
+    return _timm_pretrained(name, arch, img_size)
+
+
+def _finish(model: nn.Module, name: str, library: str, checkpoint: Checkpoint | None, **extra: Any) -> LoadedModel:
+    """Eval mode, classifier found, number of classes read off it."""
+    model.eval()
+    try:
+        heads = head_modules(model, library)
+    except InputError as exc:
+        raise InputError(f"{name}: {exc}") from None
+    num_classes = _num_classes_from(model.state_dict(), *heads[0])
+    return LoadedModel(model=model, name=name, library=library, num_classes=num_classes, checkpoint=checkpoint,
+                       heads=heads, **extra)
+
+
+def _from_checkpoint(name: str, library: str, arch: str, ckpt: Checkpoint, img_size: int | None) -> LoadedModel:
     try:
         with torch.device("meta"):
             skeleton = _build(library, arch, None, img_size)
@@ -312,9 +431,225 @@ def load_model(name: str, checkpoint: str | os.PathLike[str] | Checkpoint, *, em
         if result.unexpected_keys:
             parts.append(f"{len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[0]}")
         raise InputError(f"{ckpt.path}: weights do not fit {name} ({'; '.join(parts)}); check --model")
-    model.eval()
-    return LoadedModel(model=model, name=name, library=library, num_classes=num_classes, checkpoint=ckpt,
-                       heads=head_modules(model, library))
+    source = f"checkpoint {ckpt.path}" + (f" ({ckpt.key}, EMA weights)" if ckpt.ema else "")
+    return _finish(model, name, library, ckpt, weights="checkpoint", source=source)
+
+
+def _random_init(name: str, library: str, arch: str, num_classes: int | None, seed: int,
+                 img_size: int | None) -> LoadedModel:
+    if num_classes is None or num_classes < 1:
+        raise InputError(f"{name}: --random-init needs the number of classes (taken from the dataset)")
+    with torch.random.fork_rng(devices=[]):  # a reproducible init that leaves the caller's RNG alone
+        torch.manual_seed(seed)
+        model = _build(library, arch, num_classes, img_size)
+    return _finish(model, name, library, None, weights="random-init", seed=seed,
+                   source=f"random init (torch.manual_seed({seed}))")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Published weights, through the libraries' own caches
+# ---------------------------------------------------------------------------------------------------------------------
+def hub_offline() -> bool:
+    """Whether the user declared the machine offline (``HF_HUB_OFFLINE``, as huggingface_hub read it)."""
+    try:
+        from huggingface_hub import constants
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+        return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hf_cache() -> str:
+    from huggingface_hub import constants
+    return str(constants.HF_HUB_CACHE)
+
+
+def _torch_hub_file(url: str) -> Path:
+    """Where ``torch.hub.load_state_dict_from_url`` keeps ``url``: ``$TORCH_HOME/hub/checkpoints/<file name>``."""
+    from urllib.parse import urlparse
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def _weights_file(path: Path) -> Checkpoint:
+    """A record of a cached weights file (path and sha256; the weights themselves are in the model)."""
+    return Checkpoint(path=path, sha256=file_sha256(path), state_dict={}, key="", ema=False, has_plain=True,
+                      has_ema=False)
+
+
+def _timm_origin(arch: str) -> tuple[str, str]:
+    """``(where the published weights live, "hf" or "url")`` for a timm name, before anything is loaded."""
+    for prefix in ("hf-hub:", "hf_hub:"):
+        if arch.startswith(prefix):
+            return arch[len(prefix):], "hf"
+    try:
+        import timm
+        cfg = timm.models.get_pretrained_cfg(arch)
+    except (RuntimeError, ValueError, KeyError):  # an unknown tag: timm's own error follows at build time
+        cfg = None
+    if cfg is not None and getattr(cfg, "hf_hub_id", None):
+        return str(cfg.hf_hub_id), "hf"
+    if cfg is not None and getattr(cfg, "url", None):
+        return str(cfg.url), "url"
+    return arch, "hf"
+
+
+def _hub_error(name: str, arch: str, exc: BaseException) -> InputError:
+    """One line naming what failed, the cache that was looked in and the variable that controls it."""
+    where, kind = _timm_origin(arch)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, RuntimeError) and ("pretrained tag" in text or "No pretrained weights" in text):
+        base = arch.split(":")[-1].split(".")[0]
+        return InputError(f"{name}: {text.rstrip('.')}; see timm.list_pretrained('{base}*') for the published "
+                          "weights, or use --checkpoint / --random-init")
+    if kind == "url":
+        cache, variable = str(Path(torch.hub.get_dir()) / "checkpoints"), "TORCH_HOME"
+    else:
+        cache, variable = _hf_cache(), "HF_HUB_CACHE (or HF_HOME)"
+    missing = type(exc).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or hub_offline()
+    if missing and hub_offline():
+        return InputError(f"{name}: the published weights ({where}) are not in the cache {cache} and HF_HUB_OFFLINE=1 "
+                          f"forbids downloading them; unset HF_HUB_OFFLINE to download them once, or set {variable} "
+                          "to a cache that holds them")
+    if type(exc).__name__ in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):
+        return InputError(f"{name}: the hub refuses {where} ({text}); check the name, or log in for a gated repo")
+    return InputError(f"{name}: could not load the published weights ({where}) into {cache} ({text}); check the "
+                      f"network, or set {variable} to a cache that holds them and HF_HUB_OFFLINE=1")
+
+
+def _timm_weights_file(cfg: Mapping[str, Any]) -> Path | None:
+    """The cached file timm loaded the published weights from, when it can be found."""
+    hub_id = cfg.get("hf_hub_id")
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+        repo, _, revision = str(hub_id).partition("@")
+        for filename in (cfg.get("hf_hub_filename"), "model.safetensors", "pytorch_model.bin",
+                         "open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            found = try_to_load_from_cache(repo, filename, revision=revision or None) if filename else None
+            if isinstance(found, str) and os.path.isfile(found):
+                return Path(found)
+    if cfg.get("url"):
+        path = _torch_hub_file(str(cfg["url"]))
+        return path if path.is_file() else None
+    return None
+
+
+def _timm_pretrained(name: str, arch: str, img_size: int | None) -> LoadedModel:
+    try:
+        model = _build("timm", arch, None, img_size, pretrained=True)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - hub, network (httpx) and tag errors all surface here
+        raise _hub_error(name, arch, exc) from None
+    from timm.data import infer_imagenet_subset
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    path = _timm_weights_file(cfg)
+    where = cfg.get("hf_hub_id") or cfg.get("url") or arch
+    source = f"timm published weights {where}" + (f" ({path})" if path else "")
+    return _finish(model, name, "timm", _weights_file(path) if path else None, weights="pretrained", source=source,
+                   pretrained_cfg=cfg, imagenet=infer_imagenet_subset(model))
+
+
+def _torchvision_member(name: str, arch: str, tag: str | None) -> Any:
+    """The weights enum member ``tag`` (``DEFAULT`` when None; ``ResNet50_Weights.X`` or ``X``, any case)."""
+    import torchvision
+    if arch not in torchvision.models.list_models():
+        raise InputError(f"unknown torchvision model {arch!r}; see torchvision.models.list_models() "
+                         "(e.g. torchvision:resnet18)")
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+    except (ValueError, KeyError):
+        raise InputError(f"{name}: torchvision publishes no weights for this model; use --checkpoint or "
+                         "--random-init") from None
+    key = (tag or "DEFAULT").split(".")[-1].upper()
+    try:
+        return enum[key]
+    except KeyError:
+        raise InputError(f"--weights {tag}: {enum.__name__} has {', '.join(m.name for m in enum)} (or "
+                         "DEFAULT)") from None
+
+
+def _fetch_torch_hub(name: str, member: Any, path: Path) -> None:
+    """Download ``member``'s file into the TORCH_HOME cache (hash-checked as torchvision does), unless offline."""
+    label = f"{type(member).__name__}.{member.name}"
+    if hub_offline():
+        raise InputError(f"{name}: the {label} weights are not in TORCH_HOME's cache ({path}) and HF_HUB_OFFLINE=1 "
+                         "forbids downloading them; unset HF_HUB_OFFLINE to download them once, or set TORCH_HOME to "
+                         f"a directory whose hub/checkpoints/ holds {path.name}")
+    match = torch.hub.HASH_REGEX.search(path.name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(member.url, str(path), match.group(1) if match else None, progress=True)
+    except Exception as exc:  # noqa: BLE001 - network, disk or hash errors
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{name}: could not download the {label} weights to {path} ({text}); check the network, "
+                         f"or set TORCH_HOME to a directory whose hub/checkpoints/ holds {path.name}") from None
+
+
+@contextlib.contextmanager
+def _serving(state: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Let torchvision's builders receive ``state`` (read with ``weights_only=True``) instead of unpickling the
+    cached file themselves (``load_state_dict_from_url`` does so with ``weights_only=False``)."""
+    from unittest import mock
+
+    import torchvision.models._api as api
+    with mock.patch.object(api, "load_state_dict_from_url", lambda *args, **kwargs: dict(state)):
+        yield
+
+
+def _torchvision_pretrained(name: str, arch: str, tag: str | None, img_size: int | None) -> LoadedModel:
+    member = _torchvision_member(name, arch, tag)
+    path = _torch_hub_file(member.url)
+    if not path.is_file():
+        _fetch_torch_hub(name, member, path)
+    ckpt = load_checkpoint(path)
+    with _serving(ckpt.state_dict):
+        model = _build("torchvision", arch, None, img_size, pretrained=member)
+    categories = list(member.meta.get("categories") or [])
+    imagenet = "imagenet-1k" if member.name.startswith("IMAGENET1K") and len(categories) == 1000 else None
+    return _finish(model, name, "torchvision", dataclass_replace(ckpt, state_dict={}), weights="pretrained",
+                   source=f"torchvision {type(member).__name__}.{member.name} ({path})", tv_weights=member,
+                   imagenet=imagenet)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What the weights say about their classes and their preprocessing
+# ---------------------------------------------------------------------------------------------------------------------
+def imagenet_subset_for(num_classes: int) -> str | None:
+    """The timm ``ImageNetInfo`` subset with ``num_classes`` classes (1000: ``imagenet-1k``), or None."""
+    from timm.data import infer_imagenet_subset
+    return infer_imagenet_subset({"num_classes": num_classes})
+
+
+def imagenet_classes(subset: str) -> tuple[list[str], list[str]]:
+    """``(names, synsets)`` of an ImageNet subset in model order, from timm's ``ImageNetInfo``: each name is the
+    synset and its description, e.g. ``"n01440764 tench, Tinca tinca"``."""
+    from timm.data import ImageNetInfo
+    info = ImageNetInfo(subset)
+    synsets = [str(s) for s in info.label_names()]
+    return [f"{s} {info.label_name_to_description(s)}" for s in synsets], synsets
+
+
+def recorded_preprocessing(loaded: LoadedModel) -> list[tuple[str, dict[str, Any]]]:
+    """What the weights themselves record about how their images were prepared, as ``(source, raw values)``
+    pairs, lowest priority first: a timm ``pretrained_cfg``, a torchvision enum's ``transforms()``, a checkpoint's
+    training ``args`` and its (safetensors) metadata. The values are raw; :mod:`ncaudit.data` interprets them."""
+    hints: list[tuple[str, dict[str, Any]]] = []
+    if loaded.weights == "pretrained" and loaded.pretrained_cfg:
+        cfg = loaded.pretrained_cfg
+        hints.append((f"pretrained_cfg of {cfg.get('hf_hub_id') or cfg.get('architecture', loaded.name)}", dict(cfg)))
+    if loaded.tv_weights is not None:
+        member = loaded.tv_weights
+        tf = member.transforms()
+        crop, resize = int(tf.crop_size[0]), int(tf.resize_size[0])
+        hints.append((f"{type(member).__name__}.{member.name}.transforms()", {
+            "input_size": [3, crop, crop], "crop_pct": crop / resize, "mean": list(tf.mean), "std": list(tf.std),
+            "interpolation": getattr(tf.interpolation, "value", str(tf.interpolation)), "crop_mode": "center"}))
+    ckpt = loaded.checkpoint
+    if loaded.weights == "checkpoint" and ckpt is not None:
+        if ckpt.args:
+            hints.append(("checkpoint args", dict(ckpt.args)))
+        if ckpt.metadata:
+            hints.append(("checkpoint metadata", dict(ckpt.metadata)))
+    return hints
 
 
 # ---------------------------------------------------------------------------------------------------------------------

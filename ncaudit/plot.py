@@ -5,30 +5,26 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ncaudit.errors import InputError
 from ncaudit.trajectory import TrajectoryRow, split_order
 
-#: (title, [(metric key, legend)], log scale) per panel.
-PANELS: list[tuple[str, list[tuple[str, str]], bool]] = [
-    ("accuracy", [("accuracy", "classifier"), ("ncc_accuracy", "nearest class mean")], False),
-    ("NC1: tr(Σ_W Σ_B†)/C", [("nc1", "NC1")], True),
-    ("NC2: equinorm (std/mean)", [("nc2_equinorm_means", "means"), ("nc2_equinorm_classifier", "classifier")], True),
+#: (title, [(metric key, legend)], log scale, y-axis label) per panel.
+PANELS: list[tuple[str, list[tuple[str, str]], bool, str]] = [
+    ("accuracy", [("accuracy", "classifier"), ("ncc_accuracy", "nearest class mean")], False, "accuracy"),
+    ("NC1: tr(Σ_W Σ_B†)/C", [("nc1", "NC1")], True, "within / between-class spread"),
+    ("NC2: equinorm (std/mean)", [("nc2_equinorm_means", "means"), ("nc2_equinorm_classifier", "classifier")], True,
+     "std / mean of the norms"),
     ("NC2: equiangle (std cos)", [("nc2_equiangle_means", "means"), ("nc2_equiangle_classifier", "classifier")],
-     True),
-    ("NC3: ‖W/‖W‖ − M/‖M‖‖²", [("nc3", "NC3")], True),
-    ("NC4: classifier ≠ NCC", [("nc4", "NC4")], False),
+     True, "std of the pairwise cosines"),
+    ("NC3: ‖W/‖W‖ − M/‖M‖‖²", [("nc3", "NC3")], True, "squared distance"),
+    ("NC4: classifier ≠ nearest class mean", [("nc4", "NC4")], False, "fraction of samples"),
 ]
+TRAIN = ("train", "training")
 
 
-def plot_trajectory(rows: Sequence[TrajectoryRow], path: str | Path, title: str | None = None) -> Path:
-    """Draw one panel per NC property against the epoch (or checkpoint index); train solid, other splits dashed.
-
-    Raises
-    ------
-    InputError
-        matplotlib is not installed, or the file cannot be written.
-    """
+def _matplotlib() -> Any:
     try:
         import matplotlib
 
@@ -37,11 +33,59 @@ def plot_trajectory(rows: Sequence[TrajectoryRow], path: str | Path, title: str 
     except ImportError:
         raise InputError("--plot needs matplotlib, which is not installed; pip install 'ncaudit[plot]' "
                          "(or drop --plot)") from None
+    return plt
+
+
+def _x_axis(ax: Any, rows: Sequence[TrajectoryRow], xs: list[float], use_epochs: bool) -> None:
+    """Ticks at the checkpoints themselves (few of them), a symlog scale when epochs span decades from 0 or 1."""
+    if not use_epochs:
+        ax.set_xticks(xs, [r.label for r in rows], rotation=30 if len(xs) > 3 else 0, fontsize=7)
+        ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
+        return
+    ax.set_xlabel("epoch")
+    lo, hi = min(xs), max(xs)
+    positive = sorted(x for x in xs if x > 0)
+    if len(xs) >= 3 and lo >= 0 and positive and hi > 20 * positive[0]:
+        ax.set_xscale("symlog", linthresh=1)  # epochs 0, 1, 5, 50, 200 all visible
+        ax.set_xlim(lo, hi * 1.3)
+    else:
+        pad = 0.05 * (hi - lo) if hi > lo else 1.0
+        ax.set_xlim(lo - pad, hi + pad)
+    if len(xs) <= 10:  # label the checkpoints themselves, nothing in between
+        from matplotlib.ticker import NullLocator
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.xaxis.set_minor_locator(NullLocator())
+
+
+def _log_y(ax: Any, values: list[float]) -> None:
+    """A log axis from the decade below the smallest point to the decade above the largest, so that every point,
+    the last and smallest included, sits between labelled ticks."""
+    from matplotlib.ticker import LogFormatterSciNotation, LogLocator
+    ax.set_yscale("log")
+    lo, hi = math.floor(math.log10(min(values))), math.ceil(math.log10(max(values)))
+    hi = max(hi, lo + 1)
+    ax.set_ylim(10.0 ** lo, 10.0 ** hi)
+    ax.yaxis.set_major_locator(LogLocator(base=10, numticks=hi - lo + 2))
+    if hi - lo <= 2:  # few decades: label 2 and 5 as well
+        ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0), numticks=12))
+        ax.yaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(3, 3)))
+
+
+def trajectory_figure(rows: Sequence[TrajectoryRow], title: str | None = None) -> Any:
+    """The figure: one panel per NC property against the epoch (or checkpoint); train solid, other splits dashed.
+
+    Raises
+    ------
+    InputError
+        matplotlib is not installed.
+    """
+    plt = _matplotlib()
     use_epochs = all(r.epoch is not None for r in rows) and len({r.epoch for r in rows}) == len(rows)
-    xs = [r.epoch if use_epochs else i for i, r in enumerate(rows)]
+    xs = [float(r.epoch) if use_epochs else float(i) for i, r in enumerate(rows)]  # type: ignore[arg-type]
     splits = split_order(rows)
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
-    for ax, (panel_title, series, log) in zip(axes.flat, PANELS):
+    for ax, (panel_title, series, log, ylabel) in zip(axes.flat, PANELS):
+        plotted: list[float] = []
         for key, legend in series:
             # Classifier-only metrics do not depend on the split: one line.
             for split in (splits[:1] if key.endswith("_classifier") else splits):
@@ -49,25 +93,33 @@ def plot_trajectory(rows: Sequence[TrajectoryRow], path: str | Path, title: str 
                 pts = [(x, v) for x, v in pts if v is not None and math.isfinite(v) and (v > 0 or not log)]
                 if not pts:
                     continue
-                style = "-" if split in ("train", "training") or len(splits) == 1 else "--"
+                style = "-" if split in TRAIN or len(splits) == 1 else "--"
                 label = f"{legend} ({split})" if len(splits) > 1 and not key.endswith("_classifier") else legend
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", markersize=3, label=label)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", markersize=4, label=label)
+                plotted += [p[1] for p in pts]
         ax.set_title(panel_title, fontsize=10)
-        if log:
-            ax.set_yscale("log")
-        if use_epochs:
-            ax.set_xlabel("epoch")
-            if min(xs) >= 0 and max(xs) > 10 * max(1, sorted(xs)[1] if len(xs) > 1 else 1):
-                ax.set_xscale("symlog", linthresh=1)  # epochs 0, 1, 5, 50, 200 all visible
-            if len(set(xs)) > 1:
-                ax.set_xlim(min(xs) - 0.05 * (max(xs) - min(xs)) if min(xs) < 0 else min(xs), max(xs) * 1.15)
-        else:
-            ax.set_xticks(xs, [r.label for r in rows], rotation=30, fontsize=7)
+        ax.set_ylabel(ylabel, fontsize=9)
+        if log and plotted:
+            _log_y(ax, plotted)
+        _x_axis(ax, rows, xs, use_epochs)
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def plot_trajectory(rows: Sequence[TrajectoryRow], path: str | Path, title: str | None = None) -> Path:
+    """Draw :func:`trajectory_figure` into a PNG at ``path``.
+
+    Raises
+    ------
+    InputError
+        matplotlib is not installed, or the file cannot be written.
+    """
+    fig = trajectory_figure(rows, title)
+    plt = _matplotlib()
     out = Path(path)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rich import box
@@ -13,7 +14,13 @@ from rich.text import Text
 
 from ncaudit.audit import AuditResult, json_safe, result_to_json
 from ncaudit.trajectory import COLUMNS as TRAJECTORY_COLUMNS
-from ncaudit.trajectory import TrajectoryRow, rows_to_json, split_order
+from ncaudit.trajectory import (
+    NARROW_COLUMNS,
+    PER_SPLIT,
+    TrajectoryRow,
+    rows_to_json,
+    split_order,
+)
 
 #: (group title, [(metric key, one-line meaning)]) in table order.
 GROUPS: list[tuple[str, list[tuple[str, str]]]] = [
@@ -63,6 +70,28 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def fmt_compact(value: Any) -> str:
+    """A value in at most 7 characters, 3 significant digits: ``0.0131``, ``0.997``, ``8.60e-4``, ``1.23e4``."""
+    if not isinstance(value, float) or value == 0 or not math.isfinite(value):
+        return fmt(value)
+    if 1e-2 <= abs(value) < 1e3:
+        return f"{value:.3g}"
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def column_format(values: Sequence[Any]) -> Callable[[Any], str]:
+    """One format for a whole column: fixed decimals (3 significant digits on the smallest value) when every value
+    lies in [1e-3, 1e5), else scientific notation for all."""
+    nonzero = [abs(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v) and v != 0]
+    if not nonzero:
+        return lambda v: fmt(v)
+    if min(nonzero) >= 1e-3 and max(nonzero) < 1e5:
+        decimals = max(0, min(6, 2 - math.floor(math.log10(min(nonzero)))))
+        return lambda v: "—" if v is None else f"{v:.{decimals}f}"
+    return lambda v: "—" if v is None else f"{v:.2e}"
+
+
 def render_json(result: AuditResult) -> str:
     """The JSON report, strict (no NaN / Infinity tokens), indented."""
     return json.dumps(result_to_json(result), indent=2, allow_nan=False)
@@ -102,9 +131,13 @@ def per_class_table(result: AuditResult, limit: int | None = None) -> Table:
     if not has_names:
         columns = [c for c in columns if c[0] != "name"]
     for key, label in columns:
-        table.add_column(label, justify="left" if key == "name" else "right", no_wrap=True)
+        if key == "name":
+            table.add_column(label, justify="left", overflow="ellipsis", max_width=32, no_wrap=True)
+        else:
+            table.add_column(label, justify="right", no_wrap=True)
+    formats = {key: column_format([r.get(key) for r in rows]) for key, _ in columns}
     for r in rows:
-        table.add_row(*(str(r.get(key, "")) if key in ("class", "name", "count") else fmt(r[key], 3)
+        table.add_row(*(str(r.get(key, "")) if key in ("class", "name", "count") else formats[key](r.get(key))
                         for key, _ in columns))
     return table
 
@@ -144,6 +177,9 @@ def render_table(result: AuditResult, console: Console, *, per_class: bool = Fal
         header.append("   " + " · ".join(extras), style="dim")
     if result.details.get("normalized"):
         header.append("   (normalized features and classifier)", style="yellow")
+    partial = result.details.get("partial")
+    if partial:
+        header.append(f"\npartial: {partial['rows']} of {partial['of']} rows", style="bold yellow")
     parts: list[Any] = [header, metrics_table(result)]
     if per_class:
         parts.append(per_class_table(result))
@@ -157,26 +193,38 @@ def render_table(result: AuditResult, console: Console, *, per_class: bool = Fal
         console.print(Text(verdict, style="green" if result.passed else "bold red"))
 
 
-def trajectory_table(rows: Sequence[TrajectoryRow], *, layers: bool = False) -> Group:
-    """One row per checkpoint; accuracy, NC1 and NC4 per split side by side, the rest on the primary split.
+def _trajectory_columns(splits: list[str], wide: bool) -> list[tuple[str, str | None, str]]:
+    """``(metric key, split or None, header)`` of the trajectory table: the narrow set fits 80 columns."""
+    columns = []
+    for key, header in TRAJECTORY_COLUMNS:
+        if not wide and key not in NARROW_COLUMNS:
+            continue
+        per_split = key in PER_SPLIT and len(splits) > 1 and (wide or key != "nc4")
+        for split in splits if per_split else [None]:
+            columns.append((key, split, f"{header}\n{split}" if split else header))
+    return columns
 
-    With ``layers``, a second table gives the per-layer NC1 of the last cache (collapse through depth).
+
+def trajectory_table(rows: Sequence[TrajectoryRow], *, layers: bool = False, wide: bool = False) -> Group:
+    """One row per checkpoint; accuracy and NC1 per split side by side, the rest on the primary split.
+
+    The default columns (accuracy, NC1, NC2 of the means, NC3, NC4) fit an 80-column terminal; ``wide`` adds NC2 of
+    the classifier, NC4 of every split, term (B), the LS distance and the precision floor. With ``layers``, a second
+    table gives the per-layer NC1 of the last cache (collapse through depth).
     """
     splits = split_order(rows)
-    per_split = {"accuracy", "nc1", "nc4"}
-    table = Table(title="trajectory", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    table.add_column("checkpoint", no_wrap=True)
-    columns: list[tuple[str, str | None]] = []
-    for key, header in TRAJECTORY_COLUMNS:
-        targets = splits if key in per_split and len(splits) > 1 else [None]
-        for split in targets:
-            values = [r.value(f"{split}.{key}" if split else key) for r in rows]
-            if all(v is None for v in values) and key == "nc1_precision_floor":
-                continue
-            columns.append((key, split))
-            table.add_column(f"{header}\n{split}" if split else header, justify="right", no_wrap=True)
+    # One space of padding (plus the box's column divider) between columns: the narrow set stays within 80.
+    table = Table(title="trajectory", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 0, 0, 1))
+    table.add_column("checkpoint", no_wrap=max(len(r.label) for r in rows) <= 24, overflow="fold")
+    columns = []
+    for key, split, header in _trajectory_columns(splits, wide):
+        values = [r.value(f"{split}.{key}" if split else key) for r in rows]
+        if all(v is None for v in values) and key == "nc1_precision_floor":
+            continue
+        columns.append((key, split))
+        table.add_column(header, justify="right", no_wrap=True)
     for r in rows:
-        table.add_row(r.label, *(fmt(r.value(f"{s}.{k}" if s else k), 3) for k, s in columns))
+        table.add_row(r.label, *(fmt_compact(r.value(f"{s}.{k}" if s else k)) for k, s in columns))
     parts: list[Any] = [table]
     if layers and rows and rows[-1].primary.layers:
         last = rows[-1]

@@ -18,20 +18,24 @@ from typing import Any
 from ncaudit.audit import METRIC_KEYS, AuditResult
 from ncaudit.checks import evaluate, parse_checks
 
-#: Columns of the trajectory table, in order: (metric key, header).
+#: Columns of the trajectory table, in order: (metric key, header). Accuracy, NC1 and NC4 get one column per split.
 COLUMNS: list[tuple[str, str]] = [
     ("accuracy", "acc"),
     ("nc1", "NC1"),
-    ("nc2_equinorm_means", "equinorm μ"),
-    ("nc2_equinorm_classifier", "equinorm W"),
-    ("nc2_equiangle_means", "equiangle μ"),
-    ("nc2_equiangle_classifier", "equiangle W"),
+    ("nc2_equinorm_means", "NC2\nnorm μ"),
+    ("nc2_equinorm_classifier", "NC2\nnorm W"),
+    ("nc2_equiangle_means", "NC2\nangle μ"),
+    ("nc2_equiangle_classifier", "NC2\nangle W"),
     ("nc3", "NC3"),
     ("nc4", "NC4"),
     ("mse_term_b", "term B"),
     ("ls_distance", "LS dist"),
     ("nc1_precision_floor", "floor"),
 ]
+#: The columns that fit an 80-column terminal (``--wide`` shows every column, ``--json`` every metric).
+NARROW_COLUMNS = ("accuracy", "nc1", "nc2_equinorm_means", "nc2_equiangle_means", "nc3", "nc4")
+#: Metrics shown for every split side by side (in the narrow table NC4 only for the primary split).
+PER_SPLIT = ("accuracy", "nc1", "nc4")
 
 _EPOCH_PATTERN = re.compile(r"(?:^|[^a-z])(?:epoch|ep|e)[_-]?(\d+)(?:[^0-9]|$)", re.IGNORECASE)
 TRAIN_SPLITS = ("train", "training")
@@ -92,15 +96,13 @@ def _metadata(source: dict[str, Any]) -> dict[str, Any]:
 
 
 def split_of(source: dict[str, Any]) -> str:
-    """The dataset split of a cache: its ``split`` attribute, else ``train``/``test``/``val`` in its file name."""
+    """The dataset split of a cache: its ``split`` attribute (``extract --split``, or the dataset's own), else the
+    name of its data directory when that names a split (``.../val``), else ``data``. Never the cache's file name."""
     split = source.get("split")
     if split:
         return str(split)
-    stem = Path(str(source.get("path", ""))).stem.lower()
-    for name in ("train", "test", "val"):
-        if name in re.split(r"[^a-z]+", stem):
-            return name
-    return "data"
+    from ncaudit.data import SPLIT_NAMES
+    return SPLIT_NAMES.get(Path(str(source.get("data") or "")).name.lower(), "data")
 
 
 def build_rows(results: Sequence[AuditResult]) -> list[TrajectoryRow]:
@@ -109,7 +111,8 @@ def build_rows(results: Sequence[AuditResult]) -> list[TrajectoryRow]:
     for result in results:
         src = result.source
         checkpoint = src.get("checkpoint") or None
-        key = str(src.get("checkpoint_sha256") or checkpoint or src.get("path"))
+        init = f"{src.get('model')} {src.get('weights_source')}" if src.get("weights") == "random-init" else ""
+        key = str(src.get("checkpoint_sha256") or checkpoint or init or src.get("path"))
         split = split_of(src)
         row = rows.get(key)
         if row is None or split in row.splits:
@@ -118,6 +121,8 @@ def build_rows(results: Sequence[AuditResult]) -> list[TrajectoryRow]:
             epoch = epoch_of(src)
             if epoch is not None:
                 label = f"epoch {epoch}"
+            elif src.get("weights") == "pretrained":  # the cached file is model.safetensors: name the model
+                label = str(src.get("model"))
             else:
                 label = Path(str(checkpoint or src.get("path", "?"))).stem
             row = rows[key] = TrajectoryRow(key=key, label=label, epoch=epoch, checkpoint=checkpoint)

@@ -1,5 +1,10 @@
+import os
 import sys
 from pathlib import Path
+
+# Tests never reach the network: huggingface_hub and datasets read these when first imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import pytest
 

@@ -49,3 +49,29 @@ def test_demo_without_fixtures_is_a_clear_error(tmp_path):
     res = runner.invoke(app, ["demo", "--fixtures", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2
     assert "fixtures not found" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_demo_output_fits_80_columns(demo_run):
+    """The demo's explanation and trajectory table at 80 columns: wrapped prose, no ellipsis, every value shown."""
+    import io
+
+    from rich.console import Console
+
+    from ncaudit.audit import AuditOptions, audit
+    from ncaudit.demo import EXPLANATION
+    from ncaudit.report import fmt_compact, trajectory_table
+    from ncaudit.trajectory import build_rows
+
+    _, out = demo_run
+    rows = build_rows([audit(p, AuditOptions(device="cpu")) for p in sorted((out / "caches").glob("*.h5"))])
+    console = Console(width=80, file=io.StringIO(), record=True, color_system=None)
+    console.print(EXPLANATION)
+    console.print(trajectory_table(rows))
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert "\n\n" in EXPLANATION and all(len(p) > 200 for p in EXPLANATION.split("\n\n"))  # paragraphs, unwrapped
+    for row in rows:
+        assert row.label in text
+        for key in ("accuracy", "test.accuracy", "nc1", "test.nc1", "nc2_equinorm_means", "nc2_equiangle_means",
+                    "nc3", "nc4"):
+            assert fmt_compact(row.value(key)) in text, (row.label, key)

@@ -43,19 +43,22 @@ def assert_least_squares_exact(result, h, y, w, b, rtol=RTOL):
 
 @pytest.fixture(scope="module")
 def digits_extract(tmp_path_factory):
-    """extract on the bundled digits (train split) with the fixtures' transform, as a factory."""
+    """extract on the bundled digits (train split), as a factory; the bundled checkpoints record their own
+    preprocessing, other weights get the fixtures' (32 px, mean 0.5, std 0.25)."""
+    from ncaudit.data import TransformOverrides
     from ncaudit.demo import default_fixtures, load_manifest
     from ncaudit.extract import extract
 
     fixtures = default_fixtures()
     t = load_manifest(fixtures)["transform"]
+    fixture_transform = TransformOverrides(img_size=t["img_size"], mean=t["mean"], std=t["std"],
+                                           crop_pct=t["crop_pct"], interpolation=t["interpolation"])
     out = tmp_path_factory.mktemp("exact_ls")
 
-    def run(model, checkpoint, name, img_size=t["img_size"]):
+    def run(model, checkpoint, name, recorded=True, **kw):
         path = out / f"{name}.h5"
         extract(model, checkpoint, fixtures / "digits", path, split="train", device="cpu", precision="fp32",
-                workers=0, progress=False, img_size=img_size, mean=t["mean"], std=t["std"], crop_pct=t["crop_pct"],
-                interpolation=t["interpolation"], overwrite=True)
+                workers=0, progress=False, transform=None if recorded else fixture_transform, overwrite=True, **kw)
         return path
 
     return fixtures, out, run
@@ -80,7 +83,7 @@ def test_random_init_timm_networks(digits_extract, arch):
     model = timm.create_model(arch, pretrained=False, num_classes=10)
     checkpoint = out / f"{arch}.pth"
     torch.save(model.state_dict(), checkpoint)
-    path = run(arch, checkpoint, arch, img_size=32)
+    path = run(arch, checkpoint, arch, recorded=False)
     h, y, w, b = read_cache(path)
     result = audit(path, AuditOptions(device="cpu"))
     assert_least_squares_exact(result, h, y, w, b)
@@ -173,17 +176,9 @@ def test_error_estimate_tracks_the_actual_error():
 
 def test_layers_of_the_bundled_network(digits_extract):
     """report --layers: every layer's NC1 / NCC accuracy from the same float64 statistics, against the reference."""
-    from ncaudit.extract import extract
-
-    fixtures, out, _ = digits_extract
-    from ncaudit.demo import load_manifest
-
-    t = load_manifest(fixtures)["transform"]
-    path = out / "layers.h5"
-    extract("test_resnet", fixtures / "checkpoints" / "test_resnet_digits_e200.safetensors", fixtures / "digits", path,
-            split="train", device="cpu", precision="fp32", workers=0, progress=False, img_size=t["img_size"],
-            mean=t["mean"], std=t["std"], crop_pct=t["crop_pct"], interpolation=t["interpolation"],
-            layers="layer1,layer2,layer3", overwrite=True)
+    fixtures, _, run = digits_extract
+    path = run("test_resnet", fixtures / "checkpoints" / "test_resnet_digits_e200.safetensors", "layers",
+               layers="layer1,layer2,layer3")
     result = audit(path, AuditOptions(device="cpu", layers=[]))
     with FeatureCache(path) as cache:
         batches = list(cache.iter_batches(1 << 16, layers=list(cache.info.layers)))

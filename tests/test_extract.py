@@ -17,10 +17,12 @@ from extract_fixtures import CLASSES, make_image_folder, timm_model, torchvision
 from ncaudit import store
 from ncaudit.cli import app
 from ncaudit.errors import InputError
+from ncaudit.data import TransformOverrides
 from ncaudit.extract import extract
+from ncaudit.models import Weights
 from ncaudit.store import FeatureCache
 
-FAST = dict(img_size=32, workers=0, progress=False, batch_size=8)
+FAST = dict(transform=TransformOverrides(img_size=32), workers=0, progress=False, batch_size=8)
 N_IMAGES = 3 * 8 + 2
 
 
@@ -95,7 +97,8 @@ def test_each_checkpoint_form_gives_identical_features(images: Path, reference: 
 def test_ema_picks_the_right_weights(images: Path, tmp_path: Path) -> None:
     plain, ema = timm_model(seed=0).state_dict(), timm_model(seed=1).state_dict()
     torch.save({"state_dict": plain, "state_dict_ema": ema}, tmp_path / "both.pth")
-    s = extract("test_resnet", tmp_path / "both.pth", images, tmp_path / "e.h5", ema=True, limit=8, **FAST)
+    s = extract("test_resnet", Weights(checkpoint=tmp_path / "both.pth", ema=True), images, tmp_path / "e.h5",
+                limit=8, **FAST)
     assert s.n_samples == 8
     with FeatureCache(tmp_path / "e.h5") as cache:
         w, _ = cache.classifier()
@@ -257,11 +260,13 @@ def _cli(*args: str) -> tuple[int, str, str]:
 
 
 def _assert_usage_error(code: int, out: str, err: str, pattern: str) -> None:
+    """Exit 2, nothing on stdout, and one error line, the last one (what was loaded may be said before it)."""
     assert code == 2, err
     assert out == ""
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err
-    assert pattern in err, err
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in err, err
+    assert pattern in errors[0], err
 
 
 def test_cli_bad_inputs_exit_2_with_one_line(images: Path, ckpt: Path, tmp_path: Path) -> None:

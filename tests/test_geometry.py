@@ -107,15 +107,14 @@ def test_per_class_block_table_and_json(cache_path):
 
 
 def test_collapse_through_depth_on_the_digits(tmp_path):
-    """extract --layers on the bundled network, then report --layers and trajectory --layers."""
+    """extract --layers on the bundled network with no transform flags (the checkpoint's metadata says how its
+    images were prepared), then report --layers and trajectory --layers: the README's figures."""
     from ncaudit.demo import default_fixtures, load_manifest
     from ncaudit.extract import extract
 
     fixtures = default_fixtures()
     manifest = load_manifest(fixtures)
-    t = manifest["transform"]
-    kw = dict(split="train", device="cpu", precision="fp32", workers=0, progress=False, img_size=t["img_size"],
-              mean=t["mean"], std=t["std"], crop_pct=t["crop_pct"], interpolation=t["interpolation"])
+    kw = {"split": "train", "device": "cpu", "precision": "fp32", "workers": 0, "progress": False}
     files = {c["epoch"]: fixtures / "checkpoints" / c["file"] for c in manifest["checkpoints"]}
     first, last = min(files), max(files)
     extract("test_resnet", files[first], fixtures / "digits", tmp_path / "first.h5", **kw)
@@ -123,8 +122,12 @@ def test_collapse_through_depth_on_the_digits(tmp_path):
             **kw)
     report = json.loads(runner.invoke(app, ["report", str(tmp_path / "last.h5"), "--layers", "--json", "-q"]).stdout)
     assert list(report["layers"]) == ["layer1", "layer2", "layer3"]
+    transform = json.loads(report["source"]["transform"])
+    assert transform["input_size"] == [3, 32, 32] and transform["std"] == [0.25] * 3
+    assert transform["sources"]["input_size"] == transform["sources"]["std"] == "checkpoint metadata"
     nc1 = [report["layers"][name]["nc1"] for name in ("layer1", "layer2", "layer3")] + [report["metrics"]["nc1"]]
-    assert nc1[-1] < nc1[0] / 10  # collapse grows through depth, strongest at the penultimate layer
+    np.testing.assert_allclose(nc1, [1.14, 0.122, 0.0119, 8.6e-4], rtol=0.01)  # README: 1.14 → … → 8.6e-4
+    assert report["metrics"]["accuracy"] == 1.0 and report["source"]["split"] == "train"
     traj = runner.invoke(app, ["trajectory", str(tmp_path / "first.h5"), str(tmp_path / "last.h5"), "--layers", "-q"])
     assert traj.exit_code == 0, traj.stderr
     assert "per-layer NC1" in traj.stdout and "layer2" in traj.stdout
