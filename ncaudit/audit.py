@@ -173,8 +173,7 @@ def audit(
     device = group.device if group is not None else resolve_device(options.device)
     with FeatureCache(path, allow_partial=options.allow_partial) as cache:
         setup = _setup(cache, options, group)
-        accs = _statistics_pass(cache, setup, options, device, progress)
-        sel = _select(accs, setup, options)
+        sel = _select(_statistics_pass(cache, setup, options, device, progress), setup, options)  # frees pass 1
         closed = _closed_form(sel.stats, sel.weight, sel.bias, options)
         decisions, layer_decisions, residual = _decisions_pass(cache, setup, sel, closed, options, device, progress)
         if closed.ls is not None:
