@@ -69,7 +69,7 @@ if kind.startswith("xtx"):
 with h5py.File(path, "r", locking=False) as f:
     ds = f["features"]
     p = ds.shape[1]
-    s = np.zeros((p, p)) if kind == "syrk64" else torch.zeros(p, p, dtype=torch.float64)
+    s = torch.zeros(p, p, dtype=torch.float64) if kind.startswith("xtx") else np.zeros((p, p))
     for i in range(0, ds.shape[0], {batch}):
         x = ds[i:i + {batch}]
         if kind == "xtx32":
