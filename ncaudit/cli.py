@@ -7,11 +7,12 @@ are imported inside the commands that need them, so ``ncaudit --help`` answers a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -221,16 +222,21 @@ def extract(
     try:
         chosen = Weights.from_flags(checkpoint, pretrained=pretrained, random_init=random_init, weights=weights,
                                     ema=ema)
-        summary = run_extract(
-            model, chosen, data, out, dataset=dataset, split=split, class_map=class_map, device=device,
-            precision=precision, batch_size=batch_size, workers=workers, limit=limit, store_dtype=store_dtype,
-            precision_check=precision_check, resume=resume, overwrite=overwrite, progress=not no_progress,
-            layers=layers,
-            transform=TransformOverrides(img_size=img_size, mean=mean, std=std, crop_pct=crop_pct,
-                                         interpolation=interpolation, crop_mode=crop_mode),
-            log=lambda msg: stderr.print(f"[yellow]warning:[/] {escape(msg)}", soft_wrap=True),
-            info=lambda msg: stderr.print(escape(msg), overflow="fold"),
-        )
+        with _ranks(device) as group:
+            main = group is None or group.is_main
+            summary = run_extract(
+                model, chosen, data, out, dataset=dataset, split=split, class_map=class_map, device=device,
+                precision=precision, batch_size=batch_size, workers=workers, limit=limit, store_dtype=store_dtype,
+                precision_check=precision_check, resume=resume, overwrite=overwrite, progress=not no_progress,
+                layers=layers,
+                transform=TransformOverrides(img_size=img_size, mean=mean, std=std, crop_pct=crop_pct,
+                                             interpolation=interpolation, crop_mode=crop_mode),
+                log=lambda msg: stderr.print(f"[yellow]warning:[/] {escape(msg)}", soft_wrap=True) if main else None,
+                info=lambda msg: stderr.print(escape(msg), overflow="fold") if main else None,
+                group=group,
+            )
+        if not main:
+            return
     except InputError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
@@ -311,18 +317,27 @@ def report(
 
 
 
+@contextlib.contextmanager
+def _ranks(device: str) -> Iterator[Any]:
+    """The torch.distributed process group of a torchrun launch (NCCL on CUDA, gloo on CPU), None for one process."""
+    from ncaudit.distributed import launch_env, process_group
+
+    if not launch_env().distributed:
+        yield None
+        return
+    with process_group(device) as group:
+        yield group
+
+
 def _audit_on_ranks(cache: Path, options: Any, quiet: bool) -> Any:
     """``audit`` in one process, or on every rank of a torchrun launch (None on ranks other than 0)."""
     from ncaudit.audit import audit
-    from ncaudit.distributed import launch_env, process_group
     from ncaudit.progress import RichProgress
 
-    if not launch_env().distributed:
-        return audit(cache, options, RichProgress(stderr, enabled=False if quiet else None))
-    with process_group(options.device) as group:
-        progress = RichProgress(stderr, enabled=False if quiet or not group.is_main else None)
-        result = audit(cache, options, progress, group)
-    return result if group.is_main else None
+    with _ranks(options.device) as group:
+        main = group is None or group.is_main
+        result = audit(cache, options, RichProgress(stderr, enabled=False if quiet or not main else None), group)
+    return result if main else None
 
 
 @command()

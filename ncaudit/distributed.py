@@ -37,7 +37,7 @@ from ncaudit.shards import split_rows
 DEFAULT_TIMEOUT = _dt.timedelta(minutes=60)
 
 #: The commands that run distributed under torchrun; the others refuse to start with more than one rank.
-WIRED_COMMANDS: frozenset[str] = frozenset({"report"})
+WIRED_COMMANDS: frozenset[str] = frozenset({"extract", "report"})
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ row is in, so an interrupted run is resumable (``resume=True``) and never taken 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -39,6 +40,7 @@ from ncaudit.data import (
     transform_warnings,
 )
 from ncaudit.device import resolve_device
+from ncaudit.distributed import DistContext, GlobalProgress, barrier, broadcast_ints, launch_env, together
 from ncaudit.errors import InputError
 from ncaudit.models import (
     LoadedModel,
@@ -49,8 +51,10 @@ from ncaudit.models import (
     load_model,
     recorded_preprocessing,
 )
+from ncaudit.shards import ShardState, join_pieces, scan_shards, shard_path
+from ncaudit.shards import plan as shard_plan
 from ncaudit.stats import full_precision_matmul
-from ncaudit.store import DEFAULT_CHUNK_ROWS, CacheWriter, attr_value, encode_attr
+from ncaudit.store import DEFAULT_CHUNK_ROWS, CacheWriter, attr_value, encode_attr, join_shards
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STORE_DTYPES = ("float32", "float16")
@@ -314,8 +318,16 @@ class _Job:
     chunk_rows: int
     state: dict[str, Any] | None
     resuming: bool
-    start: int
+    start: int  # rows of this file already on disk (a resumed file); the run computes the rest
     note: Callable[[str], None]
+    rows: range | None = None  # the dataset rows this file holds (None: all n_total of them)
+    advance: Callable[[int], None] | None = None  # global progress of a multi-rank run (no bar of its own then)
+    reference: bool = True  # write /reference_fp32 into this file (a shard does not: the joined cache gets them)
+
+    @property
+    def span(self) -> range:
+        """The dataset rows of this file."""
+        return range(self.n_total) if self.rows is None else self.rows
 
 
 def _check_flags(store_dtype: str, batch_size: int, limit: int | None, precision_check: int, workers: int | None,
@@ -461,10 +473,10 @@ def _resume_row(out: Path, state: dict[str, Any], attrs: dict[str, Any], n_total
 def _first_batch(job: _Job) -> tuple[Any, Any, Any]:
     """``(batch iterator, first batch or None, probe batch)``: the probe derives (W, b) even when nothing is left."""
     pin = job.device.type == "cuda"
-    loader = _loader(job.source.dataset, range(job.start, job.n_total), job.batch_size, job.workers, pin)
-    batches = iter(loader)
+    todo = range(job.span.start + job.start, job.span.stop)
+    batches = iter(_loader(job.source.dataset, todo, job.batch_size, job.workers, pin))
     try:
-        first = next(batches) if job.start < job.n_total else None
+        first = next(batches) if len(todo) else None
         probe = first if first is not None else next(iter(_loader(
             job.source.dataset, range(min(job.batch_size, job.n_total)), job.batch_size, 0, pin)))
     except InputError as exc:
@@ -479,7 +491,7 @@ def _open_writer(job: _Job, p: int, layer_widths: dict[str, int]) -> CacheWriter
     itemsize = 2 if job.store_dtype == "float16" else 4
     k = job.num_classes
     row = (p + sum(layer_widths.values())) * itemsize + 8 + 4 * k
-    need = job.n_total * row + 8 * k * (p + 1) + (1 << 20)
+    need = len(job.span) * row + 8 * k * (p + 1) + (1 << 20)
     parent = job.out.resolve().parent
     free = shutil.disk_usage(parent if parent.exists() else Path.cwd()).free
     if layer_widths:
@@ -492,7 +504,7 @@ def _open_writer(job: _Job, p: int, layer_widths: dict[str, int]) -> CacheWriter
     weight = pm.weight.astype(np.float32)  # type: ignore[union-attr]
     bias = None if pm.bias is None else pm.bias.astype(np.float32)
     job.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    return CacheWriter(job.out, n_samples=job.n_total, n_features=p, num_classes=k, weight=weight, bias=bias,
+    return CacheWriter(job.out, n_samples=len(job.span), n_features=p, num_classes=k, weight=weight, bias=bias,
                        feature_dtype=job.store_dtype, store_logits=True, class_names=job.class_names,
                        layers=layer_widths, attrs=job.attrs, chunk_rows=job.chunk_rows, overwrite=True)
 
@@ -503,8 +515,8 @@ def _stream(job: _Job, writer: CacheWriter, batches: Any, first: Any, head: tupl
     dev, pm = job.device, job.pm
     sink = _AsyncWriter(writer, job.chunk_rows)
     done = job.start
-    with _progress(progress, job.n_total, job.start) as bar:
-        task = bar.add_task("extract", total=job.n_total, completed=job.start)
+    with _progress(progress and job.advance is None, len(job.span), job.start) as bar:
+        task = bar.add_task("extract", total=len(job.span), completed=job.start)
 
         def emit(feats: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, extra: dict[str, torch.Tensor]) -> None:
             nonlocal done
@@ -519,6 +531,8 @@ def _stream(job: _Job, writer: CacheWriter, batches: Any, first: Any, head: tupl
             sink.put((event, f, y.numpy().astype(np.int64), z, extra))
             done += len(y)
             bar.update(task, completed=done)
+            if job.advance is not None:
+                job.advance(len(y))
 
         try:
             if first is not None:
@@ -535,7 +549,7 @@ def _stream(job: _Job, writer: CacheWriter, batches: Any, first: Any, head: tupl
 
 def _reference_rows(job: _Job, writer: CacheWriter, precision_check: int) -> int:
     """Recompute the first K samples in float32 into /reference_fp32 (mixed precision only); K written."""
-    if job.precision == "fp32" or precision_check == 0:
+    if job.precision == "fp32" or precision_check == 0 or not job.reference:
         return 0
     n_ref = min(precision_check, job.n_total)
     if not (job.resuming and job.state is not None and job.state.get("_has_reference")):
@@ -581,6 +595,119 @@ def _run(job: _Job, *, progress: bool, precision_check: int) -> tuple[float, int
     return seconds, n_ref
 
 
+def _workers(workers: int | None, group: DistContext | None) -> int:
+    """DataLoader workers: as asked, else the cores available shared among the ranks on this node."""
+    if workers is not None:
+        return workers
+    local = launch_env().local_world_size if group is not None and group.distributed else 1
+    return max(1, available_cores() // max(1, local))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Several ranks: row-named shards beside --out, joined by rank 0
+# ---------------------------------------------------------------------------------------------------------------------
+def _shard_states(job: _Job, group: DistContext, *, resume: bool, overwrite: bool) -> list[ShardState]:
+    """Rank 0 prepares the shard files of ``--out`` and scans them; every rank gets the same list.
+
+    ``--overwrite`` removes them (and ``--out``); without ``--resume`` existing shards are an error; with it, a
+    single-file ``--out`` written by one process becomes the shard of its rows, so its rows are kept too.
+    """
+    out = job.out
+
+    def prepare() -> list[int]:
+        if not group.is_main:
+            return []
+        existing = scan_shards(out)
+        if overwrite:
+            for state in existing:
+                state.path.unlink(missing_ok=True)  # type: ignore[union-attr]
+            out.unlink(missing_ok=True)
+            return []
+        if existing and not resume:
+            raise InputError(f"--out {out}: {len(existing)} shard file(s) of an interrupted multi-rank extraction lie "
+                             f"beside it ({existing[0].path.name}, ...); pass --resume to continue it or --overwrite "
+                             "to start again")
+        single = _existing_state(out)
+        if resume and single is not None and not single.get("_not_cache"):
+            os.replace(out, shard_path(out, 0, single["_rows"]))  # its rows are kept like any shard's
+            existing = scan_shards(out)
+        return [v for state in existing for v in (state.start, state.stop, state.n_written)]
+
+    flat = broadcast_ints(together(prepare))
+    return [ShardState(a, b, n, shard_path(out, a, b)) for a, b, n in zip(flat[::3], flat[1::3], flat[2::3])]
+
+
+def _check_kept(job: _Job, kept: Sequence[ShardState]) -> None:
+    """Every kept shard was written by the same job (checkpoint, data, options, dtype)."""
+    for shard in kept:
+        state = _existing_state(shard.path)  # type: ignore[arg-type]
+        if state is None or state.get("_not_cache"):
+            raise InputError(f"{shard.path}: not a readable shard; remove it to recompute its rows")
+        for key in RESUME_KEYS:
+            if not _same(state.get(key, ""), job.attrs[key]):
+                raise InputError(f"--resume: {shard.path} was written with another {key} "
+                                 f"({str(state.get(key, ''))[:60]!r}); resume with the same checkpoint, data and "
+                                 "options, or pass --overwrite")
+        if state.get("_dtype") != job.store_dtype:
+            raise InputError(f"--resume: {shard.path} holds {state.get('_dtype')} features, this run "
+                             f"{job.store_dtype}; use the same --store-dtype, or --overwrite")
+
+
+def _verify_head(job: _Job) -> None:
+    """Derive (W, b) and check them on the first batch of the dataset (every rank: also those with no rows left)."""
+    if job.pm.weight is not None:
+        return
+    probe = next(iter(_loader(job.source.dataset, range(min(job.batch_size, job.n_total)), job.batch_size, 0,
+                              job.device.type == "cuda")))
+    autocast = autocast_context(job.precision, job.device)
+    with full_precision_matmul() if job.precision == "fp32" else contextlib.nullcontext(), torch.inference_mode():
+        job.pm.verify(_to_device(probe[0], job.device, job.channels_last), job.precision, autocast)
+
+
+def _join(job: _Job, precision_check: int) -> int:
+    """Rank 0: join the shards, in row order, into ``--out`` (HDF5 virtual datasets over them), add the float32
+    reference rows of a mixed-precision run, and rename it into place; the reference rows written."""
+    pieces = join_pieces(job.n_total, scan_shards(job.out))
+    tmp = job.out.with_name(job.out.name + ".joining")
+    join_shards(tmp, [piece.path for piece in pieces], allow_partial=True)  # type: ignore[misc]
+    n_ref = 0
+    if job.precision != "fp32" and precision_check > 0:
+        n_ref = min(precision_check, job.n_total)
+        ref = _reference_features(job.pm, job.source, n_ref, job.batch_size, job.workers, job.device,
+                                  job.channels_last)
+        with CacheWriter.resume(tmp) as writer:
+            writer.write_reference(np.arange(n_ref), ref)
+    os.replace(tmp, job.out)
+    return n_ref
+
+
+def _run_shards(job: _Job, group: DistContext, *, resume: bool, overwrite: bool, progress: bool,
+                precision_check: int) -> tuple[float, int, int, float]:
+    """Every rank extracts its contiguous part of the rows no shard holds yet into shard files of its own; after a
+    barrier rank 0 joins them into ``--out``. Returns ``(seconds, reference rows, rows kept from earlier runs,
+    global images/s)``."""
+    plan = shard_plan(job.n_total, group.world_size, _shard_states(job, group, resume=resume, overwrite=overwrite),
+                      align=job.batch_size)
+    together(lambda: _check_kept(job, plan.kept) if group.is_main else None)
+    if group.is_main:
+        for state in plan.stale:
+            state.path.unlink(missing_ok=True)  # type: ignore[union-attr]
+    barrier()
+    _verify_head(job)
+    t0 = time.perf_counter()
+    with _progress(progress and group.is_main, job.n_total, plan.n_done) as bar:
+        task = bar.add_task("extract", total=job.n_total, completed=plan.n_done)
+        with GlobalProgress(plan.n_done, on_update=lambda total: bar.update(task, completed=total)) as counter:
+            together(lambda: [_run(dataclasses.replace(job, out=spec.path(job.out), rows=spec.rows, start=0,
+                                                       resuming=False, state=None, advance=counter.advance,
+                                                       reference=False), progress=False, precision_check=0)
+                              for spec in plan.assignments[group.rank]])
+    seconds = time.perf_counter() - t0
+    n_ref = together(lambda: _join(job, precision_check) if group.is_main else 0)
+    barrier()
+    return seconds, n_ref, plan.n_done, (job.n_total - plan.n_done) / seconds if seconds > 0 else math.nan
+
+
 def extract(
     model_name: str,
     weights: Weights | str | os.PathLike[str],
@@ -606,6 +733,7 @@ def extract(
     layers: Sequence[str] | str | None = None,
     log: Callable[[str], None] | None = None,
     info: Callable[[str], None] | None = None,
+    group: DistContext | None = None,
 ) -> ExtractSummary:
     """Extract penultimate features, labels, logits and the final affine map of a model over a dataset.
 
@@ -648,6 +776,12 @@ def extract(
         Called with one-line warnings as they arise; with the lines that say what was loaded and where each
         transform value came from, before the first image is read.
 
+    group
+        The torch.distributed process group of a ``torchrun`` launch (:func:`ncaudit.distributed.process_group`):
+        every rank extracts a contiguous part of the rows into its own shard file beside ``out``
+        (``<stem>.rows-<start>-<stop>.h5``) and rank 0 joins them into ``out``. Shards left by an interrupted run
+        are continued by ``resume`` with any number of ranks, one process included.
+
     Returns
     -------
     ExtractSummary
@@ -669,7 +803,7 @@ def extract(
     _check_flags(store_dtype, batch_size, limit, precision_check, workers, resume, overwrite)
     state = _existing_state(out)
     _check_out(out, state, resume=resume, overwrite=overwrite)
-    dev = resolve_device(device)
+    dev = group.device if group is not None else resolve_device(device)
     prec = resolve_precision(precision, dev)
     src = _open_data(data, dataset, split) if weights.kind == "random-init" else None  # its classes size the head
     loaded = load_model(model_name, weights, img_size=overrides.img_size,
@@ -688,19 +822,29 @@ def extract(
     layer_names = [n for n in (layers.split(",") if isinstance(layers, str) else (layers or ())) if n.strip()]
     pm = PenultimateModel(loaded, layer_names)
     attrs["layers"] = [name for name, _, _ in pm.layers]
-    resuming = bool(resume and state is not None and not state.get("_not_cache"))
-    job = _Job(out=out, device=dev, precision=prec, workers=available_cores() if workers is None else workers,
-               batch_size=batch_size, channels_last=channels_last, pm=pm, source=src, n_total=n_total,
-               num_classes=loaded.num_classes, class_names=class_names, attrs=attrs, store_dtype=store_dtype,
-               chunk_rows=chunk_rows, state=state, resuming=resuming,
-               start=_resume_row(out, state, attrs, n_total, store_dtype) if resuming and state else 0, note=note)
+    distributed = group is not None and group.distributed
+    if overwrite and not distributed:
+        for stale in scan_shards(out):  # one process replaces a sharded run by one plain file
+            stale.path.unlink(missing_ok=True)  # type: ignore[union-attr]
+    sharded = distributed or bool(scan_shards(out))
+    resuming = bool(resume and state is not None and not state.get("_not_cache")) and not sharded
+    job = _Job(out=out, device=dev, precision=prec, workers=_workers(workers, group), batch_size=batch_size,
+               channels_last=channels_last, pm=pm, source=src, n_total=n_total, num_classes=loaded.num_classes,
+               class_names=class_names, attrs=attrs, store_dtype=store_dtype, chunk_rows=chunk_rows, state=state,
+               resuming=resuming, start=_resume_row(out, state, attrs, n_total, store_dtype) if resuming and state
+               else 0, note=note)
     try:
-        seconds, n_ref = _run(job, progress=progress, precision_check=precision_check)
+        if sharded:
+            seconds, n_ref, kept, rate = _run_shards(job, group or DistContext(0, 1, 0, dev, None), resume=resume,
+                                                     overwrite=overwrite, progress=progress,
+                                                     precision_check=precision_check)
+        else:
+            seconds, n_ref = _run(job, progress=progress, precision_check=precision_check)
+            kept, rate = job.start, (n_total - job.start) / seconds if seconds > 0 else math.nan
     finally:
         pm.remove()
-    computed = n_total - job.start
     return ExtractSummary(
-        out=out, n_samples=n_total, n_features=pm.n_features, num_classes=job.num_classes, resumed_from=job.start,
+        out=out, n_samples=n_total, n_features=pm.n_features, num_classes=job.num_classes, resumed_from=kept,
         n_reference=n_ref, precision=prec, device=dev.type, store_dtype=store_dtype, classifier_source=pm.source,
-        max_logit_error=pm.max_logit_error, seconds=seconds,
-        images_per_s=computed / seconds if seconds > 0 and computed else math.nan, warnings=tuple(notes))
+        max_logit_error=pm.max_logit_error, seconds=seconds, images_per_s=rate if n_total > kept else math.nan,
+        warnings=tuple(notes))

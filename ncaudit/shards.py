@@ -172,7 +172,19 @@ def _pieces(gaps: Sequence[range], first: int, last: int) -> tuple[ShardSpec, ..
     return tuple(specs)
 
 
-def plan(n_rows: int, world: int, existing: Iterable[ShardState] = ()) -> ShardPlan:
+def _aligned(gaps: Sequence[range], position: int, align: int) -> int:
+    """The position (in the concatenated gaps) of the row at ``position`` rounded down to a multiple of ``align``,
+    but not before the start of its gap."""
+    offset = 0
+    for gap in gaps:
+        if position < offset + len(gap):
+            row = gap.start + position - offset
+            return offset + max(row - row % align, gap.start) - gap.start
+        offset += len(gap)
+    return position
+
+
+def plan(n_rows: int, world: int, existing: Iterable[ShardState] = (), *, align: int = 1) -> ShardPlan:
     """Assign the rows of [0, n_rows) that no existing shard holds to ``world`` ranks.
 
     Parameters
@@ -183,6 +195,10 @@ def plan(n_rows: int, world: int, existing: Iterable[ShardState] = ()) -> ShardP
         Ranks of this run.
     existing
         Shards already on disk (:func:`scan_shards`), possibly from runs with other world sizes.
+    align
+        Parts start on dataset rows that are multiples of ``align`` (or on the start of a gap): with the batch size
+        here, every rank's batches hold the same rows as one process's would, so the features come out bit for bit
+        the same (some kernels depend on the batch's size).
 
     Returns
     -------
@@ -202,7 +218,9 @@ def plan(n_rows: int, world: int, existing: Iterable[ShardState] = ()) -> ShardP
     written = _checked(n_rows, states)
     gaps = _gaps(n_rows, written)
     parts = split_rows(sum(len(g) for g in gaps), world)
-    assignments = tuple(_pieces(gaps, part.start, part.stop) for part in parts)
+    bounds = [0] + [_aligned(gaps, part.start, max(1, align)) for part in parts[1:]] + [parts[-1].stop]
+    bounds = [max(bounds[:i + 1]) for i in range(len(bounds))]  # rounding down keeps them in order; make sure
+    assignments = tuple(_pieces(gaps, lo, hi) for lo, hi in itertools.pairwise(bounds))
     stale = tuple(sorted((s for s in states if s.n_written == 0), key=lambda s: (s.start, s.stop)))
     return ShardPlan(n_rows, world, tuple(written), assignments, stale)
 

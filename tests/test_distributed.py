@@ -262,3 +262,84 @@ def test_torchrun_report_stops_every_rank_on_bad_input(tmp_path):
         pytest.skip("the gloo process group could not start in this environment")
     assert run.returncode != 0
     assert "label 9 at row 150" in run.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# `torchrun -m ncaudit extract`: 2 ranks write the 1-process cache; an interrupted run resumes with 1 rank
+# ---------------------------------------------------------------------------------------------------------------------
+CHECKPOINT = ROOT / "fixtures" / "checkpoints" / "test_resnet_digits_e200.safetensors"
+
+
+def _extract_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["-m", "ncaudit", "extract", "-m", "test_resnet", "-c", str(CHECKPOINT), "-d", str(data), "--split",
+            "train", "-o", str(out), "--workers", "0", "--no-progress", "--device", "cpu", *extra]
+
+
+def _torchrun(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                           "--nproc_per_node=2", *args], env=_torchrun_env(), capture_output=True, text=True,
+                          timeout=300)
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        assert bool(f.attrs["complete"]) and int(f.attrs["n_written"]) == f["labels"].shape[0]
+        return {key: f[key][()] for key in ("features", "labels", "logits")}
+
+
+@pytest.fixture(scope="module")
+def one_process_cache(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "one.h5"
+    run = subprocess.run([sys.executable, *_extract_cmd(ROOT / "fixtures" / "digits", out)], env=_torchrun_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return _arrays(out)
+
+
+def test_torchrun_extract_equals_one_process(tmp_path, one_process_cache):
+    out = tmp_path / "two.h5"
+    run = _torchrun(_extract_cmd(ROOT / "fixtures" / "digits", out))
+    if run.returncode != 0 and "process group" in run.stderr:
+        pytest.skip("the gloo process group could not start in this environment")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("wrote ") == 1  # rank 0 alone reports
+    shards = sorted(p.name for p in tmp_path.glob("two.rows-*.h5"))
+    assert len(shards) == 2  # one contiguous slice per rank, beside --out, joined by rank 0
+    two = _arrays(out)
+    for key, value in one_process_cache.items():  # row for row, bit for bit (slices start on batch boundaries)
+        np.testing.assert_array_equal(two[key], value, err_msg=key)
+
+
+def test_interrupted_torchrun_extract_resumes_with_one_process(tmp_path, one_process_cache):
+    """Rank 1 stops on a broken image after writing part of its slice; once the image is fixed, a one-process
+    --resume keeps every row on disk, computes the rest and joins the same cache."""
+    import shutil
+
+    from ncaudit.data import _image_folder
+
+    data = tmp_path / "digits"
+    shutil.copytree(ROOT / "fixtures" / "digits", data)
+    _, paths, _ = _image_folder(data / "train")
+    victim = Path(paths[1300])  # in rank 1's slice (rows 704..1437), after two written chunks of 256 rows
+    good = victim.read_bytes()
+    victim.write_bytes(b"not an image")
+    out = tmp_path / "resumed.h5"
+    run = _torchrun(_extract_cmd(data, out))
+    if "process group" in run.stderr and "image" not in run.stderr:
+        pytest.skip("the gloo process group could not start in this environment")
+    assert run.returncode != 0 and victim.name in run.stderr
+    assert not out.exists()
+    from ncaudit.shards import scan_shards
+
+    states = scan_shards(out)  # rank 0's slice complete, rank 1's partial with its chunks on disk
+    assert [(s.start, s.stop) for s in states] == [(0, 704), (704, 1438)]
+    assert states[0].complete and 0 < states[1].n_written < 1300 - 704
+    victim.write_bytes(good)
+    again = subprocess.run([sys.executable, *_extract_cmd(data, out, "--resume")], env=_torchrun_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    resumed = _arrays(out)
+    for key, value in one_process_cache.items():
+        np.testing.assert_array_equal(resumed[key], value, err_msg=key)

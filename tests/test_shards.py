@@ -78,6 +78,7 @@ def test_bad_shards_are_refused():
 def runs(draw):
     """A dataset size and a sequence of runs: (world size, per new shard the fraction written before the crash)."""
     n = draw(st.integers(0, 300))
+    align = draw(st.sampled_from([1, 1, 7, 64]))
     k = draw(st.integers(1, 6))
     sequence = []
     for _ in range(k):
@@ -85,23 +86,27 @@ def runs(draw):
         fractions = draw(st.lists(st.sampled_from([0.0, 0.3, 0.5, 0.99, 1.0, 1.0]), min_size=20, max_size=20))
         remove_stale = draw(st.booleans())
         sequence.append((world, fractions, remove_stale))
-    return n, sequence
+    return n, align, sequence
 
 
 @settings(max_examples=200, deadline=None)
 @given(runs())
 def test_any_sequence_of_interruptions_covers_every_row_once(case):
-    n, sequence = case
+    n, align, sequence = case
     files: dict[tuple[int, int], ShardState] = {}  # the directory: file name (start, stop) -> state
     for world, fractions, remove_stale in sequence + [(3, [1.0] * 20, True)]:  # a last run that completes
-        p = plan(n, world, files.values())
+        p = plan(n, world, files.values(), align=align)
         kept_names = {(s.start, s.stop) for s in p.kept}
         new = [spec for specs in p.assignments for spec in specs]
         # The plan: kept rows and new shards partition [0, n) exactly, in row order, balanced over ranks.
         rows = sorted([r for s in p.kept for r in s.covered] + [r for spec in new for r in spec.rows])
         assert rows == list(range(n))
         sizes = [sum(len(r) for r in p.rows_of(rank)) for rank in range(world)]
-        assert max(sizes) - min(sizes) <= 1
+        assert max(sizes) - min(sizes) <= 1 + 2 * (align - 1)  # balanced, up to the alignment of the boundaries
+        gap_starts = {s.start + s.n_written for s in p.kept} | {0}
+        for specs in p.assignments[1:]:
+            if specs:  # a rank's part starts on a multiple of align, or where a kept shard's rows end
+                assert specs[0].start % align == 0 or specs[0].start in gap_starts
         assert all(spec.stop > spec.start for spec in new)
         # One writer per file: new names are distinct and never those of kept shards.
         names = [(spec.start, spec.stop) for spec in new]
