@@ -24,6 +24,11 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 from ncaudit import __version__
 from ncaudit.errors import InputError
 
+# The report's passes alternate torch's OpenMP threads (elementwise work) with the BLAS threads of its products; OpenMP
+# threads that spin after each parallel region take the cores the BLAS needs (measured: a batch of pass 1 took 1.3x
+# longer). Read when torch is first imported, which the commands do lazily; a value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 _TYPE_NAMES = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "Path": "PATH", "PosixPath": "PATH"}
 
 
