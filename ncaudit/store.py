@@ -58,14 +58,19 @@ DEFAULT_CHUNK_ROWS = 256
 
 
 def attr_value(value: Any) -> Any:
-    """HDF5 attribute -> plain Python (bytes to str, numpy scalars to Python scalars, JSON strings kept as str)."""
+    """HDF5 attribute -> plain, JSON-able Python: bytes to str, numpy scalars and arrays to Python scalars and lists
+    (JSON strings kept as str), anything else (compound, reference or opaque data) to its text."""
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
-    if isinstance(value, np.generic):
-        return value.item()
     if isinstance(value, np.ndarray):
-        return [attr_value(v) for v in value.tolist()] if value.dtype.kind in "OSU" else value.tolist()
-    return value
+        return [attr_value(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return attr_value(value.item())
+    if isinstance(value, (list, tuple)):
+        return [attr_value(v) for v in value]
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -195,7 +200,7 @@ class FeatureCache:
 
     def _root_attrs(self) -> dict[str, Any]:
         try:
-            return {k: attr_value(v) for k, v in self._file.attrs.items()}
+            return {str(attr_value(k)): attr_value(v) for k, v in self._file.attrs.items()}
         except (OSError, RuntimeError, TypeError, ValueError) as exc:
             raise InputError(f"{self.path}: cannot read the root attributes ({_short(exc)}); the file is damaged or "
                              "not a schema-1 cache") from None
