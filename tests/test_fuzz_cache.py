@@ -126,6 +126,16 @@ def _attrs(draw: Any, f: h5py.File, n: int, c: int) -> None:
         f.attrs["n_written"] = draw(st.integers(-2, n + 2))
     if draw(st.booleans()):
         f.attrs["layer_order"] = draw(st.sampled_from(['["a"]', "not json", "[1, 2]", '{"a": 1}']))
+    if draw(st.integers(0, 5)) == 0:
+        _odd_provenance(f)
+
+
+def _odd_provenance(f: h5py.File) -> None:
+    """Provenance attributes of odd types: an undecodable name and value, a compound value, an object reference."""
+    f.attrs[b"model\xff"] = b"\xfe"
+    f.attrs["compound"] = np.zeros(1, dtype=[("x", "i4"), ("y", "S2")])[0]
+    f.attrs["reference"] = f.ref
+    f.attrs["nan"] = np.nan
 
 
 def _optional(draw: Any, f: h5py.File, n: int, p: int, c: int) -> None:
@@ -227,7 +237,7 @@ def build(draw: Any, directory: Path) -> Path:
     return path
 
 
-MUTATIONS = ["attr", "partial", "declared", "holes", "label", "nan", "weight", "bias", "names", "huge", "link",
+MUTATIONS = ["attr", "provenance", "partial", "declared", "holes", "label", "nan", "weight", "bias", "names", "huge", "link",
              "virtual", "empty_class", "one_sample", "layers", "reference", "dtype"]
 
 
@@ -250,6 +260,8 @@ def _mutated_valid(draw: Any, path: Path, directory: Path) -> None:
                 draw(st.sampled_from(ODD_VALUES))
         if "partial" in mutations:
             f.attrs["complete"], f.attrs["n_written"] = False, draw(st.integers(0, n))
+        if "provenance" in mutations:
+            _odd_provenance(f)
         if "virtual" in mutations:
             _virtual(draw, f, directory, n, p, c)
         elif "link" in mutations:

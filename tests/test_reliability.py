@@ -379,12 +379,14 @@ def test_report_output_is_replaced_only_when_complete(good: Path, tmp_path: Path
         "good.h5", "r.json"]
 
 
-def test_report_output_on_a_full_tmpfs_keeps_the_old_report(good: Path, tmp_path: Path) -> None:
+def test_report_output_on_a_full_tmpfs_keeps_the_old_report(tmp_path: Path) -> None:
+    h, y, etf = planted(C=40, p=40, n=3, seed=12)
+    cache = write_cache(tmp_path / "c40.h5", h, y, weight=etf)  # its report spans several pages
     with small_tmpfs(tmp_path / "mnt", "1m") as mnt:
         target = mnt / "r.json"
         target.write_text('{"old": true}\n')
         fill(mnt, 0)
-        one_line_error(invoke("report", good, "-q", "-o", target), "No space left on device")
+        one_line_error(invoke("report", cache, "-q", "-o", target), "No space left on device")
         assert target.read_text() == '{"old": true}\n'
         assert sorted(p.name for p in mnt.iterdir()) == ["filler", "r.json"]
 
