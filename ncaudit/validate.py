@@ -122,20 +122,38 @@ def check_labels(labels: torch.Tensor, num_classes: int, start: int, where: str)
                          f"class indices below num_classes={num_classes} (fix the labels or the num_classes attribute)")
 
 
+#: Largest |h| whose products the statistics' GEMMs hold without overflow, per feature dtype in memory: float32
+#: GEMMs (float32 and float16 caches) sum up to a batch of squares below 3.4e38; float64 ones below 1.8e308.
+SQUARABLE = {"float32": 1e16, "float64": 1e150}
+
+
 def check_finite(features: torch.Tensor, start: int, where: str, name: str = "/features") -> None:
-    """No NaN or Inf in a batch of features (one cheap row-sum test, then the first bad row is located)."""
+    """No NaN or Inf in a batch of features (one cheap row-sum test, then the first bad row is located), and no value
+    so large that the statistics' products of it overflow (:data:`SQUARABLE`)."""
     import torch
 
     if features.numel() == 0:
         return
-    if bool(torch.isfinite(features.sum(dim=1)).all()):
+    limit = SQUARABLE["float64" if features.dtype == torch.float64 else "float32"]
+    if bool(torch.isfinite(features.sum(dim=1)).all()) and float(features.abs().amax()) <= limit:
         return
     bad_rows = (~torch.isfinite(features)).any(dim=1).nonzero()
-    if bad_rows.numel() == 0:  # the row sum overflowed, the values themselves are finite
+    if bad_rows.numel() == 0:  # finite, but too large (or only the row sum overflowed)
+        _check_magnitude(features, limit, start, where, name)
         return
     row = int(bad_rows[0, 0])
     raise InputError(f"{where}: {name} row {start + row} holds NaN or Inf; the features are corrupt (re-extract them, "
                      "e.g. with --precision fp32 if half precision overflowed)")
+
+
+def _check_magnitude(features: torch.Tensor, limit: float, start: int, where: str, name: str) -> None:
+    peak = features.abs().amax(dim=1)
+    if float(peak.max()) <= limit:
+        return
+    row = int((peak > limit).nonzero()[0, 0])
+    raise InputError(f"{where}: {name} row {start + row} reaches {float(peak[row]):.3g}, beyond the {limit:.0e} whose "
+                     f"squares the {str(features.dtype).replace('torch.', '')} statistics hold; rescale the features "
+                     "(or store them as float64)")
 
 
 def check_classifier(weight: np.ndarray, bias: np.ndarray | None, where: str) -> None:

@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import signal
 import tempfile
 from collections.abc import Iterator
@@ -31,10 +32,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from ncaudit import validate
 from ncaudit.cli import app
 
 EXAMPLES = int(os.environ.get("NCAUDIT_FUZZ_EXAMPLES", "60"))
 RANDOM = os.environ.get("NCAUDIT_FUZZ_RANDOM", "") == "1"
+KEEP = Path(os.environ["NCAUDIT_FUZZ_KEEP"]) if os.environ.get("NCAUDIT_FUZZ_KEEP") else None
 SECONDS_PER_EXAMPLE = 30  # a hang guard: a healthy example takes well under a second
 HEADROOM = 4 << 30  # address space an example may add to the process
 
@@ -57,10 +60,16 @@ def _vm_size() -> int:
 
 @contextlib.contextmanager
 def bounded(seconds: int) -> Iterator[None]:
-    """Fail with TimeoutError after ``seconds``; MemoryError for allocations beyond the headroom (Linux)."""
+    """Fail with TimeoutError after ``seconds``; MemoryError for allocations beyond the headroom (Linux).
+
+    The declared-size checks are told that half the headroom is available, so any allocation they let through must
+    fit in the address-space bound: an example that hits it is an estimate that was wrong.
+    """
     def alarm(signum: int, frame: Any) -> None:
         raise TimeoutError(f"an example ran for more than {seconds} s")
 
+    real_available = validate.available_memory
+    validate.available_memory = lambda: HEADROOM // 2
     previous = signal.signal(signal.SIGALRM, alarm)
     signal.alarm(seconds)
     limits = resource.getrlimit(resource.RLIMIT_AS)
@@ -74,6 +83,7 @@ def bounded(seconds: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_AS, limits)
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+        validate.available_memory = real_available
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -352,6 +362,10 @@ def _damage(draw: Any, path: Path) -> None:
 # The property
 # ---------------------------------------------------------------------------------------------------------------------
 def check_report(path: Path, options: list[str]) -> None:
+    if KEEP:  # the file of the example in flight, to find what crashed the interpreter (if anything does)
+        shutil.rmtree(KEEP, ignore_errors=True)
+        shutil.copytree(path.parent, KEEP)
+        (KEEP / "options.txt").write_text(" ".join(options))
     with bounded(SECONDS_PER_EXAMPLE):
         res = runner.invoke(app, ["report", str(path), "--json", "-q", *options])
     if res.exception is not None and not isinstance(res.exception, SystemExit):

@@ -572,6 +572,14 @@ def test_links_inside_the_file_and_negative_n_written(tmp_path: Path) -> None:
     one_line_error(invoke("report", neg, "-q", "--allow-partial"), "n_written attribute is -5")
 
 
+def test_features_too_large_to_square_are_one_line(tmp_path: Path) -> None:
+    h, y, etf = planted(C=4, p=6, n=10, sigma=0.1, seed=13)
+    path = write_cache(tmp_path / "big.h5", (h * 1e30).astype(np.float32), y, weight=etf)
+    one_line_error(invoke("report", path, "-q"), "reaches", "rescale the features")
+    wide = write_cache(tmp_path / "ok64.h5", h * 1e30, y, weight=etf)  # float64 statistics hold these
+    assert invoke("report", wide, "--json", "-q").exit_code == 0
+
+
 def test_class_directory_not_utf8_is_one_line(images: Path, ckpt: Path, tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "data", per_class=2)
     os.rename(root / CLASSES[0], os.path.join(os.fsencode(root), b"caf\xe9"))
