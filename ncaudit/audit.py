@@ -24,7 +24,7 @@ from ncaudit.distributed import DistContext, merge_all, together
 from ncaudit.stats import (ClassStatistics, Decisions, LeastSquaresResidual, Residual, SampleDecisions, Statistics,
                            gemm_dtype_for)
 from ncaudit.store import CacheInfo, FeatureCache
-from ncaudit.validate import check_classifier, check_finite, check_labels, classes_to_keep
+from ncaudit.validate import check_classifier, check_finite, check_labels, check_memory, classes_to_keep
 
 #: Metric keys of the report, in table order (spec "Metrics" and "Beyond the balanced simplex").
 METRIC_KEYS: tuple[str, ...] = (
@@ -198,7 +198,7 @@ def audit(
         details=json_safe(details),
         per_class=per_class,
         layers=layers,
-        warnings=_warnings(closed, sel, info.n_features, per_class),
+        warnings=_warnings(closed, sel, info, per_class),
     )
 
 
@@ -217,11 +217,21 @@ def _setup(cache: FeatureCache, options: AuditOptions, group: DistContext | None
     if info.n_samples == 0:
         raise InputError(f"{where}: the cache holds no samples; extract some first")
     layers = _select_layers(options.layers, info.layers, where)
+    _check_sizes(info, layers, options)
     classifier = cache.classifier()
     if classifier is not None:
         check_classifier(*classifier, where)
     rows = group.rows(info.n_samples) if group is not None and group.distributed else None
     return _Setup(info, where, layers, gemm_dtype_for(info.feature_dtype), classifier, rows)
+
+
+def _check_sizes(info: CacheInfo, layers: list[str], options: AuditOptions) -> None:
+    """Before the accumulators allocate: the statistics fit in memory, and C classes can have samples at all."""
+    check_memory([info.n_features, *(info.layers[name] for name in layers)], info.num_classes, str(info.path))
+    if info.num_classes > info.n_samples and not options.drop_empty_classes:
+        raise InputError(f"{info.path}: num_classes is {info.num_classes} but only {info.n_samples} rows are read, so "
+                         f"at least {info.num_classes - info.n_samples} classes have no samples; pass "
+                         "--drop-empty-classes to audit the classes present, or fix num_classes")
 
 
 def _statistics_pass(cache: FeatureCache, setup: _Setup, options: AuditOptions, device: torch.device,
@@ -366,11 +376,11 @@ def _precision_floor(reference: tuple[np.ndarray, np.ndarray, np.ndarray] | None
     return metrics.nc1_of_deviations(a - b, basis)
 
 
-def _warnings(closed: _Closed, sel: _Selection, p: int, per_class: list[dict[str, Any]]) -> list[str]:
-    """What the reader must know: rounding-dominated NC1, rank deficiency, dropped classes, and every internal
-    identity that does not hold to SELF_CHECK_RTOL (with its likely cause)."""
-    m, basis = closed.metrics, closed.basis
-    warnings: list[str] = []
+def _warnings(closed: _Closed, sel: _Selection, info: CacheInfo, per_class: list[dict[str, Any]]) -> list[str]:
+    """What the reader must know: a partial read or single-sample classes, rounding-dominated NC1, rank deficiency,
+    dropped classes, and every internal identity that does not hold to SELF_CHECK_RTOL (with its likely cause)."""
+    m, basis, p = closed.metrics, closed.basis, info.n_features
+    warnings: list[str] = _coverage_warnings(sel, info)
     floor, nc1 = m.get("nc1_precision_floor"), m.get("nc1")
     if floor is not None and nc1 is not None and math.isfinite(nc1) and nc1 <= FLOOR_WARNING_FACTOR * floor:
         warnings.append(f"nc1 = {nc1:.3g} is within {FLOOR_WARNING_FACTOR:g}x of the extraction precision floor "
@@ -383,6 +393,25 @@ def _warnings(closed: _Closed, sel: _Selection, p: int, per_class: list[dict[str
         shown = f"{sel.dropped[:20]}{' ...' if len(sel.dropped) > 20 else ''}"
         warnings.append(f"dropped {len(sel.dropped)} empty class(es): {shown}")
     warnings += _self_check_warnings(closed, sel, per_class)
+    return warnings
+
+
+def _coverage_warnings(sel: _Selection, info: CacheInfo) -> list[str]:
+    """What the rows cannot show: a partial read (maybe only the first classes), classes of a single sample."""
+    warnings: list[str] = []
+    if not info.complete:
+        warnings.append(f"partial cache: {info.n_samples} of {info.n_rows} rows read (complete=false), holding "
+                        f"{len(sel.keep)} of {info.num_classes} classes; extraction writes in dataset order, often "
+                        "class by class, so these metrics describe the rows written so far only (finish the file "
+                        "with `ncaudit extract --resume`)")
+    single = sel.keep[sel.stats.counts == 1]
+    if single.size == len(sel.keep):
+        warnings.append("every class has a single sample: within-class variability is zero by construction, so nc1 "
+                        "= 0, cdnv and the per-class nc1 say nothing about collapse; audit several samples per class")
+    elif single.size:
+        shown = ", ".join(str(int(c)) for c in single[:10]) + (", ..." if single.size > 10 else "")
+        warnings.append(f"{single.size} class(es) have a single sample ({shown}): their within-class variance is zero "
+                        "by construction, which pulls nc1 and cdnv down; audit several samples per class")
     return warnings
 
 

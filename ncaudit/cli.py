@@ -1,8 +1,9 @@
 """The ``ncaudit`` command line: thin wrappers that parse options, call the library and map errors to exit codes.
 
 Exit codes: 0 every check passed, 1 a ``--fail-if`` check failed (the report is still printed), 2 bad input or usage,
-130 interrupted. stdout carries the report only; progress bars, warnings and errors go to stderr. torch and timm
-are imported inside the commands that need them, so ``ncaudit --help`` answers at once.
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM, handled like Ctrl-C). stdout carries the report only; progress
+bars, warnings and errors go to stderr. torch and timm are imported inside the commands that need them, so
+``ncaudit --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import contextlib
 import functools
 import inspect
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -22,7 +25,7 @@ from rich.markup import escape
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from ncaudit import __version__
-from ncaudit.errors import InputError
+from ncaudit.errors import InputError, Terminated
 
 # The report's passes alternate torch's OpenMP threads (elementwise work) with the BLAS threads of its products; OpenMP
 # threads that spin after each parallel region take the cores the BLAS needs (measured: a batch of pass 1 took 1.3x
@@ -94,6 +97,40 @@ def fail(message: str, code: int = 2) -> NoReturn:
     """Print one line to stderr and exit (2: bad input or usage)."""
     stderr.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code=code)
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`~ncaudit.errors.Terminated` (a KeyboardInterrupt) in the main
+    thread, so a terminated command unwinds as Ctrl-C does (files closed, partial caches left resumable). The previous
+    handler is restored after the block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _command(after_interrupt: str) -> Iterator[None]:
+    """A command's body: an InputError exits 2 with one line; Ctrl-C exits 130 and SIGTERM 143, each with one line
+    ending in ``after_interrupt`` (what is left behind)."""
+    with terminate_as_interrupt():
+        try:
+            yield
+        except InputError as exc:
+            fail(str(exc))
+        except Terminated:
+            fail(f"terminated (SIGTERM); {after_interrupt}", code=143)
+        except KeyboardInterrupt:
+            fail(f"interrupted; {after_interrupt}", code=130)
 
 
 def _print_trajectory(rows: list, outcome: list[dict], *, json_out: bool, layers: bool = False,
@@ -224,7 +261,8 @@ def extract(
     from ncaudit.extract import extract as run_extract
     from ncaudit.models import Weights
 
-    try:
+    with _command(f"{out} is left partial (complete=false) with the rows written so far: rerun with --resume to "
+                  "continue"):
         chosen = Weights.from_flags(checkpoint, pretrained=pretrained, random_init=random_init, weights=weights,
                                     ema=ema)
         with _ranks(device) as group:
@@ -240,12 +278,8 @@ def extract(
                 info=lambda msg: stderr.print(escape(msg), overflow="fold") if main else None,
                 group=group,
             )
-        if not main:
-            return
-    except InputError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail(f"interrupted; {out} is left partial (complete=false): rerun with --resume to continue", code=130)
+    if not main:
+        return
     rate = f", {summary.images_per_s:,.0f} images/s" if summary.images_per_s == summary.images_per_s else ""
     stderr.print(escape(f"wrote {summary.out}: {summary.n_samples} samples x {summary.n_features} features, "
                         f"{summary.num_classes} classes, {summary.precision} on {summary.device}{rate}; classifier: "
@@ -285,22 +319,21 @@ def report(
     Two streaming passes over the file (statistics, then per-sample decisions); memory does not grow with the
     number of samples. Exit codes: 0 every check passed, 1 a --fail-if check failed, 2 bad input.
     """
+    from ncaudit.atomic import check_output, write_text_atomic
     from ncaudit.audit import METRIC_KEYS, AuditOptions, audit
     from ncaudit.checks import evaluate, parse_checks
     from ncaudit.progress import RichProgress
     from ncaudit.report import render_json, render_table
 
-    try:
+    with _command("nothing was written"):
         checks = parse_checks(fail_if, METRIC_KEYS)
+        if output is not None:
+            check_output(output, [cache])
         options = AuditOptions(
             batch_size=batch_size, device=device, ridge=ridge, rcond=rcond, allow_partial=allow_partial,
             drop_empty_classes=drop_empty_classes, normalize=normalize, layers=[] if layers else None,
         )
         result = _audit_on_ranks(cache, options, quiet)
-    except InputError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail("interrupted; nothing was written", code=130)
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
         return
     result.checks = evaluate(checks, result.metrics)
@@ -308,11 +341,8 @@ def report(
         stderr.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     text = render_json(result)
     if output is not None:
-        try:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(text + "\n")
-        except OSError as exc:
-            fail(f"cannot write {output}: {exc.strerror or exc}; choose a writable path for --output")
+        with _command(f"{output} is unchanged"):
+            write_text_atomic(output, text + "\n")
     if json_out:
         typer.echo(text)
     else:
@@ -371,7 +401,7 @@ def trajectory(
     from ncaudit.progress import RichProgress
     from ncaudit.trajectory import build_rows, gate_last_row
 
-    try:
+    with _command("nothing was written"):
         progress = RichProgress(stderr, enabled=False if quiet else None)
         results = []
         for i, path in enumerate(caches):
@@ -385,11 +415,7 @@ def trajectory(
             from ncaudit.plot import plot_trajectory
 
             plot_trajectory(rows, plot)
-            stderr.print(f"plot written to {plot}")
-    except InputError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail("interrupted", code=130)
+            stderr.print(escape(f"plot written to {plot}"))
     _print_trajectory(rows, outcome, json_out=json_out, layers=layers, wide=wide)
     if not all(c["passed"] for c in outcome):
         raise typer.Exit(code=1)
@@ -422,14 +448,10 @@ def demo(
     say = (lambda line: None) if quiet else (lambda line: stderr.print(escape(line), soft_wrap=True))
     with tempfile.TemporaryDirectory(prefix="ncaudit-demo-") as tmp:
         target = out if out is not None else Path(tmp)
-        try:
+        with _command("the demo stopped"):
             result = run_demo(target, fixtures=fixtures, device=device, progress=say)
             rows = result.rows
             outcome = gate_last_row(rows, fail_if)
-        except InputError as exc:
-            fail(str(exc))
-        except KeyboardInterrupt:
-            fail("interrupted", code=130)
     _print_trajectory(rows, outcome, json_out=json_out, preface=EXPLANATION, wide=wide)
     if out is None:
         stderr.print("pass --out DIR to keep the caches, JSON reports and trajectory plot", soft_wrap=True)

@@ -291,18 +291,66 @@ def build_transform(cfg: Mapping[str, Any]) -> Callable[[Image.Image], torch.Ten
 # Datasets
 # ---------------------------------------------------------------------------------------------------------------------
 def load_image(source: str | os.PathLike[str] | BinaryIO, name: str | None = None) -> Image.Image:
-    """Open and fully decode an image from a path or a binary file object into RGB (so a truncated file fails here),
-    naming the file (``name``, else the path) on failure."""
+    """Open and fully decode an image from a path or a binary file object into 8-bit RGB (so a truncated file fails
+    here), naming the file (``name``, else the path) on failure.
+
+    High-bit-depth images are scaled, not clipped: 16-bit grey (PNG, TIFF) by 255/65535, integer images by their
+    declared bit depth, float images (TIFF) in [0, 1] by 255; a float image outside [0, 1] is refused. (16-bit colour
+    PNGs are decoded to 8 bits per channel by Pillow itself.)
+    """
     label = name or str(source if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "<image>"))
     try:
         with contextlib.ExitStack() as stack:
             fh = stack.enter_context(open(source, "rb")) if isinstance(source, (str, os.PathLike)) else source
             img = Image.open(fh)
             img.load()
-            return img.convert("RGB") if img.mode != "RGB" else img.copy()
+            return _to_rgb8(img, label)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InputError(f"{label}: unreadable or truncated image ({str(exc).splitlines()[0] if str(exc) else exc}); "
                          "fix or remove the file") from None
+
+
+def _to_rgb8(img: Image.Image, label: str) -> Image.Image:
+    """8-bit RGB of a decoded image; grey images of more than 8 bits (modes I;16*, I, F) are scaled to 0..255."""
+    if img.mode == "RGB":
+        return img.copy()
+    if not (img.mode.startswith("I") or img.mode == "F"):
+        return img.convert("RGB")
+    values = np.asarray(img)
+    if img.mode == "F":
+        scale = _float_scale(values, label)
+    else:
+        scale = 255.0 / (2.0 ** _integer_bits(img, values, label) - 1)
+    grey = np.clip(np.rint(values.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def _integer_bits(img: Image.Image, values: np.ndarray, label: str) -> int:
+    """Bits per sample of an integer grey image: 16 for I;16*, else the TIFF tag, else the smallest that fits."""
+    if values.size and int(values.min()) < 0:
+        raise InputError(f"{label}: a signed integer image with negative values; convert it to 8-bit (e.g. PNG) "
+                         "first")
+    if img.mode.startswith("I;16"):
+        return 16
+    tag = getattr(img, "tag_v2", None)
+    declared = tag.get(258) if tag is not None else None  # TIFF BitsPerSample
+    if isinstance(declared, tuple):
+        declared = declared[0] if declared else None
+    if isinstance(declared, int) and 8 <= declared <= 32:
+        return declared
+    top = int(values.max()) if values.size else 0
+    return 8 if top <= 255 else 16 if top <= 65535 else 32
+
+
+def _float_scale(values: np.ndarray, label: str) -> float:
+    """A float image is taken as intensities in [0, 1]; anything else is refused rather than guessed."""
+    finite = bool(np.isfinite(values).all())
+    lo, hi = (float(values.min()), float(values.max())) if values.size and finite else (0.0, 0.0)
+    if not finite or lo < 0 or hi > 1:
+        shown = "NaN or Inf" if not finite else f"[{lo:.4g}, {hi:.4g}]"
+        raise InputError(f"{label}: a floating-point image with values {shown}, not intensities in [0, 1]; convert "
+                         "it to 8-bit (e.g. PNG) or scale it to [0, 1] first")
+    return 255.0
 
 
 class _Samples(torch.utils.data.Dataset):  # type: ignore[type-arg]
@@ -488,23 +536,104 @@ def _open_torch(name: str, root: Path, split: str | None) -> DataSource:
     classes = [str(c) for c in (wnids or getattr(base, "classes", None) or range(int(raw.max()) + 1))]
     digest = hashlib.sha256(raw.tobytes())
     for p in getattr(images, "paths", []):
-        digest.update(os.path.relpath(p, root).encode())
+        digest.update(os.path.relpath(p, root).encode("utf-8", "surrogateescape"))
     return DataSource(dataset=_Samples(images, raw, None), kind=f"torch/{name}", split=split, root=root, labels=raw,
                       dataset_classes=classes, class_names=None, fingerprint=digest.hexdigest(),
                       reader=f"torchvision {type(base).__name__} (timm create_dataset)")
 
 
 def _image_folder(root: Path) -> tuple[list[str], list[str], np.ndarray]:
-    """``(classes, image paths, labels)`` of an ImageFolder root: one sub-directory per class, classes sorted."""
-    from torchvision.datasets import ImageFolder
+    """``(classes, image paths, labels)`` of an ImageFolder root, as torchvision's ``ImageFolder`` lists them: one
+    sub-directory per class, classes sorted by name (label = index), a class's images at any depth below it in
+    sorted path order, files chosen by extension (.jpg, .png, ...).
+
+    Unlike a plain walk, symbolic links are followed once: a link to a directory above it (a loop) is refused, a
+    directory reached again through another link of the same class is read once (each file counts once), one shared
+    by two classes is refused. Class directory names must be valid UTF-8: they are stored as ``/class_names``.
+    """
+    classes = _class_directories(root)
+    seen: dict[tuple[int, int], str] = {}
+    above = _ancestor_keys(root)
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        files = _scan_class(root, name, seen, above)
+        if not files:
+            raise InputError(f"--data {root}: no images found in class directory {name!r}; expect one sub-directory "
+                             f"per class holding {'/'.join(IMAGE_EXTENSIONS[:3])}/... files")
+        paths += files
+        labels += [label] * len(files)
+    return classes, paths, np.asarray(labels, dtype=np.int64)
+
+
+#: File extensions read as images (torchvision's ImageFolder list), compared in lower case.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _class_directories(root: Path) -> list[str]:
+    """The sub-directories of ``root`` (links followed), sorted; each name valid UTF-8."""
     try:
-        folder = ImageFolder(str(root), loader=load_image)
-    except FileNotFoundError as exc:
-        raise InputError(f"--data {root}: no images found ({str(exc).splitlines()[0]}); expect one sub-directory "
-                         "per class holding .jpg/.png/... files") from None
-    paths = [p for p, _ in folder.samples]
-    labels = np.asarray([t for _, t in folder.samples], dtype=np.int64)
-    return list(folder.classes), paths, labels
+        with os.scandir(root) as entries:
+            classes = sorted(e.name for e in entries if e.is_dir())
+    except OSError as exc:
+        raise InputError(f"--data {root}: cannot list the directory ({exc.strerror}); check its permissions") from None
+    if not classes:
+        raise InputError(f"--data {root}: no images found (no class sub-directories); expect one sub-directory per "
+                         "class holding .jpg/.png/... files")
+    for name in classes:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"--data {root}: the class directory {os.fsencode(name)!r} is not named in valid UTF-8; "
+                             "rename it (class names are stored as UTF-8 text)") from None
+    return classes
+
+
+def _ancestor_keys(root: Path) -> tuple[tuple[int, int], ...]:
+    """(device, inode) of ``root`` and every directory above it: a link to any of them is a loop."""
+    keys = []
+    for directory in (Path(os.path.realpath(root)), *Path(os.path.realpath(root)).parents):
+        st = os.stat(directory)
+        keys.append((st.st_dev, st.st_ino))
+    return tuple(keys)
+
+
+def _scan_class(root: Path, name: str, seen: dict[tuple[int, int], str],
+                above: tuple[tuple[int, int], ...]) -> list[str]:
+    """Image paths below ``root/name``, each directory read once (``seen`` maps directories to their class)."""
+    found: list[tuple[str, list[str]]] = []
+    stack: list[tuple[str, tuple[tuple[int, int], ...]]] = [(os.path.join(str(root), name), above)]
+    while stack:
+        path, ancestors = stack.pop()
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino)
+        if key in ancestors:
+            raise InputError(f"--data {root}: {path} links back to {os.path.realpath(path)}, a directory above it (a "
+                             "loop that would list the same images again and again); remove the link")
+        if key in seen:
+            if seen[key] != name:
+                raise InputError(f"--data {root}: {path} is a link to a directory of class {seen[key]!r}; an image can "
+                                 "belong to one class only, remove the link")
+            continue  # the same directory again through another link: its images are counted once
+        seen[key] = name
+        dirs, files = _list_directory(root, path)
+        found.append((path, sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))))
+        stack += [(os.path.join(path, d), ancestors + (key,)) for d in dirs]
+    found.sort(key=lambda entry: entry[0])  # torchvision sorts os.walk's (directory, ...) tuples
+    return [os.path.join(directory, f) for directory, files in found for f in files]
+
+
+def _list_directory(root: Path, path: str) -> tuple[list[str], list[str]]:
+    """``(sub-directories, other entries)`` of ``path``; links to directories count as directories."""
+    dirs: list[str] = []
+    files: list[str] = []
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                (dirs if entry.is_dir() else files).append(entry.name)
+    except OSError as exc:
+        raise InputError(f"--data {root}: cannot list {path} ({exc.strerror}); check its permissions") from None
+    return dirs, files
 
 
 def _natural_order_note(classes: Sequence[str]) -> list[str]:
@@ -532,7 +661,7 @@ def _open_folder(root: Path, split: str | None) -> DataSource:
     classes, paths, raw = _image_folder(root)
     digest = hashlib.sha256()
     for p, t in zip(paths, raw.tolist()):
-        digest.update(f"{os.path.relpath(p, root)}\t{t}\n".encode())
+        digest.update(f"{os.path.relpath(p, root)}\t{t}\n".encode("utf-8", "surrogateescape"))
     return DataSource(dataset=_Samples(_Paths(paths), raw, None), kind="folder", split=split, root=root, labels=raw,
                       dataset_classes=classes, class_names=None, fingerprint=digest.hexdigest(),
                       reader="ImageFolder (classes in sorted order)", notes=_natural_order_note(classes))

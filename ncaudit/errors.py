@@ -9,3 +9,14 @@ from __future__ import annotations
 
 class InputError(ValueError):
     """Bad input: the message names the problem and how to fix it. The CLI maps it to exit code 2."""
+
+
+class CacheWriteError(InputError):
+    """Writing a feature cache failed (disk full, I/O error); the file keeps the rows known to be on disk.
+
+    The message says how many rows are kept and how to continue (``extract --resume``); it is complete as it is.
+    """
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while a command runs, raised where Ctrl-C would be; the CLI exits with 143 (128 + SIGTERM)."""

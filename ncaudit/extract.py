@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import math
 import os
 import queue
 import shutil
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +44,7 @@ from ncaudit.data import (
 )
 from ncaudit.device import resolve_device
 from ncaudit.distributed import DistContext, GlobalProgress, barrier, broadcast_ints, launch_env, together
-from ncaudit.errors import InputError
+from ncaudit.errors import CacheWriteError, InputError
 from ncaudit.models import (
     LoadedModel,
     PenultimateModel,
@@ -54,7 +57,8 @@ from ncaudit.models import (
 from ncaudit.shards import ShardState, join_pieces, scan_shards, shard_path
 from ncaudit.shards import plan as shard_plan
 from ncaudit.stats import full_precision_matmul
-from ncaudit.store import DEFAULT_CHUNK_ROWS, CacheWriter, attr_value, encode_attr, join_shards
+from ncaudit.store import DEFAULT_CHUNK_ROWS, CacheWriter, WriterLock, attr_value, encode_attr, join_shards
+from ncaudit.validate import format_bytes
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STORE_DTYPES = ("float32", "float16")
@@ -134,7 +138,7 @@ class _AsyncWriter:
     def __init__(self, writer: CacheWriter, chunk_rows: int, depth: int = 4) -> None:
         self.writer = writer
         self.chunk_rows = max(1, chunk_rows)
-        self.float16 = writer._file["features"].dtype == np.float16
+        self.float16 = writer.feature_dtype == np.float16
         self.error: BaseException | None = None
         self._q: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._thread = threading.Thread(target=self._run, name="ncaudit-writer", daemon=True)
@@ -191,9 +195,23 @@ class _AsyncWriter:
                 self.error = exc
 
     def close(self) -> None:
-        """Write what is buffered, stop the thread, re-raise a write error."""
-        self._q.put(None)
-        self._thread.join()
+        """Write what is buffered, stop the thread, re-raise a write error.
+
+        A second Ctrl-C / SIGTERM while the buffered rows are written does not leave the thread writing into a file
+        that is being closed: the thread stops after the write in progress, and the interrupt is re-raised then.
+        """
+        interrupt: BaseException | None = None
+        for _ in range(2):
+            try:
+                if interrupt is not None:
+                    self.error = self.error or interrupt  # the thread drops whatever is still queued
+                self._q.put(None)
+                self._thread.join()
+                break
+            except KeyboardInterrupt as exc:
+                interrupt = exc
+        if interrupt is not None:
+            raise interrupt
         if self.error is not None:
             raise self.error
 
@@ -243,6 +261,28 @@ def _same(stored: Any, value: Any) -> bool:
     return bool(a == b)
 
 
+def _holding_out_lock(fn: Callable[..., ExtractSummary]) -> Callable[..., ExtractSummary]:
+    """Run ``fn`` holding the writer lock of its ``out`` argument, taken before anything reads or writes the file.
+
+    One writer per file: a second extraction to the same file (or ``--resume`` / ``--overwrite`` of a file another
+    process writes) is refused at once. The :class:`~ncaudit.store.CacheWriter` the run opens shares this lock.
+    Under torchrun rank 0 holds it (it joins the shards into ``out``); each rank's shard writers lock their shards.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(model_name: str, checkpoint: Any, data: Any, out: str | os.PathLike[str], *args: Any,
+                **kwargs: Any) -> ExtractSummary:
+        if Path(out).is_dir():
+            raise InputError(f"--out {out}: is a directory; give a file name ending in .h5")
+        group = kwargs.get("group")
+        if group is not None and not group.is_main:  # rank 0 holds --out; every rank locks its own shards
+            return fn(model_name, checkpoint, data, out, *args, **kwargs)
+        with WriterLock(out):
+            return fn(model_name, checkpoint, data, out, *args, **kwargs)
+
+    return wrapper
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------------------------------
@@ -250,9 +290,40 @@ def _loader(dataset: Any, indices: range, batch_size: int, workers: int, pin: bo
     subset = torch.utils.data.Subset(dataset, indices)
     kwargs: dict[str, Any] = {}
     if workers > 0:
-        kwargs.update(prefetch_factor=4, persistent_workers=False)
+        kwargs.update(prefetch_factor=4, persistent_workers=False, worker_init_fn=_quiet_worker)
     return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                        pin_memory=pin, drop_last=False, **kwargs)
+
+
+def _quiet_worker(_: int) -> None:
+    """DataLoader worker set-up: end quietly when the parent is gone or on SIGTERM.
+
+    A worker whose parent was killed finds the parent's sockets reset while it hands over a batch; Python's
+    ``resource_sharer`` thread then prints a ConnectionResetError traceback through ``sys.excepthook``. Those
+    connection errors are dropped here (any other error is still printed), and SIGTERM ends the worker as Ctrl-C does
+    (torch's worker loop exits quietly on KeyboardInterrupt).
+    """
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not issubclass(kind, (ConnectionError, EOFError)):
+            previous(kind, value, tb)
+
+    sys.excepthook = hook
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _worker_died(exc: RuntimeError, out: Path) -> InputError | None:
+    """A DataLoader worker that was killed (out of memory, a signal) as a one-line error, else None."""
+    text = str(exc).strip().splitlines()
+    if not text or "DataLoader worker" not in text[0]:
+        return None
+    return InputError(f"{text[0].rstrip('. ')}; it was killed (out of memory? fewer --workers or a smaller "
+                      f"--batch-size help). {out} keeps the rows written so far: rerun with --resume")
 
 
 def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -461,6 +532,9 @@ def _provenance(model_name: str, loaded: LoadedModel, src: DataSource, cfg: dict
 def _resume_row(out: Path, state: dict[str, Any], attrs: dict[str, Any], n_total: int, store_dtype: str) -> int:
     """The row a resumed run starts at, after checking that the partial file was written by the same job."""
     for key in RESUME_KEYS:
+        if key == "data_fingerprint" and not _same(state.get(key, ""), attrs[key]):
+            raise InputError(f"--resume: the dataset changed since {out} was started (files added, removed or renamed, "
+                             "or other labels), so its rows no longer line up; pass --overwrite to start again")
         if not _same(state.get(key, ""), attrs[key]):
             raise InputError(f"--resume: {out} was written with another {key} ({str(state.get(key, ''))[:60]!r}); "
                              "resume with the same checkpoint, data and options, or pass --overwrite")
@@ -481,6 +555,8 @@ def _first_batch(job: _Job) -> tuple[Any, Any, Any]:
             job.source.dataset, range(min(job.batch_size, job.n_total)), job.batch_size, 0, pin)))
     except InputError as exc:
         raise _unwrap_worker_error(exc) from None
+    except RuntimeError as exc:
+        raise _worker_died(exc, job.out) or exc from None
     return batches, first, probe
 
 
@@ -496,10 +572,10 @@ def _open_writer(job: _Job, p: int, layer_widths: dict[str, int]) -> CacheWriter
     free = shutil.disk_usage(parent if parent.exists() else Path.cwd()).free
     if layer_widths:
         widths = ", ".join(f"{name} {w}" for name, w in layer_widths.items())
-        job.note(f"projected cache size {need / 2**30:.2f} GiB (extra layers: {widths}); {free / 2**30:.1f} GiB free")
+        job.note(f"projected cache size {format_bytes(need)} (extra layers: {widths}); {format_bytes(free)} free")
     if need > free:
-        raise InputError(f"--out {job.out}: the cache needs about {need / 2**30:.2f} GiB but only "
-                         f"{free / 2**30:.2f} GiB is free; free space, use --store-dtype float16 or --limit")
+        raise InputError(f"--out {job.out}: the cache needs about {format_bytes(need)} but only {format_bytes(free)} "
+                         "is free; free space, use --store-dtype float16 or --limit")
     pm = job.pm
     weight = pm.weight.astype(np.float32)  # type: ignore[union-attr]
     bias = None if pm.bias is None else pm.bias.astype(np.float32)
@@ -543,6 +619,8 @@ def _stream(job: _Job, writer: CacheWriter, batches: Any, first: Any, head: tupl
                     emit(feats, logits, y, pm.layer_features)
         except InputError as exc:
             raise _unwrap_worker_error(exc) from None
+        except RuntimeError as exc:
+            raise _worker_died(exc, job.out) or exc from None
         finally:
             sink.close()
 
@@ -581,14 +659,18 @@ def _run(job: _Job, *, progress: bool, precision_check: int) -> tuple[float, int
             seconds = time.perf_counter() - t0
             n_ref = _reference_rows(job, writer, precision_check)
             writer.finish()
+    except CacheWriteError:
+        raise
     except OSError as exc:
-        raise InputError(f"--out {job.out}: writing failed ({str(exc).splitlines()[0] if str(exc) else exc}); free "
-                         "disk space or fix the path, then rerun with --resume") from None
+        kept = writer.n_written if writer is not None else 0
+        raise InputError(f"--out {job.out}: writing failed ({str(exc).splitlines()[0] if str(exc) else exc}); "
+                         f"{kept} rows are kept: free disk space or fix the path, then rerun with --resume") from None
     except InputError as exc:
         if writer is None:
             raise
-        raise InputError(f"{exc} ({job.out} is kept, marked incomplete: --resume continues it, --overwrite starts "
-                         "again)") from None
+        raise InputError(f"{exc} ({job.out} keeps its first {writer.n_written} rows, marked incomplete: fix the cause "
+                         "in place, e.g. replace a bad image by a readable one, and rerun with --resume; after adding, "
+                         "removing or renaming data files, rerun with --overwrite)") from None
     finally:
         if writer is not None:
             writer.close()
@@ -708,6 +790,7 @@ def _run_shards(job: _Job, group: DistContext, *, resume: bool, overwrite: bool,
     return seconds, n_ref, plan.n_done, (job.n_total - plan.n_done) / seconds if seconds > 0 else math.nan
 
 
+@_holding_out_lock
 def extract(
     model_name: str,
     weights: Weights | str | os.PathLike[str],

@@ -17,6 +17,7 @@ import hashlib
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from dataclasses import replace as dataclass_replace
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from ncaudit.errors import InputError
+from ncaudit.validate import available_memory, format_bytes
 
 TORCHVISION_PREFIX = "torchvision:"
 PLAIN_KEYS = ("state_dict", "model")
@@ -91,7 +93,42 @@ def clean_state_dict(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
+#: A checkpoint archive may declare at most this many times its compressed size: torch.save stores its members
+#: uncompressed, and float weights deflate by a few percent, so a larger ratio is an archive built to inflate.
+MAX_INFLATE_RATIO = 20
+#: Archives declaring less than this are not checked for their ratio (it takes real memory to matter).
+INFLATE_CHECK_BYTES = 256 << 20
+
+
+def check_archive_sizes(path: Path) -> None:
+    """Refuse, before anything is inflated, a zip checkpoint whose members declare more than memory can hold or far
+    more than the archive's compressed size (a few MB of deflated zeros can declare gigabytes).
+
+    Sizes come from the zip's central directory; ``torch.load`` allocates what they declare (and fails a member
+    whose data do not match its declared size). Non-zip (legacy) checkpoints are as large as their file.
+    """
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a readable archive: torch.load says so
+    declared = sum(m.file_size for m in members)
+    packed = sum(m.compress_size for m in members)
+    if declared > INFLATE_CHECK_BYTES and declared > MAX_INFLATE_RATIO * max(packed, 1):
+        ratio = declared / max(packed, 1)
+        raise InputError(f"{path}: refused: the checkpoint archive declares {format_bytes(declared)} of data in "
+                         f"{format_bytes(packed)} of compressed members ({ratio:,.0f}x); torch.save writes "
+                         "uncompressed archives. Re-save the weights (torch.save(model.state_dict(), PATH)) or as "
+                         ".safetensors")
+    if declared > (have := available_memory()):
+        raise InputError(f"{path}: the checkpoint declares {format_bytes(declared)} of tensors but "
+                         f"{format_bytes(have)} of memory is available; load it on a machine with more memory")
+
+
 def _read_pickle(path: Path) -> Any:
+    check_archive_sizes(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -136,8 +136,8 @@ def per_class_table(result: AuditResult, limit: int | None = None) -> Table:
         else:
             table.add_column(label, justify="right", no_wrap=True)
     formats = {key: column_format([r.get(key) for r in rows]) for key, _ in columns}
-    for r in rows:
-        table.add_row(*(str(r.get(key, "")) if key in ("class", "name", "count") else formats[key](r.get(key))
+    for r in rows:  # Text cells: a class name such as "[bold]x" is shown as written, never read as markup
+        table.add_row(*(Text(str(r.get(key, ""))) if key in ("class", "name", "count") else formats[key](r.get(key))
                         for key, _ in columns))
     return table
 
@@ -148,7 +148,7 @@ def layers_table(result: AuditResult, title: str = "per layer (network order)") 
     for col in ("layer", "p", "NC1", "CDNV", "equinorm μ", "equiangle μ", "NCC acc"):
         table.add_column(col, justify="left" if col == "layer" else "right", no_wrap=True)
     for name, block in result.layers.items():
-        table.add_row(name, str(block["n_features"]), *(fmt(block[k]) for k in (
+        table.add_row(Text(name), str(block["n_features"]), *(fmt(block[k]) for k in (
             "nc1", "cdnv", "nc2_equinorm_means", "nc2_equiangle_means", "ncc_accuracy")))
     table.add_row("(final)", str(result.n_features), *(fmt(result.metrics[k]) for k in (
         "nc1", "cdnv", "nc2_equinorm_means", "nc2_equiangle_means", "ncc_accuracy")))
@@ -224,7 +224,7 @@ def trajectory_table(rows: Sequence[TrajectoryRow], *, layers: bool = False, wid
         columns.append((key, split))
         table.add_column(header, justify="right", no_wrap=True)
     for r in rows:
-        table.add_row(r.label, *(fmt_compact(r.value(f"{s}.{k}" if s else k)) for k, s in columns))
+        table.add_row(Text(r.label), *(fmt_compact(r.value(f"{s}.{k}" if s else k)) for k, s in columns))
     parts: list[Any] = [table]
     if layers and rows and rows[-1].primary.layers:
         last = rows[-1]

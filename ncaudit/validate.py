@@ -1,16 +1,113 @@
 """Input validation: every check on user data lives here and raises :class:`~ncaudit.errors.InputError`.
 
-Each message names the problem and the fix in one line; the CLI prints it and exits with code 2.
+Each message names the problem and the fix in one line; the CLI prints it and exits with code 2. Besides the checks
+on features, labels and the classifier, this module holds the checks of a cache's root attributes (a malformed
+attribute is refused, never guessed at) and of declared sizes against the memory the statistics will allocate.
+torch is imported only by the checks on tensors, so that reading a cache's metadata does not need it.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ncaudit.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+#: 8-byte numbers the statistics of one feature block hold per p^2 and per C p (accumulators, Sigma_W / Sigma_T,
+#: the SVD factor [Sigma_W^1/2, M diag(pi)^1/2] and its factors, the second pass's class means and classifier).
+STAT_WORDS_PER_P2 = 8
+STAT_WORDS_PER_CP = 10
+STAT_WORDS_PER_C = 16
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes for a message: GiB from 1 GiB up, else MiB, else KiB or bytes (never "0.00 GiB")."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}" if unit in ("TiB", "GiB") else f"{n / size:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    if isinstance(value, (list, tuple)):
+        return f"an array of {len(value)} value(s)"
+    if isinstance(value, bool):
+        return f"the boolean {value}"
+    return repr(value)
+
+
+def attr_int(value: Any, name: str, where: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """A root attribute that must be a whole number (an integer, or a float with no fraction) within bounds."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InputError(f"{where}: the {name} attribute is {_describe(value)}; store an integer")
+    if isinstance(value, (float, np.floating)) and not (math.isfinite(value) and float(value).is_integer()):
+        raise InputError(f"{where}: the {name} attribute is {value!r}, not a whole number; store an integer")
+    number = int(value)
+    if minimum is not None and number < minimum or maximum is not None and number > maximum:
+        bounds = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise InputError(f"{where}: the {name} attribute is {number}; it must be {bounds}")
+    return number
+
+
+def attr_bool(value: Any, name: str, where: str) -> bool:
+    """A root attribute that must be a boolean (HDF5 bool, or the integers 0 and 1)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and int(value) in (0, 1):
+        return bool(value)
+    raise InputError(f"{where}: the {name} attribute is {_describe(value)}; store a boolean (true or false)")
+
+
+def check_schema(value: Any, version: int, where: str) -> None:
+    """``ncaudit_schema`` must be the integer ``version``."""
+    if isinstance(value, str):
+        raise InputError(f"{where}: the ncaudit_schema attribute is {_describe(value)}, not a number; store the "
+                         f"integer {version}")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or int(value) != version:
+        raise InputError(f"{where}: ncaudit_schema is {value!r}, this version reads schema {version}; re-extract the "
+                         "features or upgrade ncaudit")
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``; else the physical memory)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def statistics_bytes(n_features: int, num_classes: int) -> int:
+    """Bytes the statistics of one block of ``n_features`` features over ``num_classes`` classes allocate (float64)."""
+    p, c = int(n_features), int(num_classes)
+    return 8 * (STAT_WORDS_PER_P2 * p * p + STAT_WORDS_PER_CP * c * p + STAT_WORDS_PER_C * c)
+
+
+def check_memory(widths: Sequence[int], num_classes: int, where: str) -> None:
+    """Refuse, before anything is allocated, statistics over blocks of ``widths`` features that cannot fit in memory."""
+    need = sum(statistics_bytes(p, num_classes) for p in widths)
+    have = available_memory()
+    if need > have:
+        shown = ", ".join(str(p) for p in widths[:4]) + (", ..." if len(widths) > 4 else "")
+        raise InputError(f"{where}: p = {shown} features and C = {num_classes} classes need about "
+                         f"{format_bytes(need)} of statistics (O(p^2 + C p)) but {format_bytes(have)} of memory is "
+                         "available; check the declared shapes and num_classes, or reduce the features (fewer "
+                         "layers, a projection) first")
 
 
 def check_labels(labels: torch.Tensor, num_classes: int, start: int, where: str) -> None:
@@ -25,18 +122,38 @@ def check_labels(labels: torch.Tensor, num_classes: int, start: int, where: str)
                          f"class indices below num_classes={num_classes} (fix the labels or the num_classes attribute)")
 
 
+#: Largest |h| whose products the statistics' GEMMs hold without overflow, per feature dtype in memory: float32
+#: GEMMs (float32 and float16 caches) sum up to a batch of squares below 3.4e38; float64 ones below 1.8e308.
+SQUARABLE = {"float32": 1e16, "float64": 1e150}
+
+
 def check_finite(features: torch.Tensor, start: int, where: str, name: str = "/features") -> None:
-    """No NaN or Inf in a batch of features (one cheap row-sum test, then the first bad row is located)."""
+    """No NaN or Inf in a batch of features (one cheap row-sum test, then the first bad row is located), and no value
+    so large that the statistics' products of it overflow (:data:`SQUARABLE`)."""
+    import torch
+
     if features.numel() == 0:
         return
-    if bool(torch.isfinite(features.sum(dim=1)).all()):
+    limit = SQUARABLE["float64" if features.dtype == torch.float64 else "float32"]
+    if bool(torch.isfinite(features.sum(dim=1)).all()) and float(features.abs().amax()) <= limit:
         return
     bad_rows = (~torch.isfinite(features)).any(dim=1).nonzero()
-    if bad_rows.numel() == 0:  # the row sum overflowed, the values themselves are finite
+    if bad_rows.numel() == 0:  # finite, but too large (or only the row sum overflowed)
+        _check_magnitude(features, limit, start, where, name)
         return
     row = int(bad_rows[0, 0])
     raise InputError(f"{where}: {name} row {start + row} holds NaN or Inf; the features are corrupt (re-extract them, "
                      "e.g. with --precision fp32 if half precision overflowed)")
+
+
+def _check_magnitude(features: torch.Tensor, limit: float, start: int, where: str, name: str) -> None:
+    peak = features.abs().amax(dim=1)
+    if float(peak.max()) <= limit:
+        return
+    row = int((peak > limit).nonzero()[0, 0])
+    raise InputError(f"{where}: {name} row {start + row} reaches {float(peak[row]):.3g}, beyond the {limit:.0e} whose "
+                     f"squares the {str(features.dtype).replace('torch.', '')} statistics hold; rescale the features "
+                     "(or store them as float64)")
 
 
 def check_classifier(weight: np.ndarray, bias: np.ndarray | None, where: str) -> None:

@@ -221,7 +221,7 @@ def test_layers_are_pooled_and_refused_when_too_big(images: Path, ckpt: Path, tm
     from collections import namedtuple
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 1000))
-    with pytest.raises(InputError, match="GiB is free"):
+    with pytest.raises(InputError, match="but only 1000 bytes is free"):
         extract("test_resnet", ckpt, images, tmp_path / "y.h5", layers="layer3", **FAST)
     assert not (tmp_path / "y.h5").exists()
 
