@@ -260,10 +260,10 @@ def describe_transform(cfg: Mapping[str, Any]) -> list[str]:
 
 
 class ToRGB:
-    """Convert a PIL image to RGB (grey, palette, RGBA, CMYK...)."""
+    """Convert a PIL image to 8-bit RGB (grey, palette, RGBA, CMYK...; 16-bit and float grey scaled, not clipped)."""
 
     def __call__(self, img: Image.Image) -> Image.Image:
-        return img if img.mode == "RGB" else img.convert("RGB")
+        return img if img.mode == "RGB" else _to_rgb8(img, getattr(img, "filename", "") or "<image>")
 
     def __repr__(self) -> str:
         return "ToRGB()"

@@ -17,6 +17,7 @@ from typing import Any
 
 from ncaudit.audit import AuditOptions, AuditResult, audit
 from ncaudit.errors import InputError
+from ncaudit.atomic import write_text_atomic
 from ncaudit.report import render_json
 from ncaudit.trajectory import TrajectoryRow, build_rows
 
@@ -121,7 +122,7 @@ def run_demo(
             )
             result = audit(cache, AuditOptions(device=device))
             report = out / "reports" / f"e{ckpt['epoch']:03d}_{split}.json"
-            report.write_text(render_json(result) + "\n")
+            write_text_atomic(report, render_json(result) + "\n")
             caches.append(cache)
             results.append(result)
             reports.append(report)

@@ -769,3 +769,13 @@ def test_dataloader_workers_do_not_print_connection_reset_tracebacks(capfd: pyte
     assert len(list(loader)) == 2
     err = capfd.readouterr().err
     assert "ConnectionResetError" not in err and "ValueError: still shown" in err
+
+
+def test_to_rgb_transform_scales_sixteen_bit_images_too() -> None:
+    """Images that reach the transform without load_image (datasets yielding PIL images) are scaled the same way."""
+    from ncaudit.data import ToRGB
+
+    g = np.random.default_rng(3).integers(0, 256, (8, 8), dtype=np.uint8)
+    eight = np.asarray(ToRGB()(Image.fromarray(g)))
+    sixteen = np.asarray(ToRGB()(Image.fromarray(g.astype(np.uint16) * 257)))
+    np.testing.assert_array_equal(eight, sixteen)
