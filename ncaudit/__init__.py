@@ -5,4 +5,4 @@ The public surface is small: the command line (``ncaudit``), the HDF5 feature-ca
 functions (:mod:`ncaudit.metrics`).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -228,3 +228,34 @@ def test_state_dict_round_trip_merges_like_the_original():
     np.testing.assert_allclose(merged.means, ref.means, rtol=1e-12)
     with pytest.raises(ValueError):
         ClassStatistics(5, 6).load_state_dict(b.state_dict())
+
+
+def test_large_class_counts_take_the_memory_bounded_path():
+    """Beyond the memory budget, per-label constants are formed per batch and rows go in chunks: same decisions and
+    sums as the tabulated path (what makes C = 21,843 fit; no C x C table)."""
+    from ncaudit import metrics
+    from ncaudit.stats import SampleDecisions
+
+    rng = np.random.default_rng(71)
+    c, p = 300, 16
+    y = rng.integers(0, c, 3000)
+    h = (rng.standard_normal((c, p)) * 3)[y] + rng.standard_normal((3000, p))
+    h = h.astype(np.float32)
+    acc = ClassStatistics(c, p)
+    acc.update(h, y)
+    st = acc.compute()
+    w, b = rng.standard_normal((c, p)), rng.standard_normal(c)
+    white = metrics.means_basis(st.centred_means).whitener
+    kw = dict(gemm_dtype=torch.float32, anchors=st.anchors)
+    table = SampleDecisions(st.means, st.global_mean, w, b, white, **kw)
+    small = SampleDecisions(st.means, st.global_mean, w, b, white, memory_budget=1 << 16, **kw)
+    assert table._label_table is not None and small._label_table is None and small._chunk < 3000
+    for dec in (table, small):
+        for start in range(0, 3000, 1024):
+            dec.update(h[start:start + 1024], y[start:start + 1024])
+    a, z = table.compute(), small.compute()
+    np.testing.assert_array_equal(a.correct, z.correct)
+    np.testing.assert_array_equal(a.ncc_correct, z.ncc_correct)
+    assert a.disagree == z.disagree
+    np.testing.assert_allclose(a.whitened_scatter, z.whitened_scatter, rtol=1e-12)
+    assert z.squared_error == pytest.approx(a.squared_error, rel=1e-9)
