@@ -8,6 +8,7 @@ are closed forms of the statistics follow (:mod:`ncaudit.metrics`); pass 2 makes
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -273,7 +274,8 @@ def _select(accs: dict[str | None, ClassStatistics], setup: _Setup, options: Aud
     dropped = [int(c) for c in np.setdiff1d(np.arange(c_all), keep)]
     weight = bias = None
     if setup.classifier is not None:
-        weight = setup.classifier[0][keep]
+        every = len(keep) == c_all  # no copy of the C x p rows when every class is kept
+        weight = setup.classifier[0] if every else setup.classifier[0][keep]
         bias = np.zeros(len(keep)) if setup.classifier[1] is None else setup.classifier[1][keep]
         if options.normalize:
             weight, bias = _unit_rows(weight), np.zeros(len(keep))
@@ -281,6 +283,7 @@ def _select(accs: dict[str | None, ClassStatistics], setup: _Setup, options: Aud
     remap[torch.from_numpy(keep)] = torch.arange(len(keep))
     layer_stats = {name: accs[name].compute().select(keep) for name in setup.layers}
     layer_bases = {name: metrics.means_basis(s.centred_means) for name, s in layer_stats.items()}
+    setup.classifier = None  # the rows kept are in the selection: free the full C x p copy
     return _Selection(keep, dropped, full_stats.select(keep), layer_stats, layer_bases, weight, bias, remap)
 
 
@@ -523,6 +526,7 @@ def _closed_form(stats: Statistics, weight: np.ndarray | None, bias: np.ndarray 
     closed = _Closed(m, details, basis)
     if weight is not None and bias is not None:
         closed.ls = ls = metrics.least_squares(stats, options.ridge, options.rcond, basis)
+        closed.basis = dataclasses.replace(basis, vt=None)  # V^T (r x C) served the solve; keep U and S only
         loss = metrics.mse_loss(stats, weight, bias)
         closed.estimate = metrics.ls_error_estimate(stats, weight, ls, metrics.ls_loss(stats, ls),
                                                     metrics.mse_term_b(stats, weight, bias, ls, loss=loss))

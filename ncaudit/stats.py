@@ -205,6 +205,8 @@ class Statistics:
     def select(self, classes: np.ndarray) -> Statistics:
         """The statistics restricted to ``classes`` (in that order); every class left out must be empty."""
         classes = np.asarray(classes, dtype=np.int64)
+        if np.array_equal(classes, np.arange(self.n_classes)):
+            return self  # every class, in order: no copy of the (C, p) arrays
         if self.counts[classes].sum() != self.counts.sum():
             raise ValueError("select() may only leave out classes without samples")
         anchors = None if self.anchors is None else self.anchors[classes]
@@ -478,7 +480,7 @@ class SampleDecisions:
     anchors : ndarray of shape (C, p), optional
         A sample of each class (:attr:`Statistics.anchors`); used with float32 GEMMs on float32 / float16 features.
     memory_budget
-        Bytes for per-label tables and score blocks (default 256 MiB).
+        Bytes for per-label tables and score blocks (default 128 MiB).
 
     Notes
     -----
@@ -514,7 +516,7 @@ class SampleDecisions:
         normalize: bool = False,
         per_class: bool = True,
         anchors: np.ndarray | None = None,
-        memory_budget: int = 256 << 20,
+        memory_budget: int = 128 << 20,
     ) -> None:
         self.device = torch.device(device)
         self.gemm_dtype = gemm_dtype
@@ -524,16 +526,18 @@ class SampleDecisions:
         self.means = torch.as_tensor(means, **f64)
         self.global_mean = torch.as_tensor(global_mean, **f64)
         self.num_classes, self.num_features = self.means.shape
-        self._centred = self.means - self.global_mean
+        c, p = self.num_classes, self.num_features
         self.has_classifier = weight is not None
-        cols = [self._centred]
-        consts = [-0.5 * self._centred.square().sum(1)]
+        centred = self.means - self.global_mean
+        self._rows64 = torch.empty(p, 2 * c if weight is not None else c, **f64)  # [M | W^T], (p, C or 2C)
+        self._rows64[:, :c] = centred.T
+        consts = [-0.5 * centred.square().sum(1)]
+        del centred  # C x p: only the columns above are kept
         if weight is not None:
             w = torch.as_tensor(weight, **f64)
-            b = torch.zeros(self.num_classes, **f64) if bias is None else torch.as_tensor(bias, **f64)
-            cols.append(w)
+            b = torch.zeros(c, **f64) if bias is None else torch.as_tensor(bias, **f64)
+            self._rows64[:, c:] = w.T
             consts.append(w @ self.global_mean + b)
-        self._rows64 = torch.cat(cols).T.contiguous()  # (p, C or 2C)
         self._const = torch.cat(consts)
         self._rows = self._rows64.to(gemm_dtype)
         self._col_norm = torch.linalg.vector_norm(self._rows64, dim=0)
@@ -543,9 +547,8 @@ class SampleDecisions:
         self._chunk = max(16, memory_budget // (16 * max(ncols, 1)))
         self.anchored = anchors is not None and gemm_dtype == torch.float32 and not normalize
         self._label_table: torch.Tensor | None = None
-        if self.anchored:
-            self._anchors64 = torch.as_tensor(anchors, **f64)
-            self._anchors = self._anchors64.to(torch.float32)
+        if self.anchored:  # samples of float32 / float16 features: exact in float32
+            self._anchors = torch.as_tensor(anchors, dtype=torch.float32, device=self.device)
             if self.num_classes * ncols * 8 <= memory_budget:
                 self._label_table = self._label_constants(torch.arange(self.num_classes, device=self.device))
         self._workspace = Workspace(self.device)
@@ -553,7 +556,7 @@ class SampleDecisions:
 
     def _label_constants(self, labels: torch.Tensor) -> torch.Tensor:
         """Per-label float64 score constants (a_y - mu_G)^T [M | W] + const, shape (k, ncols), for ``labels`` (k,)."""
-        return (self._anchors64[labels] - self.global_mean) @ self._rows64 + self._const
+        return (self._anchors[labels].to(torch.float64) - self.global_mean) @ self._rows64 + self._const
 
     def reset(self) -> None:
         c, dev = self.num_classes, self.device
@@ -642,8 +645,8 @@ class SampleDecisions:
         """Accumulate ||S^-1 U^T (h - mu_y)||^2 per class, in float64 (see the class notes)."""
         b, p, c = h.shape[0], self.num_features, self.num_classes
         ws = self._workspace
-        within = ws.get("within", b, p, torch.float64).copy_(h)
-        within -= torch.index_select(self.means, 0, y, out=ws.get("mu_y", b, p, torch.float64))
+        within = torch.index_select(self.means, 0, y, out=ws.get("within", b, p, torch.float64))
+        within.neg_().add_(h)  # h - mu_y in one (B, p) float64 buffer
         z = mm(within, self._white, ws.get("z", b, self._white.shape[1], torch.float64))
         self.whitened_scatter += torch.bincount(y, weights=torch.linalg.vector_norm(z, dim=1).square(), minlength=c)
 
