@@ -50,6 +50,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Self
 
 import numpy as np
 import torch
@@ -455,7 +456,32 @@ class Decisions:
     whitened_scatter: np.ndarray
 
 
-class SampleDecisions:
+class _Sums:
+    """State made only of sums (``STATE`` names the tensors): moved with :meth:`state_dict` /
+    :meth:`load_state_dict`, merged exactly by adding (the other state must come from the same constants)."""
+
+    STATE: tuple[str, ...] = ()
+    device: torch.device
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The accumulated sums as CPU tensors."""
+        return {name: getattr(self, name).detach().cpu() for name in self.STATE}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> Self:
+        """Replace the sums by ``state`` (from :meth:`state_dict` of an accumulator with the same constants)."""
+        for name in self.STATE:
+            setattr(self, name, state[name].to(self.device, getattr(self, name).dtype).clone())
+        return self
+
+    @torch.no_grad()
+    def merge(self, other: Self) -> Self:
+        """Add ``other``'s sums to this state and return ``self``."""
+        for name in self.STATE:
+            getattr(self, name).add_(getattr(other, name).to(self.device))
+        return self
+
+
+class SampleDecisions(_Sums):
     """Second streaming pass: classifier and nearest-class-mean decisions, per-class NC1 and the direct MSE.
 
     The class means, the classifier and the whitener U S^-1 of Sigma_B are fixed (from the first pass). One GEMM per
@@ -650,23 +676,6 @@ class SampleDecisions:
         z = mm(within, self._white, ws.get("z", b, self._white.shape[1], torch.float64))
         self.whitened_scatter += torch.bincount(y, weights=torch.linalg.vector_norm(z, dim=1).square(), minlength=c)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The accumulated sums as CPU tensors."""
-        return {name: getattr(self, name).detach().cpu() for name in self.STATE}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> SampleDecisions:
-        """Replace the sums by ``state`` (from :meth:`state_dict` of a pass with the same means and classifier)."""
-        for name in self.STATE:
-            setattr(self, name, state[name].to(self.device, getattr(self, name).dtype).clone())
-        return self
-
-    @torch.no_grad()
-    def merge(self, other: SampleDecisions) -> SampleDecisions:
-        """Add ``other``'s counts and sums (it must use the same means, classifier and whitener)."""
-        for name in self.STATE:
-            getattr(self, name).add_(getattr(other, name).to(self.device))
-        return self
-
     def compute(self) -> Decisions:
         as_np = lambda t: t.detach().cpu().numpy()  # noqa: E731
         return Decisions(
@@ -698,7 +707,7 @@ class Residual:
     n_samples: int
 
 
-class LeastSquaresResidual:
+class LeastSquaresResidual(_Sums):
     """Streaming sums for iterative refinement of a least-squares classifier ``W_0`` on the samples themselves.
 
     The closed form W_LS = Sigma_YH Sigma_T^dagger uses Sigma_T as accumulated; where Sigma_T has eigenvalues that its
@@ -757,20 +766,6 @@ class LeastSquaresResidual:
         self.gradient += mm(x.T, r, ws.get("g", p, c, torch.float64))
         self.squared += r.square().sum()
         self.count += b
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name).detach().cpu() for name in self.STATE}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> LeastSquaresResidual:
-        for name in self.STATE:
-            setattr(self, name, state[name].to(self.device, torch.float64).clone())
-        return self
-
-    @torch.no_grad()
-    def merge(self, other: LeastSquaresResidual) -> LeastSquaresResidual:
-        for name in self.STATE:
-            getattr(self, name).add_(getattr(other, name).to(self.device))
-        return self
 
     def compute(self) -> Residual:
         n = float(self.count)

@@ -27,11 +27,6 @@ N_IMAGES = 3 * 8 + 2
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("imgs") / "data")
-
-
-@pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "test_resnet.pth"
     torch.save({"state_dict": timm_model().state_dict(), "epoch": 1}, path)

@@ -55,11 +55,6 @@ runner = CliRunner()
 # Helpers
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("imgs") / "data")
-
-
-@pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "test_resnet.pth"
     torch.save(timm_model().state_dict(), path)
