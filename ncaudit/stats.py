@@ -56,7 +56,6 @@ import numpy as np
 import torch
 
 
-
 @contextlib.contextmanager
 def full_precision_matmul() -> Iterator[None]:
     """Disable TF32 and reduced-precision float32 matmuls inside the block, restoring the settings after."""
@@ -87,17 +86,12 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 
 def gram(a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``a^T a`` (k x k) of a contiguous (B x k) matrix, into ``out``.
+    """``a^T a`` (k x k) of a contiguous (B x k) matrix, into ``out``, through :func:`mm`.
 
-    On the CPU this goes through NumPy, whose BLAS computes ``A^T A`` as a symmetric rank-k update (``syrk``): half
-    the flops of a general product. On CUDA it is ``torch.mm`` with TF32 off.
+    On the CPU NumPy's BLAS sees both operands share one buffer and computes ``A^T A`` as a symmetric rank-k update
+    (``syrk``): half the flops of a general product. On CUDA it is ``torch.mm`` with TF32 off.
     """
-    if a.device.type == "cpu":
-        an = a.numpy()
-        np.matmul(an.T, an, out=out.numpy())
-        return out
-    with full_precision_matmul():
-        return torch.mm(a.T, a, out=out)
+    return mm(a.T, a, out)
 
 
 class Workspace:
@@ -215,7 +209,29 @@ class Statistics:
                           self.variances[classes], anchors, self.error_bound, self.gemm_dtype)
 
 
-class ClassStatistics:
+class _State:
+    """An accumulator whose state is the tensors ``STATE`` names: moved between processes with :meth:`state_dict`
+    and :meth:`load_state_dict` (then merged by the accumulator's own ``merge``)."""
+
+    STATE: tuple[str, ...] = ()
+    device: torch.device
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The accumulated state as CPU tensors (to send to another process and :meth:`load_state_dict` there)."""
+        return {name: getattr(self, name).detach().cpu() for name in self.STATE}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> Self:
+        """Replace this state by ``state`` (from :meth:`state_dict` of an accumulator of the same shape)."""
+        for name in self.STATE:
+            value = state[name].to(self.device)
+            if value.shape != getattr(self, name).shape:
+                raise ValueError(f"state {name!r} has shape {tuple(value.shape)}, expected "
+                                 f"{tuple(getattr(self, name).shape)}")
+            setattr(self, name, value.to(getattr(self, name).dtype).clone())
+        return self
+
+
+class ClassStatistics(_State):
     """Streaming, mergeable accumulator of the class statistics of features ``h`` with labels ``y``.
 
     Parameters
@@ -275,20 +291,6 @@ class ClassStatistics:
         self.max_rows = torch.zeros((), dtype=f64, device=dev)  # rows of the largest product (error bound)
         self.products = torch.zeros((), dtype=f64, device=dev)  # products added into the scatter (error bound)
         self._workspace = Workspace(dev)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The accumulated state as CPU tensors (to send to another process and :meth:`load_state_dict` there)."""
-        return {name: getattr(self, name).detach().cpu() for name in self.STATE}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> ClassStatistics:
-        """Replace this state by ``state`` (from :meth:`state_dict` of an accumulator of the same shape)."""
-        for name in self.STATE:
-            value = state[name].to(self.device)
-            if value.shape != getattr(self, name).shape:
-                raise ValueError(f"state {name!r} has shape {tuple(value.shape)}, expected "
-                                 f"{tuple(getattr(self, name).shape)}")
-            setattr(self, name, value.to(getattr(self, name).dtype).clone())
-        return self
 
     @torch.no_grad()
     def update(self, features: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
@@ -456,22 +458,8 @@ class Decisions:
     whitened_scatter: np.ndarray
 
 
-class _Sums:
-    """State made only of sums (``STATE`` names the tensors): moved with :meth:`state_dict` /
-    :meth:`load_state_dict`, merged exactly by adding (the other state must come from the same constants)."""
-
-    STATE: tuple[str, ...] = ()
-    device: torch.device
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The accumulated sums as CPU tensors."""
-        return {name: getattr(self, name).detach().cpu() for name in self.STATE}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> Self:
-        """Replace the sums by ``state`` (from :meth:`state_dict` of an accumulator with the same constants)."""
-        for name in self.STATE:
-            setattr(self, name, state[name].to(self.device, getattr(self, name).dtype).clone())
-        return self
+class _Sums(_State):
+    """State made only of sums: merged exactly by adding (the other state must come from the same constants)."""
 
     @torch.no_grad()
     def merge(self, other: Self) -> Self:
