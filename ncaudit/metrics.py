@@ -26,6 +26,13 @@ from ncaudit.stats import Residual, Statistics
 
 EPS = float(np.finfo(np.float64).eps)
 TINY = float(np.finfo(np.float64).tiny)
+#: Working memory of one block of the blocked metrics: a (block, width) slab of float64 (a few such slabs are alive).
+PAIR_BLOCK_BYTES = 64 * 2**20
+
+
+def block_rows(width: int, budget: int = PAIR_BLOCK_BYTES) -> int:
+    """Rows of a float64 (rows, width) block that fit ``budget`` bytes (at least one)."""
+    return max(1, budget // (8 * max(width, 1)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -135,13 +142,9 @@ def cdnv(variances: np.ndarray, means: np.ndarray, *, block_rows: int | None = N
 # ---------------------------------------------------------------------------------------------------------------------
 # NC2: simplex ETF geometry (and the orthogonal frame of bias-free heads)
 # ---------------------------------------------------------------------------------------------------------------------
-#: Working memory of one block of the pairwise metrics: a (block, C) slab of float64 (a few such slabs are alive).
-PAIR_BLOCK_BYTES = 64 * 2**20
-
-
 def pair_block_rows(n_classes: int, budget_bytes: int = PAIR_BLOCK_BYTES) -> int:
     """Classes per block so that one (block, C) float64 slab fits in ``budget_bytes`` (at least 1, at most C)."""
-    return max(1, min(n_classes, budget_bytes // (8 * max(n_classes, 1))))
+    return max(1, min(n_classes, block_rows(n_classes, budget_bytes)))
 
 
 def _std(values: np.ndarray) -> float:
@@ -228,7 +231,7 @@ def _pair_distances(x: np.ndarray, sq: np.ndarray, part: _Part) -> np.ndarray:
     if mask is not None:
         near &= mask
     near_r, near_c = np.nonzero(near)
-    step = max(1, PAIR_BLOCK_BYTES // (8 * x.shape[1]))
+    step = block_rows(x.shape[1])
     for k in range(0, near_r.size, step):
         r, q = near_r[k:k + step], near_c[k:k + step]
         diff = x[rows.start + r] - x[cols.start + q]
@@ -314,18 +317,6 @@ def pair_geometry(vectors: np.ndarray, *, variances: np.ndarray | None = None,
     return PairGeometry(cos_m.ordered_std(), max_m.result(), orth_m.result(), value)
 
 
-def pair_cosines(vectors: np.ndarray) -> np.ndarray:
-    """cos(v_c, v_c') over the ordered pairs c != c', shape (C (C - 1),); rows of zero norm give NaN.
-
-    This materialises C (C - 1) values: for small C (tests, plots). The metrics use :func:`pair_geometry`.
-    """
-    norms = np.linalg.norm(vectors, axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        unit = vectors / norms[:, None]
-    cos = unit @ unit.T
-    return cos[~np.eye(vectors.shape[0], dtype=bool)]
-
-
 def equinorm(vectors: np.ndarray) -> float:
     """std_c ||v_c|| / mean_c ||v_c|| for the rows of ``vectors`` (C, p): 0 when every row has the same length."""
     norms = np.linalg.norm(vectors, axis=1)
@@ -383,11 +374,6 @@ def total_quadratic(stats: Statistics, a: np.ndarray) -> float:
         part = (a[start:start + step] @ stats.centred_means.T) * scale
         between += float(np.sum(part * part))
     return quadratic_trace(a, stats.sigma_w) + between
-
-
-def block_rows(width: int, budget: int = 64 << 20) -> int:
-    """Rows of a float64 (rows, width) block that fit ``budget`` bytes (at least one)."""
-    return max(1, budget // (8 * max(width, 1)))
 
 
 def mse_loss(stats: Statistics, weight: np.ndarray, bias: np.ndarray | None = None, *,
