@@ -361,7 +361,7 @@ def _sample_metrics(m: dict[str, float | None], details: dict[str, Any], decisio
             "direct": direct,
             "closed_form": m["mse_loss"],
             "term_a_plus_b": a_plus_b,
-            "relative_discrepancy": abs(a_plus_b - direct) / max(abs(direct), np.finfo(float).tiny),
+            "relative_discrepancy": _rel(a_plus_b, direct),
         }
     m["ncc_accuracy"] = float(decisions.ncc_correct.sum()) / n
 
@@ -528,8 +528,9 @@ def _closed_form(stats: Statistics, weight: np.ndarray | None, bias: np.ndarray 
         closed.ls = ls = metrics.least_squares(stats, options.ridge, options.rcond, basis)
         closed.basis = dataclasses.replace(basis, vt=None)  # V^T (r x C) served the solve; keep U and S only
         loss = metrics.mse_loss(stats, weight, bias)
-        closed.estimate = metrics.ls_error_estimate(stats, weight, ls, metrics.ls_loss(stats, ls),
-                                                    metrics.mse_term_b(stats, weight, bias, ls, loss=loss))
+        m["mse_term_a"] = metrics.ls_loss(stats, ls)
+        m["mse_term_b"] = metrics.mse_term_b(stats, weight, bias, ls, loss=loss)
+        closed.estimate = metrics.ls_error_estimate(stats, weight, ls, m["mse_term_a"], m["mse_term_b"])
         rows = metrics.pair_geometry(weight)
         m.update({
             "nc2_equinorm_classifier": metrics.equinorm(weight),
@@ -543,13 +544,14 @@ def _closed_form(stats: Statistics, weight: np.ndarray | None, bias: np.ndarray 
 
 
 def _least_squares_metrics(closed: _Closed, sel: _Selection) -> None:
-    """Terms A and B, distance and cosine to W_LS, and the least-squares details (after any refinement)."""
+    """Terms A and B once refinement has moved W_LS, distance and cosine to W_LS, and the least-squares details."""
     ls, stats, m, details = closed.ls, sel.stats, closed.metrics, closed.details
     if ls is None or sel.weight is None or sel.bias is None:
         return
+    if ls.steps:  # refinement measured L(W_LS) on the samples: the closed-form terms gave way to the measured ones
+        m["mse_term_a"] = metrics.ls_loss(stats, ls)
+        m["mse_term_b"] = metrics.mse_term_b(stats, sel.weight, sel.bias, ls, loss=m["mse_loss"])
     m.update({
-        "mse_term_a": metrics.ls_loss(stats, ls),
-        "mse_term_b": metrics.mse_term_b(stats, sel.weight, sel.bias, ls, loss=m["mse_loss"]),
         "ls_distance": metrics.ls_distance(sel.weight, ls),
         "ls_cosine": metrics.ls_cosine(sel.weight, ls),
     })
