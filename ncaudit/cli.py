@@ -320,9 +320,8 @@ def report(
     number of samples. Exit codes: 0 every check passed, 1 a --fail-if check failed, 2 bad input.
     """
     from ncaudit.atomic import check_output, write_text_atomic
-    from ncaudit.audit import METRIC_KEYS, AuditOptions, audit
+    from ncaudit.audit import METRIC_KEYS, AuditOptions
     from ncaudit.checks import evaluate, parse_checks
-    from ncaudit.progress import RichProgress
     from ncaudit.report import render_json, render_table
 
     with _command("nothing was written"):
