@@ -128,14 +128,16 @@ SQUARABLE = {"float32": 1e16, "float64": 1e150}
 
 
 def check_finite(features: torch.Tensor, start: int, where: str, name: str = "/features") -> None:
-    """No NaN or Inf in a batch of features (one cheap row-sum test, then the first bad row is located), and no value
-    so large that the statistics' products of it overflow (:data:`SQUARABLE`)."""
+    """No NaN or Inf in a batch of features, and no value so large that the statistics' products of it overflow
+    (:data:`SQUARABLE`): one min/max reduction (NaN fails its comparisons), then the first bad row is located.
+    Every comparison is made in the features' own dtype."""
     import torch
 
     if features.numel() == 0:
         return
     limit = SQUARABLE["float64" if features.dtype == torch.float64 else "float32"]
-    if bool(torch.isfinite(features.sum(dim=1)).all()) and float(features.abs().amax()) <= limit:
+    low, high = torch.aminmax(features)
+    if bool(low >= -limit) and bool(high <= limit):
         return
     bad_rows = (~torch.isfinite(features)).any(dim=1).nonzero()
     if bad_rows.numel() == 0:  # finite, but too large (or only the row sum overflowed)
@@ -148,7 +150,7 @@ def check_finite(features: torch.Tensor, start: int, where: str, name: str = "/f
 
 def _check_magnitude(features: torch.Tensor, limit: float, start: int, where: str, name: str) -> None:
     peak = features.abs().amax(dim=1)
-    if float(peak.max()) <= limit:
+    if bool((peak <= limit).all()):
         return
     row = int((peak > limit).nonzero()[0, 0])
     raise InputError(f"{where}: {name} row {start + row} reaches {float(peak[row]):.3g}, beyond the {limit:.0e} whose "

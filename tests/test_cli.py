@@ -149,3 +149,24 @@ def test_interrupt_exits_130(good, monkeypatch):
     monkeypatch.setattr(ncaudit.audit, "audit", interrupted)
     res = invoke("report", good, "--json", "-q")
     assert res.exit_code == 130 and "interrupted" in res.stderr and res.stdout == ""
+
+
+def test_feature_magnitude_limit_is_exact_at_the_boundary():
+    """The magnitude check compares in the features' dtype: the float32 value nearest the limit passes, the next one
+    up is one clear error, and NaN / Inf name their row (no IndexError between the fast and the slow path)."""
+    import torch
+
+    from ncaudit.errors import InputError
+    from ncaudit.validate import SQUARABLE, check_finite
+
+    at = torch.tensor(SQUARABLE["float32"], dtype=torch.float32)
+    above = torch.nextafter(at, torch.tensor(float("inf")))
+    check_finite(torch.stack([torch.zeros(3), torch.full((3,), float(at))]), 0, "w")
+    check_finite(-torch.full((2, 3), float(at)), 0, "w")
+    with pytest.raises(InputError, match="row 6 reaches"):
+        check_finite(torch.stack([torch.zeros(3), torch.full((3,), float(above))]), 5, "w")
+    with pytest.raises(InputError, match="row 5 reaches"):
+        check_finite(torch.stack([-torch.full((3,), float(above)), torch.zeros(3)]), 5, "w")
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(InputError, match="row 8 holds NaN or Inf"):
+            check_finite(torch.tensor([[1.0, 2.0], [3.0, bad]]), 7, "w")
