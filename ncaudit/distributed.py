@@ -21,7 +21,6 @@ import copy
 import datetime as _dt
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, Self, TypeVar
@@ -128,12 +127,9 @@ def local_device(device: str | torch.device = "auto", launch: Launch | None = No
         CUDA asked for without one, or LOCAL_RANK beyond the CUDA devices this node sees.
     """
     launch = launch or launch_env()
-    name = str(device)
-    if name == "auto" and not torch.cuda.is_available():
-        return resolve_device("cpu")
-    if name not in ("auto", "cuda"):
-        return resolve_device(name)
-    resolve_device("cuda")  # the one place that says "no CUDA device"
+    resolved = resolve_device(device)
+    if str(device) not in ("auto", "cuda") or resolved.type != "cuda":
+        return resolved  # an explicit device, or auto without CUDA
     count = torch.cuda.device_count()
     if launch.local_rank >= count:
         raise InputError(f"LOCAL_RANK {launch.local_rank} but this node sees {count} CUDA device(s): launch at most "
@@ -443,7 +439,7 @@ class GlobalProgress:
     Parameters
     ----------
     initial
-        Rows already done before this run (a resumed extraction), counted in :attr:`total`, not in :attr:`rate`.
+        Rows already done before this run (a resumed extraction), counted in :attr:`total`.
     interval
         Seconds between reductions.
     on_update
@@ -464,7 +460,6 @@ class GlobalProgress:
         self._global = 0
         self._closing = False
         self._error: BaseException | None = None
-        self._t0 = time.monotonic()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._world = dist.get_world_size() if is_active() else 1
@@ -488,12 +483,6 @@ class GlobalProgress:
     def total(self) -> int:
         """Rows done by all ranks (as of the last reduction), plus ``initial``."""
         return self.initial + (self._global if self._world > 1 else self._local)
-
-    @property
-    def rate(self) -> float:
-        """Global rows per second since this object was made."""
-        elapsed = time.monotonic() - self._t0
-        return (self.total - self.initial) / elapsed if elapsed > 0 else 0.0
 
     def _run(self) -> None:
         try:

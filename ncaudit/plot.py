@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ncaudit.errors import InputError
-from ncaudit.trajectory import TrajectoryRow, split_order
+from ncaudit.trajectory import TRAIN_SPLITS, TrajectoryRow, split_order
 
 #: (title, [(metric key, legend)], log scale, y-axis label) per panel.
 PANELS: list[tuple[str, list[tuple[str, str]], bool, str]] = [
@@ -21,7 +21,6 @@ PANELS: list[tuple[str, list[tuple[str, str]], bool, str]] = [
     ("NC3: ‖W/‖W‖ − M/‖M‖‖²", [("nc3", "NC3")], True, "squared distance"),
     ("NC4: classifier ≠ nearest class mean", [("nc4", "NC4")], False, "fraction of samples"),
 ]
-TRAIN = ("train", "training")
 
 
 def _matplotlib() -> Any:
@@ -93,7 +92,7 @@ def trajectory_figure(rows: Sequence[TrajectoryRow], title: str | None = None) -
                 pts = [(x, v) for x, v in pts if v is not None and math.isfinite(v) and (v > 0 or not log)]
                 if not pts:
                     continue
-                style = "-" if split in TRAIN or len(splits) == 1 else "--"
+                style = "-" if split in TRAIN_SPLITS or len(splits) == 1 else "--"
                 label = f"{legend} ({split})" if len(splits) > 1 and not key.endswith("_classifier") else legend
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", markersize=4, label=label)
                 plotted += [p[1] for p in pts]
