@@ -233,7 +233,8 @@ def print_shape(row: dict[str, object]) -> None:
 def exactness() -> list[dict[str, object]]:
     sys.path.insert(0, str(ROOT / "tests"))
     from reference import reference_metrics
-    from test_exact_ls import planted_decades
+    from extract_fixtures import timm_model
+    from test_exact_ls import planted_decades, read_cache
 
     from ncaudit.audit import AuditOptions, audit
     from ncaudit.data import TransformOverrides
@@ -253,12 +254,9 @@ def exactness() -> list[dict[str, object]]:
             extract("test_resnet", fixtures / "checkpoints" / f"test_resnet_digits_e{epoch:03d}.safetensors",
                     fixtures / "digits", path, **kw)
             cases.append((f"bundled test_resnet epoch {epoch}", path))
-        import timm
-
         for arch in ("resnet18", "convnext_atto"):
-            torch.manual_seed(0)
             ckpt = Path(tmp) / f"{arch}.pth"
-            torch.save(timm.create_model(arch, pretrained=False, num_classes=10).state_dict(), ckpt)
+            torch.save(timm_model(arch, num_classes=10).state_dict(), ckpt)
             path = Path(tmp) / f"{arch}.h5"
             extract(arch, ckpt, fixtures / "digits", path, transform=TransformOverrides(
                 img_size=32, mean=t["mean"], std=t["std"], crop_pct=t["crop_pct"], interpolation=t["interpolation"]),
@@ -270,10 +268,7 @@ def exactness() -> list[dict[str, object]]:
             write_cache(path, h, y, weight=w, bias=b)
             cases.append((f"planted 12 decades ({placement} means)", path))
         for name, path in cases:
-            with FeatureCache(path) as cache:
-                h = np.concatenate([bt[1] for bt in cache.iter_batches(1 << 16)])
-                y = np.concatenate([bt[2] for bt in cache.iter_batches(1 << 16)])
-                w, b = cache.classifier()
+            h, y, w, b = read_cache(path)
             b = np.zeros(len(w)) if b is None else b
             ref = reference_metrics(h.astype(np.float64), y, w, b)
             ref["w_ls_norm"] = float(np.linalg.norm(ref["w_ls"]))

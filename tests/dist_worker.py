@@ -35,11 +35,11 @@ def classifier() -> tuple[np.ndarray, np.ndarray]:
     return etf + 0.3 * rng.standard_normal(etf.shape), 0.1 * rng.standard_normal(C)
 
 
-def accumulate(h: np.ndarray, y: np.ndarray, rows: range, **kw):
+def accumulate(h: np.ndarray, y: np.ndarray, rows: range):
     """ClassStatistics over ``rows`` in batches of BATCH from rows.start."""
     from ncaudit.stats import ClassStatistics, gemm_dtype_for
 
-    acc = ClassStatistics(C, P, gemm_dtype=gemm_dtype_for(h.dtype), **kw)
+    acc = ClassStatistics(C, P, gemm_dtype=gemm_dtype_for(h.dtype))
     for i in range(rows.start, rows.stop, BATCH):
         j = min(i + BATCH, rows.stop)
         acc.update(torch.from_numpy(h[i:j]), torch.from_numpy(y[i:j]))

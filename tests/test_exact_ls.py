@@ -7,12 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from extract_fixtures import timm_model
+from reference import reference_metrics, simplex_etf
 
 from ncaudit import metrics
 from ncaudit.audit import AuditOptions, audit
 from ncaudit.stats import ClassStatistics
 from ncaudit.store import FeatureCache, write_cache
-from reference import reference_metrics, simplex_etf
 
 RTOL = 1e-6
 LS_KEYS = ("mse_term_a", "mse_term_b", "ls_distance", "ls_cosine")
@@ -76,13 +77,9 @@ def test_bundled_network_every_epoch(digits_extract, epoch):
 @pytest.mark.parametrize("arch", ["resnet18", "convnext_atto"])  # BatchNorm features; a LayerNorm head
 def test_random_init_timm_networks(digits_extract, arch):
     """Random-init features have spectra spanning 10+ decades (LayerNorm even an exact null direction)."""
-    import timm
-
     _, out, run = digits_extract
-    torch.manual_seed(0)
-    model = timm.create_model(arch, pretrained=False, num_classes=10)
     checkpoint = out / f"{arch}.pth"
-    torch.save(model.state_dict(), checkpoint)
+    torch.save(timm_model(arch, num_classes=10).state_dict(), checkpoint)
     path = run(arch, checkpoint, arch, recorded=False)
     h, y, w, b = read_cache(path)
     result = audit(path, AuditOptions(device="cpu"))

@@ -94,7 +94,7 @@ def test_partial_cache_says_so_in_table_and_json(tmp_path) -> None:  # type: ign
     assert js["details"]["partial"] == {"rows": 12, "of": 30}
 
 
-def test_trajectory_check_line_rounds(rows: list, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_trajectory_check_line_rounds(rows: list) -> None:
     paths = [str(r.primary.source["path"]) for r in rows]
     res = runner.invoke(app, ["trajectory", *paths, "-q", "--fail-if", "nc1>1"])
     value = re.search(r"last row: ([^)]*)\)", res.stdout).group(1)  # type: ignore[union-attr]

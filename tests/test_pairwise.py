@@ -181,8 +181,7 @@ def test_21843_classes_stay_under_3_gb():
                          env=env, timeout=600, check=False)
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
-    assert out["peak"] < 3 * GB, f"peak RSS {out['peak'] / GB:.2f} GB"
-    assert 8 * c * c > 3 * GB  # the bound would catch a C x C matrix
+    assert out["peak"] < 3 * GB, f"peak RSS {out['peak'] / GB:.2f} GB"  # one C x C float64 matrix is 3.8 GB
     assert math.isfinite(out["cdnv"]) and 0 < out["equiangle"] < 1 and 0 < out["orth"] < 1
 
 
