@@ -32,10 +32,11 @@ from ncaudit.errors import InputError
 #: The torchvision datasets ``--dataset`` names without a prefix (kept for compatibility), as timm names them.
 TORCH_ALIASES = {"cifar10": "cifar10", "cifar100": "cifar100", "mnist": "mnist", "fashionmnist": "fashion_mnist",
                  "fashion_mnist": "fashion_mnist", "kmnist": "kmnist", "qmnist": "qmnist"}
-SPLITS = ("train", "test")
 #: Directory names of dataset splits: a folder named so records its split (timm's synonyms included).
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "validation",
                "test": "test", "eval": "eval", "evaluation": "evaluation"}
+#: :attr:`DataSource.reader` of :func:`tensor_source`: images in memory, no transform applied.
+IN_MEMORY_READER = "in memory, already transformed"
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 CROP_MODES = ("center", "squash", "border")
 TRANSFORM_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -205,10 +206,10 @@ def transform_config(
     """
     label, cfg = _model_default(model, library)
     sources = dict.fromkeys(TRANSFORM_KEYS, label)
-    for source, raw in recorded:
-        for key, value in transform_hints(raw).items():
-            if key in TRANSFORM_KEYS:
-                cfg[key], sources[key] = value, source
+    trained, where = _recorded_hints(recorded)
+    for key, value in trained.items():
+        if key in TRANSFORM_KEYS:
+            cfg[key], sources[key] = value, where[key]
     flags = TransformOverrides(img_size, mean, std, crop_pct, interpolation, crop_mode)
     for key, (flag, value) in _override_values(flags, int(cfg["input_size"][0])).items():
         cfg[key], sources[key] = value, flag
@@ -217,14 +218,21 @@ def transform_config(
     return cfg
 
 
-def transform_warnings(cfg: Mapping[str, Any], recorded: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
-    """Warnings for an evaluation at a resolution or a normalisation other than the weights record (a flag
-    overrode them): features of images the network was not trained on."""
-    trained: dict[str, Any] = {}
+def _recorded_hints(recorded: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(values, where)``: the :func:`transform_hints` of each ``(source, raw)`` of ``recorded``, the last source
+    that gives a key winning, and ``{key: that source}``."""
+    values: dict[str, Any] = {}
     where: dict[str, str] = {}
     for source, raw in recorded:
         for key, value in transform_hints(raw).items():
-            trained[key], where[key] = value, source
+            values[key], where[key] = value, source
+    return values, where
+
+
+def transform_warnings(cfg: Mapping[str, Any], recorded: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+    """Warnings for an evaluation at a resolution or a normalisation other than the weights record (a flag
+    overrode them): features of images the network was not trained on."""
+    trained, where = _recorded_hints(recorded)
     out = []
     size = list(cfg["input_size"][1:])
     sizes = [list(trained[k][1:]) for k in ("input_size", "test_input_size") if k in trained]
@@ -498,10 +506,11 @@ _TORCH_FILES = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"
 def _torch_split(name: str, split: str | None) -> str:
     """The split a ``torch/NAME`` dataset reads, as timm's ``create_dataset`` decides it (default: the eval one)."""
     split = split or "validation"
+    kind = SPLIT_NAMES.get(split)  # None: not a split name
     if name == "imagenet":
-        return "val" if split in ("val", "valid", "validation", "eval", "evaluation", "test") else split
+        return "val" if kind not in (None, "train") else split
     if name in _TORCH_FILES:
-        return "train" if split in ("train", "training") else "test"
+        return "train" if kind == "train" else "test"
     return split
 
 
@@ -709,27 +718,24 @@ class _DiskHfds:
     """A Hugging Face dataset saved with ``save_to_disk`` (which ``load_dataset`` does not read), served like timm's
     ``ReaderHfds``: items are ``(binary file object, label)``, images left undecoded."""
 
-    def __init__(self, path: Path, split: str | None, input_key: str, target_key: str) -> None:
+    def __init__(self, path: Path, split: str | None) -> None:
         import datasets
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if split is None or split not in ds:
                 raise InputError(f"--dataset hfds/{path}: give --split, one of {', '.join(ds)}")
             ds = ds[split]
-        self.dataset = ds.cast_column(input_key, datasets.Image(decode=False))
-        self.image_key, self.label_key = input_key, target_key
+        self.image_key, self.label_key = _hf_columns(ds.features)
+        self.dataset = ds.cast_column(self.image_key, datasets.Image(decode=False))
         self.split = str(ds.split) if ds.split is not None else split
         from timm.data.readers._hfds import get_class_labels
-        self.class_to_idx = get_class_labels(ds.info, target_key)
+        self.class_to_idx = get_class_labels(ds.info, self.label_key)
 
     def __getitem__(self, index: int) -> tuple[BinaryIO, int]:
         item = self.dataset[index]
         image = item[self.image_key]
         fileobj = io.BytesIO(image["bytes"]) if image.get("bytes") else open(image["path"], "rb")  # noqa: SIM115
         return fileobj, item[self.label_key]
-
-    def iter_targets(self) -> Iterator[int]:
-        yield from self.dataset.remove_columns(self.image_key)[self.label_key]
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -759,26 +765,27 @@ def _hfds_reader(name: str, root: Path | None, split: str | None) -> tuple[Any, 
             from None
     path = Path(name).expanduser()
     if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
-        ds = datasets.load_from_disk(str(path))
-        features = (ds[next(iter(ds))] if isinstance(ds, datasets.DatasetDict) else ds).features
-        return _DiskHfds(path, split, *_hf_columns(features)), "datasets.load_from_disk"
+        return _DiskHfds(path, split), "datasets.load_from_disk"
     from timm.data.readers.reader_hfds import ReaderHfds
     cache = str(root) if root is not None else None
+    candidates = [split] if split else ["validation", "test", "train"]
     errors: list[str] = []
-    for candidate in ([split] if split else ["validation", "test", "train"]):
-        try:
-            builder = datasets.load_dataset_builder(name, cache_dir=cache)
-            image, label = _hf_columns(builder.info.features) if builder.info.features else ("image", "label")
-            return ReaderHfds(name=name, root=cache, split=candidate, input_key=image, target_key=label), \
-                f"timm ReaderHfds (split {candidate})"
-        except InputError:
-            raise
-        except (ValueError, KeyError) as exc:  # an unknown split
-            errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        except Exception as exc:  # noqa: BLE001 - datasets raises many kinds (not found, offline, network)
-            raise _hfds_error(name, exc) from None
-    tried = " / ".join([split] if split else ["validation", "test", "train"])
-    raise InputError(f"--dataset hfds/{name}: no split {tried} ({errors[-1]}); give --split")
+    try:
+        builder = datasets.load_dataset_builder(name, cache_dir=cache)
+        image, label = _hf_columns(builder.info.features) if builder.info.features else ("image", "label")
+        for candidate in candidates:
+            try:
+                return ReaderHfds(name=name, root=cache, split=candidate, input_key=image, target_key=label), \
+                    f"timm ReaderHfds (split {candidate})"
+            except (ValueError, KeyError) as exc:  # an unknown split (timm/datasets never raise InputError)
+                errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except InputError:
+        raise
+    except (ValueError, KeyError) as exc:  # from the builder: the same for every split
+        errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds (not found, offline, network)
+        raise _hfds_error(name, exc) from None
+    raise InputError(f"--dataset hfds/{name}: no split {' / '.join(candidates)} ({errors[-1]}); give --split")
 
 
 def _hfds_error(name: str, exc: BaseException) -> InputError:
@@ -995,31 +1002,33 @@ def map_labels(src: DataSource, *, class_map: str | os.PathLike[str] | None = No
     InputError
         A dataset class missing from the class map or from the model's synsets.
     """
-    lut: np.ndarray | None = None
     if class_map is not None:
-        names = read_class_map(class_map)
-        index = {n: i for i, n in enumerate(names)}
-        missing = [c for c in src.dataset_classes if c not in index]
-        if missing:
-            raise InputError(f"--class-map {class_map}: dataset class {missing[0]!r} is not in the map "
-                             f"({len(missing)} missing); list every dataset class, in model order")
-        lut, src.class_names, src.label_mapping = np.asarray([index[c] for c in src.dataset_classes]), names, \
-            f"by name through --class-map {class_map}"
+        names = order = read_class_map(class_map)
+        mapping = f"by name through --class-map {class_map}"
+
+        def problem(missing: list[str]) -> str:
+            return (f"--class-map {class_map}: dataset class {missing[0]!r} is not in the map ({len(missing)} "
+                    "missing); list every dataset class, in model order")
     elif model_classes is not None and src.dataset_classes and all(map(is_synset, src.dataset_classes)):
-        subset, names, synsets = model_classes
-        index = {s: i for i, s in enumerate(synsets)}
-        missing = [c for c in src.dataset_classes if c not in index]
-        if missing:
-            raise InputError(f"dataset class {missing[0]} is not one of the model's {len(synsets)} {subset} classes "
-                             f"({len(missing)} missing); pass --class-map to say which output each class is")
-        lut, src.class_names, src.label_mapping = np.asarray([index[c] for c in src.dataset_classes]), names, \
-            f"by synset ({subset}, timm ImageNetInfo)"
-    if lut is not None:
-        src.labels = lut.astype(np.int64)[src.labels] if len(lut) else src.labels
-        src.dataset.labels = src.labels
-        digest = hashlib.sha256(src.fingerprint.encode())
-        digest.update(src.label_mapping.encode() + lut.astype(np.int64).tobytes())
-        src.fingerprint = digest.hexdigest()
+        subset, names, order = model_classes
+        mapping = f"by synset ({subset}, timm ImageNetInfo)"
+
+        def problem(missing: list[str]) -> str:
+            return (f"dataset class {missing[0]} is not one of the model's {len(order)} {subset} classes "
+                    f"({len(missing)} missing); pass --class-map to say which output each class is")
+    else:
+        return src
+    index = {n: i for i, n in enumerate(order)}
+    missing = [c for c in src.dataset_classes if c not in index]
+    if missing:
+        raise InputError(problem(missing))
+    lut = np.asarray([index[c] for c in src.dataset_classes]).astype(np.int64)
+    src.class_names, src.label_mapping = names, mapping
+    src.labels = lut[src.labels] if len(lut) else src.labels
+    src.dataset.labels = src.labels
+    digest = hashlib.sha256(src.fingerprint.encode())
+    digest.update(src.label_mapping.encode() + lut.tobytes())
+    src.fingerprint = digest.hexdigest()
     return src
 
 
@@ -1054,4 +1063,4 @@ def tensor_source(images: torch.Tensor, labels: torch.Tensor | np.ndarray | Sequ
     base = torch.utils.data.TensorDataset(images)
     return DataSource(dataset=_Samples(_Items(base), y, None), kind=name, split=None, root=Path("."), labels=y,
                       dataset_classes=classes, class_names=list(class_names) if class_names is not None else None,
-                      fingerprint=digest.hexdigest(), reader="in memory, already transformed")
+                      fingerprint=digest.hexdigest(), reader=IN_MEMORY_READER)

@@ -108,12 +108,10 @@ def check_archive_sizes(path: Path) -> None:
     whose data do not match its declared size). Non-zip (legacy) checkpoints are as large as their file.
     """
     try:
-        if not zipfile.is_zipfile(path):
-            return
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError):
-        return  # not a readable archive: torch.load says so
+        return  # not a zip (a legacy pickle) or not readable: torch.load says so
     declared = sum(m.file_size for m in members)
     packed = sum(m.compress_size for m in members)
     if declared > INFLATE_CHECK_BYTES and declared > MAX_INFLATE_RATIO * max(packed, 1):
@@ -185,8 +183,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, ema: bool | None = None) ->
     else:
         raw = _read_pickle(path)
         metadata = {str(k): str(v) for k, v in raw.items() if isinstance(v, (int, float, str)) and not
-                    isinstance(v, bool)} if isinstance(raw, Mapping) and not _is_state_dict(raw) else {}
-    args = _plain_args(raw.get("args")) if isinstance(raw, Mapping) and not _is_state_dict(raw) else {}
+                    isinstance(v, bool)} if isinstance(raw, Mapping) else {}
+    # (a bare state dict holds only tensors: no metadata and no args in it)
+    args = _plain_args(raw.get("args")) if isinstance(raw, Mapping) else {}
     sha = file_sha256(path)
 
     plain: tuple[str, Mapping[str, Any]] | None = None
@@ -253,12 +252,17 @@ def _build(library: str, arch: str, num_classes: int | None, img_size: int | Non
     return _build_kw(library, arch, kwargs, pretrained)
 
 
+def _check_torchvision_arch(arch: str) -> None:
+    import torchvision
+    if arch not in torchvision.models.list_models():
+        raise InputError(f"unknown torchvision model {arch!r}; see torchvision.models.list_models() "
+                         "(e.g. torchvision:resnet18)")
+
+
 def _build_kw(library: str, arch: str, kwargs: dict[str, Any], pretrained: Any = None) -> nn.Module:
     if library == "torchvision":
         import torchvision
-        if arch not in torchvision.models.list_models():
-            raise InputError(f"unknown torchvision model {arch!r}; see torchvision.models.list_models() "
-                             "(e.g. torchvision:resnet18)")
+        _check_torchvision_arch(arch)
         try:
             return torchvision.models.get_model(arch, weights=pretrained, **kwargs)
         except ValueError as exc:  # e.g. an image_size the published weights do not allow
@@ -541,8 +545,7 @@ def _hub_error(name: str, arch: str, exc: BaseException) -> InputError:
         cache, variable = str(Path(torch.hub.get_dir()) / "checkpoints"), "TORCH_HOME"
     else:
         cache, variable = _hf_cache(), "HF_HUB_CACHE (or HF_HOME)"
-    missing = type(exc).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or hub_offline()
-    if missing and hub_offline():
+    if hub_offline():
         return InputError(f"{name}: the published weights ({where}) are not in the cache {cache} and HF_HUB_OFFLINE=1 "
                           f"forbids downloading them; unset HF_HUB_OFFLINE to download them once, or set {variable} "
                           "to a cache that holds them")
@@ -588,9 +591,7 @@ def _timm_pretrained(name: str, arch: str, img_size: int | None) -> LoadedModel:
 def _torchvision_member(name: str, arch: str, tag: str | None) -> Any:
     """The weights enum member ``tag`` (``DEFAULT`` when None; ``ResNet50_Weights.X`` or ``X``, any case)."""
     import torchvision
-    if arch not in torchvision.models.list_models():
-        raise InputError(f"unknown torchvision model {arch!r}; see torchvision.models.list_models() "
-                         "(e.g. torchvision:resnet18)")
+    _check_torchvision_arch(arch)
     try:
         enum = torchvision.models.get_model_weights(arch)
     except (ValueError, KeyError):
