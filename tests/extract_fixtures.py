@@ -31,6 +31,14 @@ def make_image_folder(root: Path, per_class: int = PER_CLASS, seed: int = 0) -> 
     return root
 
 
+def make_synset_folder(root: Path, synsets: list[str]) -> Path:
+    """An ImageNet-style folder: :func:`make_image_folder`'s classes renamed, in sorted order, to ``synsets``."""
+    make_image_folder(root, per_class=2)
+    for old, new in zip(sorted(p.name for p in root.iterdir()), synsets):
+        (root / old).rename(root / new)
+    return root
+
+
 def timm_model(name: str = "test_resnet", num_classes: int = 3, seed: int = 0, **kwargs: object) -> torch.nn.Module:
     import timm
     torch.manual_seed(seed)

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from extract_fixtures import make_image_folder, timm_model, torchvision_model
+from extract_fixtures import make_image_folder, make_synset_folder, timm_model, torchvision_model
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -65,9 +65,7 @@ def synsets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int]]:
     """An ImageNet-style val/ of three synset folders (indices 3, 42, 500 of imagenet-1k)."""
     from timm.data import ImageNetInfo
     info, indices = ImageNetInfo(), [3, 42, 500]
-    root = make_image_folder(tmp_path_factory.mktemp("inet") / "val", per_class=2)
-    for old, idx in zip(sorted(p.name for p in root.iterdir()), indices):
-        (root / old).rename(root / info.index_to_label_name(idx))
+    root = make_synset_folder(tmp_path_factory.mktemp("inet") / "val", [info.index_to_label_name(i) for i in indices])
     return root, indices
 
 
@@ -158,9 +156,7 @@ def test_random_init_is_reproducible_and_exclusive(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "d", per_class=3)
     out = tmp_path / "init.h5"
     extract("test_resnet", Weights("random-init"), data, out, transform=TransformOverrides(img_size=32), **RUN)
-    torch.manual_seed(0)
-    import timm
-    model = timm.create_model("test_resnet", num_classes=3).eval()  # the classes come from the dataset
+    model = timm_model("test_resnet", num_classes=3)  # seed 0; the classes come from the dataset
     got = _read(out)
     np.testing.assert_array_equal(got["classifier/weight"], model.fc.weight.detach().numpy())
     attrs = _attrs(out)
