@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import functools
+import inspect
 import json
 import math
 import os
@@ -269,16 +270,19 @@ def _holding_out_lock(fn: Callable[..., ExtractSummary]) -> Callable[..., Extrac
     Under torchrun rank 0 holds it (it joins the shards into ``out``); each rank's shard writers lock their shards.
     """
 
+    signature = inspect.signature(fn)
+
     @functools.wraps(fn)
-    def wrapper(model_name: str, checkpoint: Any, data: Any, out: str | os.PathLike[str], *args: Any,
-                **kwargs: Any) -> ExtractSummary:
+    def wrapper(*args: Any, **kwargs: Any) -> ExtractSummary:
+        bound = signature.bind(*args, **kwargs).arguments
+        out = bound["out"]
         if Path(out).is_dir():
             raise InputError(f"--out {out}: is a directory; give a file name ending in .h5")
-        group = kwargs.get("group")
+        group = bound.get("group")
         if group is not None and not group.is_main:  # rank 0 holds --out; every rank locks its own shards
-            return fn(model_name, checkpoint, data, out, *args, **kwargs)
+            return fn(*args, **kwargs)
         with WriterLock(out):
-            return fn(model_name, checkpoint, data, out, *args, **kwargs)
+            return fn(*args, **kwargs)
 
     return wrapper
 

@@ -324,3 +324,13 @@ def test_cuda_bf16_matches_cpu_reference(images: Path, ckpt: Path, reference: Pa
     with FeatureCache(out) as cache:
         _, _, ref = cache.reference_fp32()
     np.testing.assert_allclose(ref, want["features"][:16], rtol=1e-4, atol=1e-4)
+
+
+def test_extract_takes_its_arguments_by_keyword(images: Path, ckpt: Path, reference: Path, tmp_path: Path) -> None:
+    """The writer-lock wrapper passes every argument through, by name too (``weights=``, ``data=``, ``out=``)."""
+    out = tmp_path / "kw.h5"
+    s = extract("test_resnet", weights=ckpt, data=images, out=out, limit=4, **FAST)
+    assert s.out == out and s.n_samples == 4
+    np.testing.assert_array_equal(_read(out)["features"], _read(reference)["features"][:4])
+    with pytest.raises(InputError, match="is a directory"):
+        extract(model_name="test_resnet", weights=ckpt, data=images, out=tmp_path, **FAST)
