@@ -14,24 +14,15 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from ncaudit.errors import InputError
+import h5py
 
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+from ncaudit.errors import InputError
 
 
 def is_hdf5(path: Path) -> bool:
     """Whether ``path`` holds an HDF5 superblock signature (at offset 0, 512, 1024, ... as the format allows)."""
     try:
-        with open(path, "rb") as fh:
-            offset = 0
-            while True:
-                fh.seek(offset)
-                head = fh.read(len(HDF5_SIGNATURE))
-                if len(head) < len(HDF5_SIGNATURE):
-                    return False
-                if head == HDF5_SIGNATURE:
-                    return True
-                offset = 512 if offset == 0 else offset * 2
+        return bool(h5py.is_hdf5(path))
     except OSError:
         return False
 

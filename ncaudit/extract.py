@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ import torch
 
 from ncaudit import __version__
 from ncaudit.data import (
+    IN_MEMORY_READER,
     DataSource,
     TransformOverrides,
     build_transform,
@@ -55,7 +56,14 @@ from ncaudit.models import (
     load_model,
     recorded_preprocessing,
 )
-from ncaudit.shards import ShardState, join_pieces, scan_shards, shard_path
+from ncaudit.shards import (
+    ShardState,
+    join_pieces,
+    remove_shards,
+    scan_shards,
+    shard_files,
+    shard_path,
+)
 from ncaudit.shards import plan as shard_plan
 from ncaudit.stats import full_precision_matmul
 from ncaudit.store import DEFAULT_CHUNK_ROWS, CacheWriter, WriterLock, attr_value, encode_attr, join_shards
@@ -224,8 +232,6 @@ def _existing_state(out: Path) -> dict[str, Any] | None:
     """Root attributes of an existing cache, None when ``out`` does not exist; an error when it is not a cache."""
     if not out.exists():
         return None
-    if out.is_dir():
-        raise InputError(f"--out {out}: is a directory; give a file name ending in .h5")
     try:
         with h5py.File(out, "r", locking=False) as f:
             attrs = {k: attr_value(v) for k, v in f.attrs.items()}
@@ -427,10 +433,8 @@ def _open_data(data: str | os.PathLike[str] | DataSource | None, dataset: str, s
     return data if isinstance(data, DataSource) else open_samples(data, dataset=dataset, split=split)
 
 
-def _init_classes(weights: Weights, src: DataSource, class_map: str | os.PathLike[str] | None) -> int | None:
+def _init_classes(src: DataSource, class_map: str | os.PathLike[str] | None) -> int:
     """The head size of a random init: the class map's length, else the dataset's number of classes."""
-    if weights.kind != "random-init":
-        return None
     if class_map is not None:
         return len(read_class_map(class_map))
     return max(len(src.dataset_classes), int(src.labels.max()) + 1)
@@ -464,7 +468,7 @@ def _label_classes(src: DataSource, loaded: LoadedModel, class_map: str | os.Pat
     the head, and return the class names to store (model order) with where they came from."""
     space = _model_labels(loaded)
     own = _own_class_names(loaded, space)
-    if src.label_mapping == "dataset order" and src.reader != "in memory, already transformed":
+    if src.label_mapping == "dataset order" and src.reader != IN_MEMORY_READER:
         map_labels(src, class_map=class_map, model_classes=space)
     k = loaded.num_classes
     n_data_classes = len(src.class_names) if src.class_names is not None else len(src.dataset_classes)
@@ -488,7 +492,7 @@ def _transform_for(src: DataSource, loaded: LoadedModel, overrides: TransformOve
                    note: Callable[[str], None]) -> dict[str, Any]:
     """The eval transform (weights' records, then flags), set on the source; warnings for a resolution or
     normalisation the weights were not trained with."""
-    if src.reader == "in memory, already transformed":
+    if src.reader == IN_MEMORY_READER:
         return {"library": "none", "note": "images given in memory, already transformed"}
     recorded = recorded_preprocessing(loaded)
     cfg = transform_config(loaded.model, loaded.library, recorded=recorded, **asdict(overrides))
@@ -533,34 +537,52 @@ def _provenance(model_name: str, loaded: LoadedModel, src: DataSource, cfg: dict
     return attrs
 
 
+def _check_same_job(path: Path, state: dict[str, Any], attrs: dict[str, Any], *, data_changed: bool) -> None:
+    """Refuse to continue ``path`` unless its :data:`RESUME_KEYS` match this run's ``attrs`` (``data_changed``: say
+    so in words when the data fingerprint differs)."""
+    for key in RESUME_KEYS:
+        if _same(state.get(key, ""), attrs[key]):
+            continue
+        if data_changed and key == "data_fingerprint":
+            raise InputError(f"--resume: the dataset changed since {path} was started (files added, removed or "
+                             "renamed, or other labels), so its rows no longer line up; pass --overwrite to start again")
+        raise InputError(f"--resume: {path} was written with another {key} ({str(state.get(key, ''))[:60]!r}); "
+                         "resume with the same checkpoint, data and options, or pass --overwrite")
+
+
 def _resume_row(out: Path, state: dict[str, Any], attrs: dict[str, Any], n_total: int, store_dtype: str) -> int:
     """The row a resumed run starts at, after checking that the partial file was written by the same job."""
-    for key in RESUME_KEYS:
-        if key == "data_fingerprint" and not _same(state.get(key, ""), attrs[key]):
-            raise InputError(f"--resume: the dataset changed since {out} was started (files added, removed or renamed, "
-                             "or other labels), so its rows no longer line up; pass --overwrite to start again")
-        if not _same(state.get(key, ""), attrs[key]):
-            raise InputError(f"--resume: {out} was written with another {key} ({str(state.get(key, ''))[:60]!r}); "
-                             "resume with the same checkpoint, data and options, or pass --overwrite")
+    _check_same_job(out, state, attrs, data_changed=True)
     if state["_rows"] != n_total or state.get("_dtype") != store_dtype:
         raise InputError(f"--resume: {out} has {state['_rows']} rows of {state.get('_dtype')}, this run "
                          f"{n_total} of {store_dtype}; use the same --limit and --store-dtype, or --overwrite")
     return int(state.get("n_written", 0))
 
 
-def _first_batch(job: _Job) -> tuple[Any, Any, Any]:
-    """``(batch iterator, first batch or None, probe batch)``: the probe derives (W, b) even when nothing is left."""
-    pin = job.device.type == "cuda"
-    todo = range(job.span.start + job.start, job.span.stop)
-    batches = iter(_loader(job.source.dataset, todo, job.batch_size, job.workers, pin))
+@contextlib.contextmanager
+def _worker_errors(out: Path) -> Iterator[None]:
+    """Raise a DataLoader worker's InputError as its own one-line message, a killed worker as an InputError."""
     try:
-        first = next(batches) if len(todo) else None
-        probe = first if first is not None else next(iter(_loader(
-            job.source.dataset, range(min(job.batch_size, job.n_total)), job.batch_size, 0, pin)))
+        yield
     except InputError as exc:
         raise _unwrap_worker_error(exc) from None
     except RuntimeError as exc:
-        raise _worker_died(exc, job.out) or exc from None
+        raise _worker_died(exc, out) or exc from None
+
+
+def _probe_batch(job: _Job) -> Any:
+    """The first batch of the dataset (read in this process), on which (W, b) is derived and checked."""
+    return next(iter(_loader(job.source.dataset, range(min(job.batch_size, job.n_total)), job.batch_size, 0,
+                             job.device.type == "cuda")))
+
+
+def _first_batch(job: _Job) -> tuple[Any, Any, Any]:
+    """``(batch iterator, first batch or None, probe batch)``: the probe derives (W, b) even when nothing is left."""
+    todo = range(job.span.start + job.start, job.span.stop)
+    batches = iter(_loader(job.source.dataset, todo, job.batch_size, job.workers, job.device.type == "cuda"))
+    with _worker_errors(job.out):
+        first = next(batches) if len(todo) else None
+        probe = first if first is not None else _probe_batch(job)
     return batches, first, probe
 
 
@@ -615,16 +637,13 @@ def _stream(job: _Job, writer: CacheWriter, batches: Any, first: Any, head: tupl
                 job.advance(len(y))
 
         try:
-            if first is not None:
-                emit(*head, first[1], pm.layer_features)
-                for x, y in batches:
-                    with autocast:
-                        feats, logits = pm(_to_device(x, dev, job.channels_last))
-                    emit(feats, logits, y, pm.layer_features)
-        except InputError as exc:
-            raise _unwrap_worker_error(exc) from None
-        except RuntimeError as exc:
-            raise _worker_died(exc, job.out) or exc from None
+            with _worker_errors(job.out):
+                if first is not None:
+                    emit(*head, first[1], pm.layer_features)
+                    for x, y in batches:
+                        with autocast:
+                            feats, logits = pm(_to_device(x, dev, job.channels_last))
+                        emit(feats, logits, y, pm.layer_features)
         finally:
             sink.close()
 
@@ -695,25 +714,24 @@ def _workers(workers: int | None, group: DistContext | None) -> int:
 def _shard_states(job: _Job, group: DistContext, *, resume: bool, overwrite: bool) -> list[ShardState]:
     """Rank 0 prepares the shard files of ``--out`` and scans them; every rank gets the same list.
 
-    ``--overwrite`` removes them (and ``--out``); without ``--resume`` existing shards are an error; with it, a
-    single-file ``--out`` written by one process becomes the shard of its rows, so its rows are kept too.
+    ``--overwrite`` removes them (damaged ones too) and ``--out``; without ``--resume`` existing shards are an error;
+    with it, a single-file ``--out`` written by one process becomes the shard of its rows, so its rows are kept too.
     """
     out = job.out
 
     def prepare() -> list[int]:
         if not group.is_main:
             return []
-        existing = scan_shards(out)
         if overwrite:
-            for state in existing:
-                state.path.unlink(missing_ok=True)  # type: ignore[union-attr]
+            remove_shards(out)
             out.unlink(missing_ok=True)
             return []
+        existing = scan_shards(out)
         if existing and not resume:
             raise InputError(f"--out {out}: {len(existing)} shard file(s) of an interrupted multi-rank extraction lie "
                              f"beside it ({existing[0].path.name}, ...); pass --resume to continue it or --overwrite "
                              "to start again")
-        single = _existing_state(out)
+        single = job.state  # read by extract under out's writer lock: nothing wrote out since
         if resume and single is not None and not single.get("_not_cache"):
             os.replace(out, shard_path(out, 0, single["_rows"]))  # its rows are kept like any shard's
             existing = scan_shards(out)
@@ -729,11 +747,7 @@ def _check_kept(job: _Job, kept: Sequence[ShardState]) -> None:
         state = _existing_state(shard.path)  # type: ignore[arg-type]
         if state is None or state.get("_not_cache"):
             raise InputError(f"{shard.path}: not a readable shard; remove it to recompute its rows")
-        for key in RESUME_KEYS:
-            if not _same(state.get(key, ""), job.attrs[key]):
-                raise InputError(f"--resume: {shard.path} was written with another {key} "
-                                 f"({str(state.get(key, ''))[:60]!r}); resume with the same checkpoint, data and "
-                                 "options, or pass --overwrite")
+        _check_same_job(shard.path, state, job.attrs, data_changed=False)  # type: ignore[arg-type]
         if state.get("_dtype") != job.store_dtype:
             raise InputError(f"--resume: {shard.path} holds {state.get('_dtype')} features, this run "
                              f"{job.store_dtype}; use the same --store-dtype, or --overwrite")
@@ -743,8 +757,7 @@ def _verify_head(job: _Job) -> None:
     """Derive (W, b) and check them on the first batch of the dataset (every rank: also those with no rows left)."""
     if job.pm.weight is not None:
         return
-    probe = next(iter(_loader(job.source.dataset, range(min(job.batch_size, job.n_total)), job.batch_size, 0,
-                              job.device.type == "cuda")))
+    probe = _probe_batch(job)
     autocast = autocast_context(job.precision, job.device)
     with full_precision_matmul() if job.precision == "fp32" else contextlib.nullcontext(), torch.inference_mode():
         job.pm.verify(_to_device(probe[0], job.device, job.channels_last), job.precision, autocast)
@@ -894,7 +907,7 @@ def extract(
     prec = resolve_precision(precision, dev)
     src = _open_data(data, dataset, split) if weights.kind == "random-init" else None  # its classes size the head
     loaded = load_model(model_name, weights, img_size=overrides.img_size,
-                        num_classes=_init_classes(weights, src, class_map) if src is not None else None)
+                        num_classes=_init_classes(src, class_map) if src is not None else None)
     src = src if src is not None else _open_data(data, dataset, split)
     loaded.model = loaded.model.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     class_names, names_from = _label_classes(src, loaded, class_map, note)
@@ -910,10 +923,9 @@ def extract(
     pm = PenultimateModel(loaded, layer_names)
     attrs["layers"] = [name for name, _, _ in pm.layers]
     distributed = group is not None and group.distributed
-    if overwrite and not distributed:
-        for stale in scan_shards(out):  # one process replaces a sharded run by one plain file
-            stale.path.unlink(missing_ok=True)  # type: ignore[union-attr]
-    sharded = distributed or bool(scan_shards(out))
+    if overwrite and not distributed:  # one process replaces a sharded run by one plain file (ranks: _shard_states)
+        remove_shards(out)
+    sharded = distributed or bool(shard_files(out))  # names only: _shard_states reads them
     resuming = bool(resume and state is not None and not state.get("_not_cache")) and not sharded
     job = _Job(out=out, device=dev, precision=prec, workers=_workers(workers, group), batch_size=batch_size,
                channels_last=channels_last, pm=pm, source=src, n_total=n_total, num_classes=loaded.num_classes,

@@ -14,7 +14,8 @@ with any number of ranks, losing and duplicating nothing:
 Once every row is covered, :func:`join_pieces` lists the pieces in row order for :func:`ncaudit.store.join_shards`
 (``allow_partial=True``: a kept partial shard contributes its first ``n_written`` rows).
 
-Everything here is pure except :func:`scan_shards`, which reads the row counts of the shard files on disk.
+Everything here is pure except :func:`shard_files`, :func:`remove_shards`, :func:`scan_shards` and
+:func:`read_shard`, which list, delete or read the shard files on disk.
 """
 
 from __future__ import annotations
@@ -245,6 +246,54 @@ def join_pieces(n_rows: int, states: Iterable[ShardState]) -> list[ShardState]:
     return written
 
 
+def shard_files(out: str | os.PathLike[str]) -> list[Path]:
+    """The entries beside ``out`` named as its shard files, in directory order (names only: nothing is read)."""
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        return []
+    return [entry for entry in parent.iterdir() if parse_shard_path(out, entry) is not None]
+
+
+def remove_shards(out: str | os.PathLike[str]) -> None:
+    """Delete the shard files of ``out`` (damaged ones too: nothing is read).
+
+    Raises
+    ------
+    InputError
+        An entry named as a shard that cannot be deleted (e.g. a directory).
+    """
+    for path in shard_files(out):
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot remove this shard of {Path(out).name} ({exc.strerror or exc}); "
+                             "remove it yourself, then rerun") from None
+
+
+def read_shard(path: str | os.PathLike[str], start: int, stop: int) -> ShardState:
+    """The state of the shard file ``path`` created for rows [start, stop): the rows it has written.
+
+    Raises
+    ------
+    InputError
+        The file cannot be read, or its size disagrees with [start, stop).
+    """
+    path = Path(path)
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            n_file = int(f["features"].shape[0]) if "features" in f else -1
+            complete = bool(f.attrs.get("complete", False))
+            n_written = n_file if complete else int(f.attrs.get("n_written", 0))
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise InputError(f"{path}: unreadable shard file ({str(exc).splitlines()[0] if str(exc) else exc}); "
+                         "remove it to recompute its rows") from None
+    if n_file != stop - start or not 0 <= n_written <= n_file:
+        raise InputError(f"{path}: the shard holds {n_file} rows ({n_written} written) but its name says "
+                         f"{stop - start}; remove it to recompute its rows")
+    return ShardState(start, stop, n_written, path)
+
+
 def scan_shards(out: str | os.PathLike[str]) -> list[ShardState]:
     """The shard files of ``out`` on disk (beside it), with the rows each has written, in row order.
 
@@ -253,26 +302,5 @@ def scan_shards(out: str | os.PathLike[str]) -> list[ShardState]:
     InputError
         A shard file that cannot be read, or whose size disagrees with its name.
     """
-    out = Path(out)
-    parent = out.parent if str(out.parent) else Path(".")
-    states = []
-    if not parent.is_dir():
-        return states
-    for entry in parent.iterdir():
-        rows = parse_shard_path(out, entry)
-        if rows is None:
-            continue
-        start, stop = rows
-        try:
-            with h5py.File(entry, "r", locking=False) as f:
-                n_file = int(f["features"].shape[0]) if "features" in f else -1
-                complete = bool(f.attrs.get("complete", False))
-                n_written = n_file if complete else int(f.attrs.get("n_written", 0))
-        except (OSError, KeyError, ValueError, TypeError) as exc:
-            raise InputError(f"{entry}: unreadable shard file ({str(exc).splitlines()[0] if str(exc) else exc}); "
-                             "remove it to recompute its rows") from None
-        if n_file != stop - start or not 0 <= n_written <= n_file:
-            raise InputError(f"{entry}: the shard holds {n_file} rows ({n_written} written) but its name says "
-                             f"{stop - start}; remove it to recompute its rows")
-        states.append(ShardState(start, stop, n_written, entry))
+    states = [read_shard(entry, *parse_shard_path(out, entry)) for entry in shard_files(out)]  # type: ignore[misc]
     return sorted(states, key=lambda s: (s.start, s.stop))

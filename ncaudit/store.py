@@ -809,8 +809,6 @@ class CacheWriter:
         C names in model order, stored as ``/class_names``.
     attrs
         Provenance attributes; dicts and lists are stored as JSON strings.
-    lock
-        A :class:`WriterLock` on ``path`` the caller already holds (and releases); None: the writer takes its own.
     """
 
     def __init__(
@@ -829,12 +827,11 @@ class CacheWriter:
         attrs: Mapping[str, Any] | None = None,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         overwrite: bool = False,
-        lock: WriterLock | None = None,
     ) -> None:
         self.path = Path(path)
         if feature_dtype not in FEATURE_DTYPES:
             raise InputError(f"feature dtype {feature_dtype!r} is not one of {', '.join(FEATURE_DTYPES)}")
-        self._take_lock(lock)
+        self._lock = WriterLock(self.path).acquire()
         try:
             if self.path.exists() and not overwrite:
                 raise InputError(f"{self.path}: already exists; pass --overwrite to replace it or --resume to "
@@ -842,20 +839,12 @@ class CacheWriter:
             self._file = self._create(n_samples, n_features, num_classes, weight, bias, feature_dtype, store_logits,
                                       layers or {}, class_names, attrs or {}, chunk_rows)
         except BaseException:
-            self._release_lock()
+            self._lock.release()
             raise
         self.n_written = 0
         self.n_samples = n_samples
         self._failed = False
         self._hold_datasets()
-
-    def _take_lock(self, lock: WriterLock | None) -> None:
-        self._own_lock = lock is None
-        self._lock = (lock or WriterLock(self.path)).acquire()
-
-    def _release_lock(self) -> None:
-        if self._own_lock:
-            self._lock.release()
 
     def _create(self, n_samples: int, n_features: int, num_classes: int, weight: np.ndarray | None,
                 bias: np.ndarray | None, feature_dtype: str, store_logits: bool, layers: Mapping[str, int],
@@ -905,15 +894,15 @@ class CacheWriter:
         return f
 
     @classmethod
-    def resume(cls, path: str | os.PathLike[str], *, lock: WriterLock | None = None) -> CacheWriter:
+    def resume(cls, path: str | os.PathLike[str]) -> CacheWriter:
         """Reopen a partial cache for appending at its ``n_written`` row (taking the writer lock)."""
         self = cls.__new__(cls)
         self.path = Path(path)
-        self._take_lock(lock)
+        self._lock = WriterLock(self.path).acquire()
         try:
             self._file = h5py.File(self.path, "r+", locking=False, rdcc_nbytes=0)
         except (OSError, RuntimeError) as exc:
-            self._release_lock()
+            self._lock.release()
             raise InputError(f"{self.path}: cannot reopen for resuming ({_short(exc)}); pass --overwrite to start "
                              "again") from None
         try:
@@ -1024,7 +1013,7 @@ class CacheWriter:
                 else:
                     self._file.close()
         finally:
-            self._release_lock()
+            self._lock.release()
 
     def __enter__(self) -> CacheWriter:
         return self

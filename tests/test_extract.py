@@ -334,3 +334,18 @@ def test_extract_takes_its_arguments_by_keyword(images: Path, ckpt: Path, refere
     np.testing.assert_array_equal(_read(out)["features"], _read(reference)["features"][:4])
     with pytest.raises(InputError, match="is a directory"):
         extract(model_name="test_resnet", weights=ckpt, data=images, out=tmp_path, **FAST)
+
+
+def test_overwrite_removes_a_damaged_shard(images: Path, ckpt: Path, tmp_path: Path) -> None:
+    """``--overwrite`` removes the shard files beside ``--out`` by name, unreadable ones too."""
+    from ncaudit.shards import shard_path
+
+    out = tmp_path / "out.h5"
+    shard_path(out, 0, 8).write_bytes(b"not an HDF5 file")
+    with pytest.raises(InputError, match="unreadable shard file"):
+        extract("test_resnet", ckpt, images, out, limit=4, resume=True, **FAST)
+    s = extract("test_resnet", ckpt, images, out, limit=4, overwrite=True, **FAST)
+    assert s.n_samples == 4 and not shard_path(out, 0, 8).exists()
+    shard_path(out, 4, 8).mkdir()  # named as a shard but not a file: one clear line, not a traceback
+    with pytest.raises(InputError, match="cannot remove this shard"):
+        extract("test_resnet", ckpt, images, out, limit=4, overwrite=True, **FAST)
