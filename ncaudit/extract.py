@@ -59,6 +59,8 @@ from ncaudit.models import (
 from ncaudit.shards import (
     ShardState,
     join_pieces,
+    parse_shard_path,
+    read_shard,
     remove_shards,
     scan_shards,
     shard_files,
@@ -715,7 +717,8 @@ def _shard_states(job: _Job, group: DistContext, *, resume: bool, overwrite: boo
     """Rank 0 prepares the shard files of ``--out`` and scans them; every rank gets the same list.
 
     ``--overwrite`` removes them (damaged ones too) and ``--out``; without ``--resume`` existing shards are an error;
-    with it, a single-file ``--out`` written by one process becomes the shard of its rows, so its rows are kept too.
+    with it, a single-file ``--out`` written by one process becomes the shard of its rows, so its rows are kept too
+    (once it and the shards are checked: a refused resume leaves ``--out`` as it was).
     """
     out = job.out
 
@@ -733,7 +736,14 @@ def _shard_states(job: _Job, group: DistContext, *, resume: bool, overwrite: boo
                              "to start again")
         single = job.state  # read by extract under out's writer lock: nothing wrote out since
         if resume and single is not None and not single.get("_not_cache"):
-            os.replace(out, shard_path(out, 0, single["_rows"]))  # its rows are kept like any shard's
+            target = shard_path(out, 0, single["_rows"])
+            # Check the shards as the scan after the rename will find them, before out is renamed: a refused resume
+            # leaves it as it was (a file with no /features gets a name the scan skips).
+            after = [state for state in existing if state.path.name != target.name]  # type: ignore[union-attr]
+            if parse_shard_path(out, target) is not None:
+                after.append(read_shard(out, 0, single["_rows"]))
+            _check_kept(job, shard_plan(job.n_total, 1, sorted(after, key=lambda s: (s.start, s.stop))).kept)
+            os.replace(out, target)  # its rows are kept like any shard's
             existing = scan_shards(out)
         return [v for state in existing for v in (state.start, state.stop, state.n_written)]
 

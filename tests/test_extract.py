@@ -336,6 +336,29 @@ def test_extract_takes_its_arguments_by_keyword(images: Path, ckpt: Path, refere
         extract(model_name="test_resnet", weights=ckpt, data=images, out=tmp_path, **FAST)
 
 
+def test_refused_sharded_resume_leaves_the_single_file_untouched(images: Path, ckpt: Path, reference: Path,
+                                                                 tmp_path: Path) -> None:
+    """With shards beside it, ``--resume`` turns a single-file ``--out`` into the shard of its rows only once the
+    checks pass: a refused resume (other options, other row count) leaves ``--out`` where and as it was."""
+    from ncaudit.shards import shard_path
+
+    out = tmp_path / "out.h5"
+    extract("test_resnet", ckpt, images, out, limit=8, **FAST)  # one process, rows 0-8, fp32
+    with store.CacheWriter(shard_path(out, 8, 16), n_samples=8, n_features=96, num_classes=3, weight=None):
+        pass  # a shard with nothing written: the run is sharded
+    before = out.read_bytes()
+    with pytest.raises(InputError, match=r"out\.h5 was written with another precision"):
+        extract("test_resnet", ckpt, images, out, limit=16, resume=True, **dict(FAST, precision="bf16"))
+    with pytest.raises(InputError, match="reaches row 8 but this run has 4 rows"):
+        extract("test_resnet", ckpt, images, out, limit=4, resume=True, **FAST)
+    assert out.read_bytes() == before and not shard_path(out, 0, 8).exists()
+    s = extract("test_resnet", ckpt, images, out, limit=16, resume=True, **FAST)  # the same job: rows 0-8 are kept
+    assert s.resumed_from == 8
+    with FeatureCache(out) as cache:
+        assert cache.info.complete and cache.info.n_samples == 16
+    np.testing.assert_array_equal(_read(out)["features"], _read(reference)["features"][:16])
+
+
 def test_overwrite_removes_a_damaged_shard(images: Path, ckpt: Path, tmp_path: Path) -> None:
     """``--overwrite`` removes the shard files beside ``--out`` by name, unreadable ones too."""
     from ncaudit.shards import shard_path
