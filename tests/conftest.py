@@ -24,3 +24,27 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from extract_fixtures import make_image_folder
 
     return make_image_folder(tmp_path_factory.mktemp("imgs") / "data")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A timm test_resnet checkpoint (3 classes) saved as training scripts do, under ``state_dict`` with an epoch."""
+    import torch
+    from extract_fixtures import timm_model
+
+    path = tmp_path_factory.mktemp("ckpt") / "test_resnet.pth"
+    torch.save({"state_dict": timm_model().state_dict(), "epoch": 1}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(images: Path, ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one-process extraction of ``images`` through ``ckpt`` that the extract tests compare against."""
+    from extract_fixtures import FAST
+
+    from ncaudit.extract import extract
+
+    out = tmp_path_factory.mktemp("ref") / "ref.h5"
+    extract("test_resnet", ckpt, images, out, **FAST)
+    return out
+

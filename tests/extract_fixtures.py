@@ -11,8 +11,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ncaudit.data import TransformOverrides
+
 CLASSES = ("b_cat", "a_dog", "c_eel")  # ImageFolder sorts: a_dog=0, b_cat=1, c_eel=2
 PER_CLASS = 8
+#: Images of :func:`make_image_folder`: PER_CLASS per class plus a grey and an RGBA one.
+N_IMAGES = len(CLASSES) * PER_CLASS + 2
+
+
+#: Quick extraction settings of the tests: 32 px, no worker processes, no progress bar, batches of 8.
+FAST = {"transform": TransformOverrides(img_size=32), "workers": 0, "progress": False, "batch_size": 8}
 
 
 def make_image_folder(root: Path, per_class: int = PER_CLASS, seed: int = 0) -> Path:
@@ -49,3 +57,12 @@ def torchvision_model(name: str, num_classes: int = 3, seed: int = 0, **kwargs: 
     import torchvision
     torch.manual_seed(seed)
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs).eval()
+
+
+def last_error_line(stderr: str) -> str:
+    """The one ``error:`` line of a failed command: the last line of stderr, no traceback (what extract loaded or
+    warned about may be said before it)."""
+    lines = stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert "Traceback" not in stderr and len(errors) == 1 and lines[-1] == errors[0], stderr
+    return errors[0]

@@ -216,6 +216,12 @@ def _torchrun_env() -> dict[str, str]:
     return env
 
 
+def _torchrun(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                           "--nproc_per_node=2", *args], env=_torchrun_env(), capture_output=True, text=True,
+                          timeout=300)
+
+
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 1e-7)])
 def test_torchrun_report_equals_one_process(tmp_path, dtype, tol):
     from reference import planted
@@ -231,8 +237,7 @@ def test_torchrun_report_equals_one_process(tmp_path, dtype, tol):
     env = _torchrun_env()
     one = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-                          "--nproc_per_node=2", *args], env=env, capture_output=True, text=True, timeout=300)
+    two = _torchrun(args)
     if two.returncode != 0 and "process group" in two.stderr:
         pytest.skip("the gloo process group could not start in this environment")
     assert two.returncode == 0, two.stderr[-3000:]
@@ -255,9 +260,7 @@ def test_torchrun_report_stops_every_rank_on_bad_input(tmp_path):
     y = np.arange(200) % 4
     y[150] = 9  # outside [0, 4): only rank 1 (rows 100..199) sees it
     path = write_cache(tmp_path / "bad.h5", np.random.default_rng(0).standard_normal((200, 6)), y, num_classes=4)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-                          "--nproc_per_node=2", "-m", "ncaudit", "report", str(path), "-q"], env=_torchrun_env(),
-                         capture_output=True, text=True, timeout=300)
+    run = _torchrun(["-m", "ncaudit", "report", str(path), "-q"])
     if "process group" in run.stderr and "label" not in run.stderr:
         pytest.skip("the gloo process group could not start in this environment")
     assert run.returncode != 0
@@ -273,12 +276,6 @@ CHECKPOINT = ROOT / "fixtures" / "checkpoints" / "test_resnet_digits_e200.safete
 def _extract_cmd(data: Path, out: Path, *extra: str) -> list[str]:
     return ["-m", "ncaudit", "extract", "-m", "test_resnet", "-c", str(CHECKPOINT), "-d", str(data), "--split",
             "train", "-o", str(out), "--workers", "0", "--no-progress", "--device", "cpu", *extra]
-
-
-def _torchrun(args: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-                           "--nproc_per_node=2", *args], env=_torchrun_env(), capture_output=True, text=True,
-                          timeout=300)
 
 
 def _arrays(path: Path) -> dict[str, np.ndarray]:

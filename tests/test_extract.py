@@ -13,31 +13,22 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from extract_fixtures import CLASSES, make_image_folder, timm_model, torchvision_model
+from extract_fixtures import (
+    CLASSES,
+    FAST,
+    N_IMAGES,
+    last_error_line,
+    make_image_folder,
+    timm_model,
+    torchvision_model,
+)
 from ncaudit import store
 from ncaudit.cli import app
 from ncaudit.errors import InputError
-from ncaudit.data import TransformOverrides
 from ncaudit.extract import extract
 from ncaudit.models import Weights
 from ncaudit.store import FeatureCache
 
-FAST = dict(transform=TransformOverrides(img_size=32), workers=0, progress=False, batch_size=8)
-N_IMAGES = 3 * 8 + 2
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "test_resnet.pth"
-    torch.save({"state_dict": timm_model().state_dict(), "epoch": 1}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def reference(images: Path, ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ref") / "ref.h5"
-    extract("test_resnet", ckpt, images, out, **FAST)
-    return out
 
 
 def _read(path: Path) -> dict[str, np.ndarray]:
@@ -258,10 +249,7 @@ def _assert_usage_error(code: int, out: str, err: str, pattern: str) -> None:
     """Exit 2, nothing on stdout, and one error line, the last one (what was loaded may be said before it)."""
     assert code == 2, err
     assert out == ""
-    lines = err.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in err, err
-    assert pattern in errors[0], err
+    assert pattern in last_error_line(err), err
 
 
 def test_cli_bad_inputs_exit_2_with_one_line(images: Path, ckpt: Path, tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from extract_fixtures import CLASSES, make_image_folder, timm_model
+from extract_fixtures import CLASSES, FAST, N_IMAGES, last_error_line, make_image_folder
 from PIL import Image
 from reference import planted
 from typer.testing import CliRunner
@@ -34,7 +34,7 @@ from typer.testing import CliRunner
 from ncaudit import extract as extract_module
 from ncaudit import models
 from ncaudit.cli import app
-from ncaudit.data import TransformOverrides, load_image, open_dataset
+from ncaudit.data import load_image, open_dataset
 from ncaudit.errors import CacheWriteError, InputError
 from ncaudit.extract import extract
 from ncaudit.store import (
@@ -46,28 +46,12 @@ from ncaudit.store import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = {"transform": TransformOverrides(img_size=32), "workers": 0, "progress": False, "batch_size": 8}
-N_IMAGES = 3 * 8 + 2
 runner = CliRunner()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "test_resnet.pth"
-    torch.save(timm_model().state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def reference(images: Path, ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ref") / "ref.h5"
-    extract("test_resnet", ckpt, images, out, **FAST)
-    return out
-
-
 @pytest.fixture
 def good(tmp_path: Path) -> Path:
     h, y, etf = planted(C=4, p=6, n=30, sigma=1e-2, offset=100.0, seed=40)
@@ -92,15 +76,6 @@ def _assert_same_rows(path: Path, reference: Path, n: int | None = None) -> None
 
 def invoke(*args: object):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def last_error_line(stderr: str) -> str:
-    """The one ``error:`` line of a failed command: the last line of stderr, no traceback (what extract loaded or
-    warned about may be said before it)."""
-    lines = stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error:")]
-    assert "Traceback" not in stderr and len(errors) == 1 and lines[-1] == errors[0], stderr
-    return errors[0]
 
 
 def one_line_error(res, *needles: str) -> str:
