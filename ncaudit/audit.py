@@ -20,7 +20,7 @@ import torch
 
 from ncaudit import __version__, metrics
 from ncaudit.errors import InputError
-from ncaudit.device import resolve_device
+from ncaudit._device import resolve_device
 from ncaudit.distributed import DistContext, merge_all, together
 from ncaudit.stats import (ClassStatistics, Decisions, LeastSquaresResidual, Residual, SampleDecisions, Statistics,
                            gemm_dtype_for)

@@ -28,7 +28,7 @@ from typing import Any, Protocol, Self, TypeVar
 import torch
 import torch.distributed as dist
 
-from ncaudit.device import resolve_device
+from ncaudit._device import resolve_device
 from ncaudit.errors import InputError
 from ncaudit.shards import split_rows
 

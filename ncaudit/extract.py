@@ -44,7 +44,7 @@ from ncaudit.data import (
     transform_config,
     transform_warnings,
 )
-from ncaudit.device import resolve_device
+from ncaudit._device import resolve_device
 from ncaudit.distributed import DistContext, GlobalProgress, barrier, broadcast_ints, launch_env, together
 from ncaudit.errors import CacheWriteError, InputError
 from ncaudit.models import (
