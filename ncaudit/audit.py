@@ -25,7 +25,7 @@ from ncaudit.distributed import DistContext, merge_all, together
 from ncaudit.stats import (ClassStatistics, Decisions, LeastSquaresResidual, Residual, SampleDecisions, Statistics,
                            gemm_dtype_for)
 from ncaudit.store import CacheInfo, FeatureCache
-from ncaudit.validate import check_classifier, check_finite, check_labels, check_memory, classes_to_keep
+from ncaudit._validate import check_classifier, check_finite, check_labels, check_memory, classes_to_keep
 
 #: Metric keys of the report, in table order (spec "Metrics" and "Beyond the balanced simplex").
 METRIC_KEYS: tuple[str, ...] = (

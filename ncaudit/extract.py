@@ -69,7 +69,7 @@ from ncaudit.shards import (
 from ncaudit.shards import plan as shard_plan
 from ncaudit.stats import full_precision_matmul
 from ncaudit.store import DEFAULT_CHUNK_ROWS, CacheWriter, WriterLock, attr_value, encode_attr, join_shards
-from ncaudit.validate import format_bytes
+from ncaudit._validate import format_bytes
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STORE_DTYPES = ("float32", "float16")

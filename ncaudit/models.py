@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ncaudit.errors import InputError
-from ncaudit.validate import available_memory, format_bytes
+from ncaudit._validate import available_memory, format_bytes
 
 TORCHVISION_PREFIX = "torchvision:"
 PLAIN_KEYS = ("state_dict", "model")

@@ -296,7 +296,7 @@ class ClassStatistics(_State):
     def update(self, features: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
         """Accumulate one batch: ``features`` (B, p), any float dtype; ``labels`` (B,) integers in [0, C).
 
-        Shapes are checked here; label range and finiteness are the caller's checks (:mod:`ncaudit.validate`).
+        Shapes are checked here; label range and finiteness are the caller's checks (:mod:`ncaudit._validate`).
         """
         h = torch.as_tensor(features)
         y = torch.as_tensor(labels)

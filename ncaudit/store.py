@@ -44,13 +44,7 @@ import h5py
 import numpy as np
 
 from ncaudit.errors import CacheWriteError, InputError
-from ncaudit.validate import (
-    attr_bool,
-    attr_int,
-    check_memory,
-    check_schema,
-    format_bytes,
-)
+from ncaudit._validate import attr_bool, attr_int, check_memory, check_schema, format_bytes
 
 SCHEMA_VERSION = 1
 FEATURE_DTYPES = ("float16", "float32", "float64")

@@ -157,7 +157,7 @@ def test_feature_magnitude_limit_is_exact_at_the_boundary():
     import torch
 
     from ncaudit.errors import InputError
-    from ncaudit.validate import SQUARABLE, check_finite
+    from ncaudit._validate import SQUARABLE, check_finite
 
     at = torch.tensor(SQUARABLE["float32"], dtype=torch.float32)
     above = torch.nextafter(at, torch.tensor(float("inf")))

@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from ncaudit import validate
+from ncaudit import _validate as validate
 from ncaudit.cli import app
 
 EXAMPLES = int(os.environ.get("NCAUDIT_FUZZ_EXAMPLES", "60"))
