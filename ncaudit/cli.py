@@ -366,7 +366,7 @@ def _ranks(device: str) -> Iterator[Any]:
 def _audit_on_ranks(cache: Path, options: Any, quiet: bool) -> Any:
     """``audit`` in one process, or on every rank of a torchrun launch (None on ranks other than 0)."""
     from ncaudit.audit import audit
-    from ncaudit.progress import RichProgress
+    from ncaudit._progress import RichProgress
 
     with _ranks(options.device) as group:
         main = group is None or group.is_main
@@ -397,7 +397,7 @@ def trajectory(
     Rows keep the order given; each is labelled by the checkpoint's epoch when its provenance records one.
     """
     from ncaudit.audit import AuditOptions, audit
-    from ncaudit.progress import RichProgress
+    from ncaudit._progress import RichProgress
     from ncaudit.trajectory import build_rows, gate_last_row
 
     with _command("nothing was written"):
