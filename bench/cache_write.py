@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import h5py
 import numpy as np
 
-from ncaudit.store import CacheWriter
+from ncaudit.cache import CacheWriter
 
 
 def plain(path: Path, x: np.ndarray, y: np.ndarray, chunk: int) -> float:

@@ -79,7 +79,7 @@ def main() -> None:
     from ncaudit.demo import default_fixtures, load_manifest
     from ncaudit.extract import extract
     from ncaudit.stats import ClassStatistics
-    from ncaudit.store import FeatureCache
+    from ncaudit.cache import FeatureCache
 
     ckpt = args.out / "convnext_atto_digits.pth"
     if not ckpt.exists():

@@ -8,7 +8,7 @@ Usage::
 
 Steps (each printed as it finishes; ``--json`` prints them all at the end):
 
-* ``generate``  writes the cache once with :class:`ncaudit.store.CacheWriter`, chunk by chunk (never all in memory):
+* ``generate``  writes the cache once with :class:`ncaudit.cache.CacheWriter`, chunk by chunk (never all in memory):
   class means plus noise, post-ReLU, rows in class order as datasets are stored; a cache of the same shape at that
   path is reused;
 * ``dd``        ``dd if=CACHE of=/dev/null bs=16M``, buffered and (where the file system allows) ``iflag=direct``,
@@ -45,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ncaudit.store import CacheWriter, FeatureCache
+from ncaudit.cache import CacheWriter, FeatureCache
 
 IMAGENET = (1_281_167, 2048, 1000)
 STEPS = ("dd", "h5py", "xtx32", "xtx64", "report", "report2")

@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from ncaudit import metrics  # noqa: E402
 from ncaudit.stats import ClassStatistics  # noqa: E402
-from ncaudit.store import FeatureCache  # noqa: E402
+from ncaudit.cache import FeatureCache  # noqa: E402
 
 SHAPES = ("400000,512,100", "100000,2048,1000")
 BATCH = 4096
@@ -240,7 +240,7 @@ def exactness() -> list[dict[str, object]]:
     from ncaudit.data import TransformOverrides
     from ncaudit.demo import default_fixtures, load_manifest
     from ncaudit.extract import extract
-    from ncaudit.store import write_cache
+    from ncaudit.cache import write_cache
 
     fixtures = default_fixtures()
     t = load_manifest(fixtures)["transform"]

@@ -24,7 +24,7 @@ from ncaudit._device import resolve_device
 from ncaudit.distributed import DistContext, merge_all, together
 from ncaudit.stats import (ClassStatistics, Decisions, LeastSquaresResidual, Residual, SampleDecisions, Statistics,
                            gemm_dtype_for)
-from ncaudit.store import CacheInfo, FeatureCache
+from ncaudit.cache._reader import CacheInfo, FeatureCache
 from ncaudit._validate import check_classifier, check_finite, check_labels, check_memory, classes_to_keep
 
 #: Metric keys of the report, in table order (spec "Metrics" and "Beyond the balanced simplex").

@@ -68,7 +68,10 @@ from ncaudit.shards import (
 )
 from ncaudit.shards import plan as shard_plan
 from ncaudit.stats import full_precision_matmul
-from ncaudit.store import DEFAULT_CHUNK_ROWS, CacheWriter, WriterLock, attr_value, encode_attr, join_shards
+from ncaudit.cache._format import DEFAULT_CHUNK_ROWS, attr_value, encode_attr
+from ncaudit.cache._join import join_shards
+from ncaudit.cache._lock import WriterLock
+from ncaudit.cache._writer import CacheWriter
 from ncaudit._validate import format_bytes
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -274,7 +277,7 @@ def _holding_out_lock(fn: Callable[..., ExtractSummary]) -> Callable[..., Extrac
     """Run ``fn`` holding the writer lock of its ``out`` argument, taken before anything reads or writes the file.
 
     One writer per file: a second extraction to the same file (or ``--resume`` / ``--overwrite`` of a file another
-    process writes) is refused at once. The :class:`~ncaudit.store.CacheWriter` the run opens shares this lock.
+    process writes) is refused at once. The :class:`~ncaudit.cache.CacheWriter` the run opens shares this lock.
     Under torchrun rank 0 holds it (it joins the shards into ``out``); each rank's shard writers lock their shards.
     """
 

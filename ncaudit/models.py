@@ -731,7 +731,7 @@ def _affine_of(module: nn.Module, in_shape: tuple[int, ...], scale: float, name:
         raise InputError(
             f"{model_name}: the classifier {name} ({type(module).__name__}) is not an affine map of its input (an MLP "
             "head?), so there is no (W, b) to audit; use a checkpoint whose head ends in one linear layer, or compute "
-            "the input of its last linear layer yourself and write a schema-1 cache with ncaudit.store.write_cache")
+            "the input of its last linear layer yourself and write a schema-1 cache with ncaudit.cache.write_cache")
     has_bias = any(n.endswith("bias") for n, _ in module.named_parameters()) or bool(b0.abs().max() > 0)
     return w.numpy(), (b0.numpy() if has_bias else None), f"{name} ({type(module).__name__}, folded to W, b)"
 

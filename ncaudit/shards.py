@@ -11,7 +11,7 @@ with any number of ranks, losing and duplicating nothing:
   that created it;
 * shards with nothing written cover nothing: they are stale (removed, or overwritten by a new shard of that name).
 
-Once every row is covered, :func:`join_pieces` lists the pieces in row order for :func:`ncaudit.store.join_shards`
+Once every row is covered, :func:`join_pieces` lists the pieces in row order for :func:`ncaudit.cache.join_shards`
 (``allow_partial=True``: a kept partial shard contributes its first ``n_written`` rows).
 
 Everything here is pure except :func:`shard_files`, :func:`remove_shards`, :func:`scan_shards` and
@@ -230,7 +230,7 @@ def join_pieces(n_rows: int, states: Iterable[ShardState]) -> list[ShardState]:
     """The shards to join, in row order, once their written rows cover [0, n_rows) exactly once.
 
     Shards with nothing written are left out. Pass ``[s.path for s in pieces]`` to
-    :func:`ncaudit.store.join_shards` with ``allow_partial=True``.
+    :func:`ncaudit.cache.join_shards` with ``allow_partial=True``.
 
     Raises
     ------

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from ncaudit.audit import METRIC_KEYS
 from ncaudit.cli import app
-from ncaudit.store import write_cache
+from ncaudit.cache import write_cache
 from reference import planted
 
 runner = CliRunner()

@@ -226,7 +226,7 @@ def _torchrun(args: list[str]) -> subprocess.CompletedProcess[str]:
 def test_torchrun_report_equals_one_process(tmp_path, dtype, tol):
     from reference import planted
 
-    from ncaudit.store import write_cache
+    from ncaudit.cache import write_cache
 
     h, y, etf = planted(C=7, p=20, n=90, sigma=0.3, offset=5.0, seed=61)
     order = np.random.default_rng(62).permutation(len(y))  # shuffled: every rank sees every class
@@ -255,7 +255,7 @@ def test_torchrun_report_equals_one_process(tmp_path, dtype, tol):
 
 def test_torchrun_report_stops_every_rank_on_bad_input(tmp_path):
     """A bad label in rank 1's rows: every rank exits (exit 2 from the failing one), none hangs at a merge."""
-    from ncaudit.store import write_cache
+    from ncaudit.cache import write_cache
 
     y = np.arange(200) % 4
     y[150] = 9  # outside [0, 4): only rank 1 (rows 100..199) sees it

@@ -22,12 +22,12 @@ from extract_fixtures import (
     timm_model,
     torchvision_model,
 )
-from ncaudit import store
+from ncaudit import cache as store
 from ncaudit.cli import app
 from ncaudit.errors import InputError
 from ncaudit.extract import extract
 from ncaudit.models import Weights
-from ncaudit.store import FeatureCache
+from ncaudit.cache import FeatureCache
 
 
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from ncaudit.audit import AuditOptions, audit
 from ncaudit.cli import app
-from ncaudit.store import write_cache
+from ncaudit.cache import write_cache
 from reference import planted, reference_metrics, simplex_etf
 
 runner = CliRunner()

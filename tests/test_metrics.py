@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ncaudit.audit import AuditOptions, audit
-from ncaudit.store import write_cache
+from ncaudit.cache import write_cache
 from reference import planted, reference_metrics
 
 RTOL = 1e-6

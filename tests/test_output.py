@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from ncaudit.audit import AuditOptions, audit
 from ncaudit.cli import app
 from ncaudit.report import column_format, fmt_compact, trajectory_table
-from ncaudit.store import write_cache
+from ncaudit.cache import write_cache
 from ncaudit.trajectory import build_rows, split_of
 
 runner = CliRunner()

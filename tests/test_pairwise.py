@@ -18,7 +18,7 @@ from reference import planted, simplex_etf
 
 from ncaudit import metrics
 from ncaudit.audit import AuditOptions, audit
-from ncaudit.store import CacheWriter, write_cache
+from ncaudit.cache import CacheWriter, write_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9

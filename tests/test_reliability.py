@@ -37,13 +37,7 @@ from ncaudit.cli import app
 from ncaudit.data import load_image, open_dataset
 from ncaudit.errors import CacheWriteError, InputError
 from ncaudit.extract import extract
-from ncaudit.store import (
-    CacheWriter,
-    FeatureCache,
-    WriterLock,
-    join_shards,
-    write_cache,
-)
+from ncaudit.cache import CacheWriter, FeatureCache, WriterLock, join_shards, write_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -231,7 +225,7 @@ def test_writer_refuses_to_continue_after_a_failed_write(tmp_path: Path) -> None
 HOLDER = """
 import sys, time
 import numpy as np
-from ncaudit.store import CacheWriter
+from ncaudit.cache import CacheWriter
 w = CacheWriter(sys.argv[1], n_samples=16, n_features=96, num_classes=3, weight=None, overwrite=True)
 w.write(np.zeros((8, 96), np.float32), np.zeros(8, np.int64))
 print("ready", flush=True)
@@ -671,7 +665,8 @@ def test_broken_external_link_is_named_with_its_target(tmp_path: Path) -> None:
 
 TERMINATE = """
 import os, signal, sys
-from ncaudit import extract, store
+from ncaudit import extract
+from ncaudit import cache as store
 real_write, real_init = store.CacheWriter.write, extract._AsyncWriter.__init__
 def write(self, *args, **kwargs):
     real_write(self, *args, **kwargs)

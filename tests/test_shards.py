@@ -18,7 +18,7 @@ from ncaudit.shards import (
     shard_path,
     split_rows,
 )
-from ncaudit.store import CacheWriter, FeatureCache, join_shards
+from ncaudit.cache import CacheWriter, FeatureCache, join_shards
 
 
 @given(st.integers(0, 10_000), st.integers(1, 64))

@@ -19,7 +19,7 @@ from ncaudit.data import dataset_family, map_labels, open_samples
 from ncaudit.errors import InputError
 from ncaudit.extract import extract
 from ncaudit.models import imagenet_classes
-from ncaudit.store import FeatureCache
+from ncaudit.cache import FeatureCache
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CHECKPOINT = FIXTURES / "checkpoints" / "test_resnet_digits_e200.safetensors"

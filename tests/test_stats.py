@@ -8,7 +8,7 @@ import torch
 
 from ncaudit.audit import AuditOptions, audit
 from ncaudit.stats import ClassStatistics
-from ncaudit.store import join_shards, write_cache
+from ncaudit.cache import join_shards, write_cache
 from reference import planted, reference_metrics
 
 

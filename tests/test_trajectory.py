@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ncaudit.cli import app
-from ncaudit.store import write_cache
+from ncaudit.cache import write_cache
 from reference import planted
 
 runner = CliRunner()

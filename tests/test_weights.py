@@ -23,7 +23,7 @@ from ncaudit.data import TransformOverrides, transform_hints
 from ncaudit.errors import InputError
 from ncaudit.extract import extract
 from ncaudit.models import Weights
-from ncaudit.store import FeatureCache
+from ncaudit.cache import FeatureCache
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
