@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from ncaudit._device import resolve_device
 from ncaudit.errors import InputError
-from ncaudit.shards import split_rows
+from ncaudit.cache._shards import split_rows
 
 #: How long a collective (a barrier after uneven extraction slices included) may wait before the run fails.
 DEFAULT_TIMEOUT = _dt.timedelta(minutes=60)

@@ -328,7 +328,7 @@ def test_interrupted_torchrun_extract_resumes_with_one_process(tmp_path, one_pro
         pytest.skip("the gloo process group could not start in this environment")
     assert run.returncode != 0 and victim.name in run.stderr
     assert not out.exists()
-    from ncaudit.shards import scan_shards
+    from ncaudit.cache._shards import scan_shards
 
     states = scan_shards(out)  # rank 0's slice complete, rank 1's partial with its chunks on disk
     assert [(s.start, s.stop) for s in states] == [(0, 704), (704, 1438)]

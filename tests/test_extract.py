@@ -328,7 +328,7 @@ def test_refused_sharded_resume_leaves_the_single_file_untouched(images: Path, c
                                                                  tmp_path: Path) -> None:
     """With shards beside it, ``--resume`` turns a single-file ``--out`` into the shard of its rows only once the
     checks pass: a refused resume (other options, other row count) leaves ``--out`` where and as it was."""
-    from ncaudit.shards import shard_path
+    from ncaudit.cache._shards import shard_path
 
     out = tmp_path / "out.h5"
     extract("test_resnet", ckpt, images, out, limit=8, **FAST)  # one process, rows 0-8, fp32
@@ -349,7 +349,7 @@ def test_refused_sharded_resume_leaves_the_single_file_untouched(images: Path, c
 
 def test_overwrite_removes_a_damaged_shard(images: Path, ckpt: Path, tmp_path: Path) -> None:
     """``--overwrite`` removes the shard files beside ``--out`` by name, unreadable ones too."""
-    from ncaudit.shards import shard_path
+    from ncaudit.cache._shards import shard_path
 
     out = tmp_path / "out.h5"
     shard_path(out, 0, 8).write_bytes(b"not an HDF5 file")

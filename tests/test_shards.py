@@ -8,16 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ncaudit.errors import InputError
-from ncaudit.shards import (
-    ShardSpec,
-    ShardState,
-    join_pieces,
-    parse_shard_path,
-    plan,
-    scan_shards,
-    shard_path,
-    split_rows,
-)
+from ncaudit.cache._shards import (ShardSpec, ShardState, join_pieces, parse_shard_path, plan, scan_shards, shard_path,
+                                   split_rows)
 from ncaudit.cache import CacheWriter, FeatureCache, join_shards
 
 
