@@ -22,7 +22,7 @@ def join_shards(path: str | os.PathLike[str], shards: Sequence[str | os.PathLike
     Shard paths are stored relative to the joined file's directory when they lie beside or below it, so the set of
     files can be moved together. The classifier, class names and provenance are copied from the first shard. With
     ``allow_partial``, an incomplete shard contributes its first ``n_written`` rows (the pieces of an interrupted and
-    resumed distributed extraction, :mod:`ncaudit.shards`).
+    resumed distributed extraction, :mod:`ncaudit.cache._shards`).
     """
     out = Path(path)
     shard_paths = [Path(s) for s in shards]
