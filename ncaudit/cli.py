@@ -257,7 +257,7 @@ def extract(
     from. The features are the exact input of the final affine map; W h + b is checked against the model's own
     logits on the first batch, and the command stops when it does not match. Interrupted runs continue with --resume.
     """
-    from ncaudit.data import TransformOverrides
+    from ncaudit.data._transforms import TransformOverrides
     from ncaudit.extract import extract as run_extract
     from ncaudit.models import Weights
 

@@ -32,18 +32,11 @@ import numpy as np
 import torch
 
 from ncaudit import __version__
-from ncaudit.data import (
-    IN_MEMORY_READER,
-    DataSource,
-    TransformOverrides,
-    build_transform,
-    describe_transform,
-    map_labels,
-    open_samples,
-    read_class_map,
-    transform_config,
-    transform_warnings,
-)
+from ncaudit.data._factory import open_samples
+from ncaudit.data._labels import map_labels, read_class_map
+from ncaudit.data._source import IN_MEMORY_READER, DataSource
+from ncaudit.data._transforms import (TransformOverrides, build_transform, describe_transform, transform_config,
+                                      transform_warnings)
 from ncaudit._device import resolve_device
 from ncaudit.distributed import DistContext, GlobalProgress, barrier, broadcast_ints, launch_env, together
 from ncaudit.errors import CacheWriteError, InputError

@@ -101,7 +101,7 @@ def split_of(source: dict[str, Any]) -> str:
     split = source.get("split")
     if split:
         return str(split)
-    from ncaudit.data import SPLIT_NAMES
+    from ncaudit.data._source import SPLIT_NAMES
     return SPLIT_NAMES.get(Path(str(source.get("data") or "")).name.lower(), "data")
 
 

@@ -314,7 +314,7 @@ def test_interrupted_torchrun_extract_resumes_with_one_process(tmp_path, one_pro
     --resume keeps every row on disk, computes the rest and joins the same cache."""
     import shutil
 
-    from ncaudit.data import _image_folder
+    from ncaudit.data._reader_folder import _image_folder
 
     data = tmp_path / "digits"
     shutil.copytree(ROOT / "fixtures" / "digits", data)
