@@ -259,7 +259,7 @@ def extract(
     """
     from ncaudit.data._transforms import TransformOverrides
     from ncaudit.extract import extract as run_extract
-    from ncaudit.models import Weights
+    from ncaudit.models._builder import Weights
 
     with _command(f"{out} is left partial (complete=false) with the rows written so far: rerun with --resume to "
                   "continue"):

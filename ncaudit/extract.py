@@ -40,15 +40,10 @@ from ncaudit.data._transforms import (TransformOverrides, build_transform, descr
 from ncaudit._device import resolve_device
 from ncaudit.distributed import DistContext, GlobalProgress, barrier, broadcast_ints, launch_env, together
 from ncaudit.errors import CacheWriteError, InputError
-from ncaudit.models import (
-    LoadedModel,
-    PenultimateModel,
-    Weights,
-    imagenet_classes,
-    imagenet_subset_for,
-    load_model,
-    recorded_preprocessing,
-)
+from ncaudit.models._builder import LoadedModel, Weights
+from ncaudit.models._factory import load_model
+from ncaudit.models._metadata import imagenet_classes, imagenet_subset_for, recorded_preprocessing
+from ncaudit.models._penultimate import PenultimateModel
 from ncaudit.cache._shards import (ShardState, join_pieces, parse_shard_path, read_shard, remove_shards, scan_shards,
                                    shard_files, shard_path)
 from ncaudit.cache._shards import plan as shard_plan

@@ -12,7 +12,7 @@ from torch import nn
 
 from extract_fixtures import timm_model, torchvision_model
 from ncaudit.errors import InputError
-from ncaudit.models import (LoadedModel, PenultimateModel, head_modules, load_checkpoint, load_model)
+from ncaudit.models import LoadedModel, PenultimateModel, head_modules, load_checkpoint, load_model
 
 
 @pytest.fixture(scope="module")

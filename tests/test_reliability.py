@@ -32,7 +32,7 @@ from reference import planted
 from typer.testing import CliRunner
 
 from ncaudit import extract as extract_module
-from ncaudit import models
+from ncaudit.models import _checkpoint as models
 from ncaudit.cli import app
 from ncaudit.data import load_image, open_dataset
 from ncaudit.errors import CacheWriteError, InputError
