@@ -21,7 +21,9 @@ import torch
 from ncaudit import __version__, metrics
 from ncaudit.errors import InputError
 from ncaudit._device import resolve_device
-from ncaudit.distributed import DistContext, merge_all, together
+from ncaudit.distributed._collectives import together
+from ncaudit.distributed._launch import DistContext
+from ncaudit.distributed._merge import merge_all
 from ncaudit.stats import (ClassStatistics, Decisions, LeastSquaresResidual, Residual, SampleDecisions, Statistics,
                            gemm_dtype_for)
 from ncaudit.cache._reader import CacheInfo, FeatureCache

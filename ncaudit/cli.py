@@ -170,7 +170,7 @@ def _root(
     Typical use: `ncaudit extract` a model over a dataset into an HDF5 cache, then `ncaudit report` it.
     """
     if os.environ.get("WORLD_SIZE", "1") != "1" and ctx.invoked_subcommand:  # launched by torchrun
-        from ncaudit.distributed import check_launch
+        from ncaudit.distributed._launch import check_launch
 
         try:
             check_launch(ctx.invoked_subcommand)
@@ -354,7 +354,7 @@ def report(
 @contextlib.contextmanager
 def _ranks(device: str) -> Iterator[Any]:
     """The torch.distributed process group of a torchrun launch (NCCL on CUDA, gloo on CPU), None for one process."""
-    from ncaudit.distributed import launch_env, process_group
+    from ncaudit.distributed._launch import launch_env, process_group
 
     if not launch_env().distributed:
         yield None

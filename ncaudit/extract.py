@@ -38,7 +38,9 @@ from ncaudit.data._source import IN_MEMORY_READER, DataSource
 from ncaudit.data._transforms import (TransformOverrides, build_transform, describe_transform, transform_config,
                                       transform_warnings)
 from ncaudit._device import resolve_device
-from ncaudit.distributed import DistContext, GlobalProgress, barrier, broadcast_ints, launch_env, together
+from ncaudit.distributed._collectives import barrier, broadcast_ints, together
+from ncaudit.distributed._launch import DistContext, launch_env
+from ncaudit.distributed._progress import GlobalProgress
 from ncaudit.errors import CacheWriteError, InputError
 from ncaudit.models._builder import LoadedModel, Weights
 from ncaudit.models._factory import load_model

@@ -20,6 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from ncaudit import distributed as nd
+from ncaudit.distributed import _launch as nd_launch
 from ncaudit import metrics
 from ncaudit.cli import app
 from ncaudit.errors import InputError
@@ -58,7 +59,7 @@ def test_commands_not_wired_refuse_several_ranks(monkeypatch):
     nd.check_launch("report", TORCHRUN)
     with pytest.raises(InputError, match="runs as one process"):
         nd.check_launch("trajectory", TORCHRUN)
-    monkeypatch.setattr(nd, "WIRED_COMMANDS", frozenset({"trajectory"}))
+    monkeypatch.setattr(nd_launch, "WIRED_COMMANDS", frozenset({"trajectory"}))
     nd.check_launch("trajectory", TORCHRUN)
     with pytest.raises(InputError):
         nd.check_launch("demo", TORCHRUN)

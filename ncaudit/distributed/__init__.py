@@ -1,0 +1,36 @@
+"""Scale-out on torch.distributed: launch detection, the process group, row slices and exact merges of states.
+
+A thin layer over what ``torchrun`` sets up, with no scheduler of its own. Launched as
+``torchrun --nproc_per_node=K [--nnodes=M ...] -m ncaudit ...`` (on Slurm: ``srun torchrun ...``, one torchrun per
+node), every process finds ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` in its
+environment; :func:`process_group` joins the group (NCCL when the ranks compute on CUDA, gloo on CPU), pins the rank
+to ``cuda:LOCAL_RANK`` and leaves the group on exit. Without those variables everything here works as one process:
+rank 0 of a world of 1, every collective a no-op.
+
+Rows are split into contiguous slices (:func:`rank_rows`), never padded or repeated as ``DistributedSampler`` does:
+a duplicated sample would bias every statistic. Accumulators (:class:`~ncaudit.stats.ClassStatistics`,
+:class:`~ncaudit.stats.SampleDecisions`) merge exactly through their public ``state_dict`` / ``load_state_dict`` /
+``merge``: :func:`merge_states` reduces every rank's state, in rank order, to the state one process would have
+accumulated over the concatenated slices (to floating-point rounding). States travel as tensors (no pickles).
+"""
+
+from ncaudit.distributed._collectives import all_equal, any_rank, barrier, broadcast_ints, together
+from ncaudit.distributed._launch import (
+    WIRED_COMMANDS,
+    DistContext,
+    Launch,
+    backend_for,
+    check_launch,
+    is_active,
+    is_main,
+    launch_env,
+    local_device,
+    process_group,
+    rank,
+    rank_rows,
+    world_size,
+)
+from ncaudit.distributed._merge import Mergeable, merge_all, merge_states, spawn
+from ncaudit.distributed._progress import GlobalProgress
+
+__all__ = ["all_equal", "any_rank", "barrier", "broadcast_ints", "together", "WIRED_COMMANDS", "DistContext", "Launch", "backend_for", "check_launch", "is_active", "is_main", "launch_env", "local_device", "process_group", "rank", "rank_rows", "world_size", "Mergeable", "merge_all", "merge_states", "spawn", "GlobalProgress"]
