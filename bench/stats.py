@@ -148,7 +148,7 @@ def scatter_candidates(path: Path, repeat: int) -> dict[str, float]:
     with FeatureCache(path) as cache:
         batches = [(torch.from_numpy(x), torch.from_numpy(y)) for _, x, y, _ in cache.iter_batches(BATCH)]
         c, p = cache.info.num_classes, cache.info.n_features
-    import ncaudit.stats as stats_module
+    import ncaudit.stats._statistics as stats_module  # where ClassStatistics looks up gram
 
     def run(dtype: torch.dtype) -> None:
         acc = ClassStatistics(c, p, gemm_dtype=dtype)

@@ -24,8 +24,10 @@ from ncaudit._device import resolve_device
 from ncaudit.distributed._collectives import together
 from ncaudit.distributed._launch import DistContext
 from ncaudit.distributed._merge import merge_all
-from ncaudit.stats import (ClassStatistics, Decisions, LeastSquaresResidual, Residual, SampleDecisions, Statistics,
-                           gemm_dtype_for)
+from ncaudit.stats._decisions import Decisions, SampleDecisions
+from ncaudit.stats._gemm import gemm_dtype_for
+from ncaudit.stats._residual import LeastSquaresResidual, Residual
+from ncaudit.stats._statistics import ClassStatistics, Statistics
 from ncaudit.cache._reader import CacheInfo, FeatureCache
 from ncaudit._validate import check_classifier, check_finite, check_labels, check_memory, classes_to_keep
 

@@ -49,7 +49,7 @@ from ncaudit.models._penultimate import PenultimateModel
 from ncaudit.cache._shards import (ShardState, join_pieces, parse_shard_path, read_shard, remove_shards, scan_shards,
                                    shard_files, shard_path)
 from ncaudit.cache._shards import plan as shard_plan
-from ncaudit.stats import full_precision_matmul
+from ncaudit.stats._gemm import full_precision_matmul
 from ncaudit.cache._format import DEFAULT_CHUNK_ROWS, attr_value, encode_attr
 from ncaudit.cache._join import join_shards
 from ncaudit.cache._lock import WriterLock

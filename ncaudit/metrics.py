@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ncaudit.stats import Residual, Statistics
+from ncaudit.stats._residual import Residual
+from ncaudit.stats._statistics import Statistics
 
 EPS = float(np.finfo(np.float64).eps)
 TINY = float(np.finfo(np.float64).tiny)
