@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from ncaudit import metrics  # noqa: E402
-from ncaudit.stats import ClassStatistics  # noqa: E402
+from ncaudit.stats import ClassStatistics, Statistics  # noqa: E402
 from ncaudit.cache import FeatureCache  # noqa: E402
 
 SHAPES = ("400000,512,100", "100000,2048,1000")
@@ -170,7 +170,7 @@ def scatter_candidates(path: Path, repeat: int) -> dict[str, float]:
     return out
 
 
-def factor_svd_pinv(stats: metrics.Statistics) -> int:
+def factor_svd_pinv(stats: Statistics) -> int:
     """The former scheme: eigh(Sigma_W), then the SVD of the p x (p + C) factor [Sigma_W^1/2, M diag(pi)^1/2]."""
     lam, q = np.linalg.eigh(stats.sigma_w)
     factor = np.hstack([q * np.sqrt(np.clip(lam, 0, None)), stats.centred_means.T * np.sqrt(stats.priors)])

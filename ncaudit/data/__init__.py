@@ -13,12 +13,14 @@ from ncaudit.data._images import load_image
 from ncaudit.data._labels import map_labels, read_class_map
 from ncaudit.data._source import DataSource
 from ncaudit.data._transforms import (
-    ToRGB,
-    TransformOverrides,
-    build_transform,
-    describe_transform,
-    transform_config,
-    transform_hints,
+           ToRGB,
+           TransformOverrides,
+           build_transform,
+           describe_transform,
+           transform_config,
+           transform_hints,
 )
 
-__all__ = ["dataset_family", "open_dataset", "open_samples", "tensor_source", "load_image", "map_labels", "read_class_map", "DataSource", "ToRGB", "TransformOverrides", "build_transform", "describe_transform", "transform_config", "transform_hints"]
+__all__ = ["DataSource", "ToRGB", "TransformOverrides", "build_transform", "dataset_family", "describe_transform",
+           "load_image", "map_labels", "open_dataset", "open_samples", "read_class_map", "tensor_source",
+           "transform_config", "transform_hints"]

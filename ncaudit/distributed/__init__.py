@@ -33,4 +33,7 @@ from ncaudit.distributed._launch import (
 from ncaudit.distributed._merge import Mergeable, merge_all, merge_states, spawn
 from ncaudit.distributed._progress import GlobalProgress
 
-__all__ = ["all_equal", "any_rank", "barrier", "broadcast_ints", "together", "WIRED_COMMANDS", "DistContext", "Launch", "backend_for", "check_launch", "is_active", "is_main", "launch_env", "local_device", "process_group", "rank", "rank_rows", "world_size", "Mergeable", "merge_all", "merge_states", "spawn", "GlobalProgress"]
+__all__ = ["DistContext", "GlobalProgress", "Launch", "Mergeable", "WIRED_COMMANDS", "all_equal", "any_rank",
+           "backend_for", "barrier", "broadcast_ints", "check_launch", "is_active", "is_main", "launch_env",
+           "local_device", "merge_all", "merge_states", "process_group", "rank", "rank_rows", "spawn", "together",
+           "world_size"]

@@ -12,4 +12,5 @@ from ncaudit.models._heads import head_modules
 from ncaudit.models._metadata import imagenet_classes, recorded_preprocessing
 from ncaudit.models._penultimate import PenultimateModel, resolve_layers
 
-__all__ = ["LoadedModel", "Weights", "Checkpoint", "load_checkpoint", "load_model", "head_modules", "imagenet_classes", "recorded_preprocessing", "PenultimateModel", "resolve_layers"]
+__all__ = ["Checkpoint", "LoadedModel", "PenultimateModel", "Weights", "head_modules", "imagenet_classes",
+           "load_checkpoint", "load_model", "recorded_preprocessing", "resolve_layers"]

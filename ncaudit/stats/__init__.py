@@ -11,4 +11,5 @@ from ncaudit.stats._gemm import full_precision_matmul, gemm_dtype_for
 from ncaudit.stats._residual import LeastSquaresResidual, Residual
 from ncaudit.stats._statistics import ClassStatistics, Statistics
 
-__all__ = ["Decisions", "SampleDecisions", "full_precision_matmul", "gemm_dtype_for", "LeastSquaresResidual", "Residual", "ClassStatistics", "Statistics"]
+__all__ = ["ClassStatistics", "Decisions", "LeastSquaresResidual", "Residual", "SampleDecisions", "Statistics",
+           "full_precision_matmul", "gemm_dtype_for"]
