@@ -258,7 +258,7 @@ def extract(
     logits on the first batch, and the command stops when it does not match. Interrupted runs continue with --resume.
     """
     from ncaudit.data._transforms import TransformOverrides
-    from ncaudit.extract import extract as run_extract
+    from ncaudit.extract._extract import extract as run_extract
     from ncaudit.models._builder import Weights
 
     with _command(f"{out} is left partial (complete=false) with the rows written so far: rerun with --resume to "

@@ -95,7 +95,7 @@ def run_demo(
     progress
         Called with a line of text before each step.
     """
-    from ncaudit.extract import extract
+    from ncaudit.extract._extract import extract
 
     fixtures = fixtures or default_fixtures()
     manifest = load_manifest(fixtures)

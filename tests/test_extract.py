@@ -153,7 +153,7 @@ def _nc1_floor(path: Path) -> float:
 
 def test_precision_floor_zero_for_fp32_positive_for_bf16(images: Path, ckpt: Path, reference: Path,
                                                          tmp_path: Path) -> None:
-    from ncaudit.extract import _reference_features
+    from ncaudit.extract._single import _reference_features
     from ncaudit.data import build_transform, open_dataset, transform_config
     from ncaudit.models import PenultimateModel, load_model
     # fp32: no reference rows are needed; recomputing them gives exactly the stored features (delta = 0)

@@ -31,7 +31,8 @@ from PIL import Image
 from reference import planted
 from typer.testing import CliRunner
 
-from ncaudit import extract as extract_module
+from ncaudit.extract import _loader as extract_loader
+from ncaudit.extract import _single as extract_single
 from ncaudit.models import _checkpoint as models
 from ncaudit.cli import app
 from ncaudit.data import load_image, open_dataset
@@ -619,7 +620,7 @@ def test_free_space_in_mib_below_a_gib(images: Path, ckpt: Path, tmp_path: Path,
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 300 << 20))
-    monkeypatch.setattr(extract_module, "_open_writer", _needs(1 << 29, extract_module._open_writer))
+    monkeypatch.setattr(extract_single, "_open_writer", _needs(1 << 29, extract_single._open_writer))
     with pytest.raises(InputError) as info:
         extract("test_resnet", ckpt, images, tmp_path / "y.h5", **FAST)
     assert re.search(r"needs about 51\d\.\d MiB but only 300\.0 MiB is free", str(info.value)), info.value
@@ -665,16 +666,16 @@ def test_broken_external_link_is_named_with_its_target(tmp_path: Path) -> None:
 
 TERMINATE = """
 import os, signal, sys
-from ncaudit import extract
-from ncaudit import cache as store
-real_write, real_init = store.CacheWriter.write, extract._AsyncWriter.__init__
+from ncaudit.cache import CacheWriter
+from ncaudit.extract._async_writer import _AsyncWriter
+real_write, real_init = CacheWriter.write, _AsyncWriter.__init__
 def write(self, *args, **kwargs):
     real_write(self, *args, **kwargs)
     if self.n_written == 8:
         os.kill(os.getpid(), signal.SIGTERM)
 def init(self, writer, chunk_rows, depth=4):
     real_init(self, writer, 4, depth)  # write every 4 rows
-store.CacheWriter.write, extract._AsyncWriter.__init__ = write, init
+CacheWriter.write, _AsyncWriter.__init__ = write, init
 from ncaudit.cli import main
 sys.argv = ["ncaudit", "extract", "-m", "test_resnet", "-c", sys.argv[1], "-d", sys.argv[2], "-o", sys.argv[3],
             "--img-size", "32", "-j", "0", "-b", "4", "--no-progress"]
@@ -730,7 +731,7 @@ class _Resetting(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
 
 def test_dataloader_workers_do_not_print_connection_reset_tracebacks(capfd: pytest.CaptureFixture[str]) -> None:
-    loader = extract_module._loader(_Resetting(), range(2), 1, 1, False)
+    loader = extract_loader._loader(_Resetting(), range(2), 1, 1, False)
     assert len(list(loader)) == 2
     err = capfd.readouterr().err
     assert "ConnectionResetError" not in err and "ValueError: still shown" in err
