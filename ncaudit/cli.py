@@ -170,7 +170,7 @@ def _root(
     Typical use: `ncaudit extract` a model over a dataset into an HDF5 cache, then `ncaudit report` it.
     """
     if os.environ.get("WORLD_SIZE", "1") != "1" and ctx.invoked_subcommand:  # launched by torchrun
-        from ncaudit.distributed._launch import check_launch
+        from ncaudit.distributed import check_launch
 
         try:
             check_launch(ctx.invoked_subcommand)
@@ -257,9 +257,9 @@ def extract(
     from. The features are the exact input of the final affine map; W h + b is checked against the model's own
     logits on the first batch, and the command stops when it does not match. Interrupted runs continue with --resume.
     """
-    from ncaudit.data._transforms import TransformOverrides
-    from ncaudit.extract._extract import extract as run_extract
-    from ncaudit.models._builder import Weights
+    from ncaudit.data import TransformOverrides
+    from ncaudit.extract import extract as run_extract
+    from ncaudit.models import Weights
 
     with _command(f"{out} is left partial (complete=false) with the rows written so far: rerun with --resume to "
                   "continue"):
@@ -320,7 +320,8 @@ def report(
     number of samples. Exit codes: 0 every check passed, 1 a --fail-if check failed, 2 bad input.
     """
     from ncaudit.atomic import check_output, write_text_atomic
-    from ncaudit.audit import METRIC_KEYS, AuditOptions
+    from ncaudit.audit import AuditOptions
+    from ncaudit.audit import METRIC_KEYS
     from ncaudit.checks import evaluate, parse_checks
     from ncaudit.report import render_json, render_table
 
@@ -354,7 +355,7 @@ def report(
 @contextlib.contextmanager
 def _ranks(device: str) -> Iterator[Any]:
     """The torch.distributed process group of a torchrun launch (NCCL on CUDA, gloo on CPU), None for one process."""
-    from ncaudit.distributed._launch import launch_env, process_group
+    from ncaudit.distributed import launch_env, process_group
 
     if not launch_env().distributed:
         yield None
@@ -396,7 +397,8 @@ def trajectory(
 
     Rows keep the order given; each is labelled by the checkpoint's epoch when its provenance records one.
     """
-    from ncaudit.audit import AuditOptions, audit
+    from ncaudit.audit import audit
+    from ncaudit.audit import AuditOptions
     from ncaudit._progress import RichProgress
     from ncaudit.trajectory import build_rows, gate_last_row
 

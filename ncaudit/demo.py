@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ncaudit.audit import AuditOptions, AuditResult, audit
+from ncaudit.audit import audit
+from ncaudit.audit import AuditOptions
+from ncaudit.audit import AuditResult
 from ncaudit.errors import InputError
 from ncaudit.atomic import write_text_atomic
 from ncaudit.report import render_json
@@ -95,7 +97,7 @@ def run_demo(
     progress
         Called with a line of text before each step.
     """
-    from ncaudit.extract._extract import extract
+    from ncaudit.extract import extract
 
     fixtures = fixtures or default_fixtures()
     manifest = load_manifest(fixtures)

@@ -118,7 +118,7 @@ def test_planted_twelve_decades(cache_path, placement, radius, seed):
 
 def test_closed_form_alone_misses_the_planted_decades(cache_path, monkeypatch):
     """Without refinement the same case is wrong beyond 1e-6: the refinement is what makes it exact."""
-    import ncaudit.audit as audit_module
+    import ncaudit.audit._passes as audit_module
 
     h, y, w, b = planted_decades("top", 1.0, 1)
     path = write_cache(cache_path(), h, y, weight=w, bias=b)

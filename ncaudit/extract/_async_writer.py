@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ncaudit.cache._writer import CacheWriter
+from ncaudit.cache import CacheWriter
 from ncaudit.errors import InputError
 
 

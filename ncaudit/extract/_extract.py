@@ -14,14 +14,11 @@ from typing import Any
 import torch
 
 from ncaudit._device import resolve_device
+from ncaudit.cache import WriterLock
 from ncaudit.cache._format import DEFAULT_CHUNK_ROWS
-from ncaudit.cache._lock import WriterLock
 from ncaudit.cache._shards import remove_shards, shard_files
-from ncaudit.data._factory import open_samples
-from ncaudit.data._labels import read_class_map
-from ncaudit.data._source import DataSource
-from ncaudit.data._transforms import TransformOverrides
-from ncaudit.distributed._launch import DistContext
+from ncaudit.data import DataSource, TransformOverrides, open_samples, read_class_map
+from ncaudit.distributed import DistContext
 from ncaudit.errors import InputError
 from ncaudit.extract._job import _describe, _Job, _label_classes, _provenance, _transform_for
 from ncaudit.extract._loader import _workers
@@ -29,9 +26,7 @@ from ncaudit.extract._resume import _check_out, _existing_state, _resume_row
 from ncaudit.extract._runtime import STORE_DTYPES, resolve_precision
 from ncaudit.extract._sharded import _run_shards
 from ncaudit.extract._single import _run
-from ncaudit.models._builder import Weights
-from ncaudit.models._factory import load_model
-from ncaudit.models._penultimate import PenultimateModel
+from ncaudit.models import PenultimateModel, Weights, load_model
 
 
 @dataclass(frozen=True)

@@ -12,19 +12,19 @@ from typing import Any
 import torch
 
 from ncaudit import __version__
-from ncaudit.data._labels import map_labels
-from ncaudit.data._source import IN_MEMORY_READER, DataSource
-from ncaudit.data._transforms import (
+from ncaudit.data import (
+    DataSource,
     TransformOverrides,
     build_transform,
     describe_transform,
+    map_labels,
     transform_config,
-    transform_warnings,
 )
+from ncaudit.data._source import IN_MEMORY_READER
+from ncaudit.data._transforms import transform_warnings
 from ncaudit.errors import InputError
-from ncaudit.models._builder import LoadedModel
-from ncaudit.models._metadata import imagenet_classes, imagenet_subset_for, recorded_preprocessing
-from ncaudit.models._penultimate import PenultimateModel
+from ncaudit.models import LoadedModel, PenultimateModel, imagenet_classes, recorded_preprocessing
+from ncaudit.models._metadata import imagenet_subset_for
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ncaudit.distributed._launch import DistContext, launch_env
+from ncaudit.distributed import DistContext, launch_env
 from ncaudit.errors import InputError
 from ncaudit.extract._runtime import available_cores
 

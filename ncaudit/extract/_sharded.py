@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ncaudit.cache._join import join_shards
+from ncaudit.cache import CacheWriter, join_shards
 from ncaudit.cache._shards import (
     ShardState,
     join_pieces,
@@ -24,17 +24,14 @@ from ncaudit.cache._shards import (
     shard_path,
 )
 from ncaudit.cache._shards import plan as shard_plan
-from ncaudit.cache._writer import CacheWriter
-from ncaudit.distributed._collectives import barrier, broadcast_ints, together
-from ncaudit.distributed._launch import DistContext
-from ncaudit.distributed._progress import GlobalProgress
+from ncaudit.distributed import DistContext, GlobalProgress, barrier, broadcast_ints, together
 from ncaudit.errors import InputError
 from ncaudit.extract._job import _Job
 from ncaudit.extract._loader import _progress, _to_device
 from ncaudit.extract._resume import _check_same_job, _existing_state
 from ncaudit.extract._runtime import autocast_context
 from ncaudit.extract._single import _probe_batch, _reference_features, _run
-from ncaudit.stats._gemm import full_precision_matmul
+from ncaudit.stats import full_precision_matmul
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -14,15 +14,15 @@ import numpy as np
 import torch
 
 from ncaudit._validate import format_bytes
-from ncaudit.cache._writer import CacheWriter
-from ncaudit.data._source import DataSource
+from ncaudit.cache import CacheWriter
+from ncaudit.data import DataSource
 from ncaudit.errors import CacheWriteError, InputError
 from ncaudit.extract._async_writer import _AsyncWriter
 from ncaudit.extract._job import _Job
 from ncaudit.extract._loader import _loader, _progress, _to_device, _worker_errors
 from ncaudit.extract._runtime import autocast_context
-from ncaudit.models._penultimate import PenultimateModel
-from ncaudit.stats._gemm import full_precision_matmul
+from ncaudit.models import PenultimateModel
+from ncaudit.stats import full_precision_matmul
 
 
 def _reference_features(pm: PenultimateModel, data: DataSource, k: int, batch_size: int, workers: int,

@@ -10,8 +10,7 @@ import numpy as np
 
 from ncaudit.metrics._nc1 import MeansBasis
 from ncaudit.metrics._numeric import EPS, TINY, block_rows
-from ncaudit.stats._residual import Residual
-from ncaudit.stats._statistics import Statistics
+from ncaudit.stats import Residual, Statistics
 
 
 # ---------------------------------------------------------------------------------------------------------------------
