@@ -322,7 +322,7 @@ def report(
     from ncaudit.atomic import check_output, write_text_atomic
     from ncaudit.audit import AuditOptions
     from ncaudit.audit import METRIC_KEYS
-    from ncaudit.checks import evaluate, parse_checks
+    from ncaudit.audit._checks import evaluate, parse_checks
     from ncaudit.report import render_json, render_table
 
     with _command("nothing was written"):

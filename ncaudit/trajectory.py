@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ncaudit.audit import METRIC_KEYS, AuditResult
-from ncaudit.checks import evaluate, parse_checks
+from ncaudit.audit._checks import evaluate, parse_checks
 
 #: Columns of the trajectory table, in order: (metric key, header). Accuracy, NC1 and NC4 get one column per split.
 COLUMNS: list[tuple[str, str]] = [
