@@ -400,7 +400,7 @@ def trajectory(
     from ncaudit.audit import audit
     from ncaudit.audit import AuditOptions
     from ncaudit._progress import RichProgress
-    from ncaudit.trajectory import build_rows, gate_last_row
+    from ncaudit.audit._trajectory import build_rows, gate_last_row
 
     with _command("nothing was written"):
         progress = RichProgress(stderr, enabled=False if quiet else None)
@@ -444,7 +444,7 @@ def demo(
     import tempfile
 
     from ncaudit.demo import EXPLANATION, run_demo
-    from ncaudit.trajectory import gate_last_row
+    from ncaudit.audit._trajectory import gate_last_row
 
     say = (lambda line: None) if quiet else (lambda line: stderr.print(escape(line), soft_wrap=True))
     with tempfile.TemporaryDirectory(prefix="ncaudit-demo-") as tmp:

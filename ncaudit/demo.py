@@ -21,7 +21,7 @@ from ncaudit.audit import AuditResult
 from ncaudit.errors import InputError
 from ncaudit.atomic import write_text_atomic
 from ncaudit.report import render_json
-from ncaudit.trajectory import TrajectoryRow, build_rows
+from ncaudit.audit._trajectory import TrajectoryRow, build_rows
 
 SPLITS = ("train", "test")
 

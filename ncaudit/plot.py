@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ncaudit.errors import InputError
-from ncaudit.trajectory import TRAIN_SPLITS, TrajectoryRow, split_order
+from ncaudit.audit._trajectory import TRAIN_SPLITS, TrajectoryRow, split_order
 
 #: (title, [(metric key, legend)], log scale, y-axis label) per panel.
 PANELS: list[tuple[str, list[tuple[str, str]], bool, str]] = [

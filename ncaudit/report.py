@@ -13,14 +13,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ncaudit.audit import AuditResult, json_safe, result_to_json
-from ncaudit.trajectory import COLUMNS as TRAJECTORY_COLUMNS
-from ncaudit.trajectory import (
-    NARROW_COLUMNS,
-    PER_SPLIT,
-    TrajectoryRow,
-    rows_to_json,
-    split_order,
-)
+from ncaudit.audit._trajectory import COLUMNS as TRAJECTORY_COLUMNS
+from ncaudit.audit._trajectory import NARROW_COLUMNS, PER_SPLIT, TrajectoryRow, rows_to_json, split_order
 
 #: (group title, [(metric key, one-line meaning)]) in table order.
 GROUPS: list[tuple[str, list[tuple[str, str]]]] = [

@@ -60,7 +60,7 @@ def test_demo_output_fits_80_columns(demo_run):
     from ncaudit.audit import AuditOptions, audit
     from ncaudit.demo import EXPLANATION
     from ncaudit.report import fmt_compact, trajectory_table
-    from ncaudit.trajectory import build_rows
+    from ncaudit.audit._trajectory import build_rows
 
     _, out = demo_run
     rows = build_rows([audit(p, AuditOptions(device="cpu")) for p in sorted((out / "caches").glob("*.h5"))])

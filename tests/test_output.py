@@ -18,7 +18,7 @@ from ncaudit.audit import AuditOptions, audit
 from ncaudit.cli import app
 from ncaudit.report import column_format, fmt_compact, trajectory_table
 from ncaudit.cache import write_cache
-from ncaudit.trajectory import build_rows, split_of
+from ncaudit.audit._trajectory import build_rows, split_of
 
 runner = CliRunner()
 EPOCHS = ((0, 0.9), (1, 0.5), (5, 0.1), (50, 0.01), (200, 0.0004))
