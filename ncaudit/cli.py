@@ -320,9 +320,7 @@ def report(
     number of samples. Exit codes: 0 every check passed, 1 a --fail-if check failed, 2 bad input.
     """
     from ncaudit.atomic import check_output, write_text_atomic
-    from ncaudit.audit import AuditOptions
-    from ncaudit.audit import METRIC_KEYS
-    from ncaudit.audit._checks import evaluate, parse_checks
+    from ncaudit.audit import METRIC_KEYS, AuditOptions, evaluate, parse_checks
     from ncaudit.report import render_json, render_table
 
     with _command("nothing was written"):
@@ -366,8 +364,8 @@ def _ranks(device: str) -> Iterator[Any]:
 
 def _audit_on_ranks(cache: Path, options: Any, quiet: bool) -> Any:
     """``audit`` in one process, or on every rank of a torchrun launch (None on ranks other than 0)."""
-    from ncaudit.audit import audit
     from ncaudit._progress import RichProgress
+    from ncaudit.audit import audit
 
     with _ranks(options.device) as group:
         main = group is None or group.is_main
@@ -397,10 +395,8 @@ def trajectory(
 
     Rows keep the order given; each is labelled by the checkpoint's epoch when its provenance records one.
     """
-    from ncaudit.audit import audit
-    from ncaudit.audit import AuditOptions
     from ncaudit._progress import RichProgress
-    from ncaudit.audit._trajectory import build_rows, gate_last_row
+    from ncaudit.audit import AuditOptions, audit, build_rows, gate_last_row
 
     with _command("nothing was written"):
         progress = RichProgress(stderr, enabled=False if quiet else None)
@@ -443,8 +439,8 @@ def demo(
     """
     import tempfile
 
+    from ncaudit.audit import gate_last_row
     from ncaudit.demo import EXPLANATION, run_demo
-    from ncaudit.audit._trajectory import gate_last_row
 
     say = (lambda line: None) if quiet else (lambda line: stderr.print(escape(line), soft_wrap=True))
     with tempfile.TemporaryDirectory(prefix="ncaudit-demo-") as tmp:

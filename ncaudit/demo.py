@@ -15,13 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ncaudit.audit import audit
-from ncaudit.audit import AuditOptions
-from ncaudit.audit import AuditResult
-from ncaudit.errors import InputError
 from ncaudit.atomic import write_text_atomic
+from ncaudit.audit import AuditOptions, AuditResult, TrajectoryRow, audit, build_rows
+from ncaudit.errors import InputError
 from ncaudit.report import render_json
-from ncaudit.audit._trajectory import TrajectoryRow, build_rows
 
 SPLITS = ("train", "test")
 

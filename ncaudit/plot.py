@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ncaudit.audit import TrajectoryRow
+from ncaudit.audit._trajectory import TRAIN_SPLITS, split_order
 from ncaudit.errors import InputError
-from ncaudit.audit._trajectory import TRAIN_SPLITS, TrajectoryRow, split_order
 
 #: (title, [(metric key, legend)], log scale, y-axis label) per panel.
 PANELS: list[tuple[str, list[tuple[str, str]], bool, str]] = [

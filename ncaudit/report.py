@@ -12,9 +12,9 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from ncaudit.audit import AuditResult, json_safe, result_to_json
+from ncaudit.audit import AuditResult, TrajectoryRow, json_safe, result_to_json
 from ncaudit.audit._trajectory import COLUMNS as TRAJECTORY_COLUMNS
-from ncaudit.audit._trajectory import NARROW_COLUMNS, PER_SPLIT, TrajectoryRow, rows_to_json, split_order
+from ncaudit.audit._trajectory import NARROW_COLUMNS, PER_SPLIT, rows_to_json, split_order
 
 #: (group title, [(metric key, one-line meaning)]) in table order.
 GROUPS: list[tuple[str, list[tuple[str, str]]]] = [

@@ -57,10 +57,9 @@ def test_demo_output_fits_80_columns(demo_run):
 
     from rich.console import Console
 
-    from ncaudit.audit import AuditOptions, audit
+    from ncaudit.audit import AuditOptions, audit, build_rows
     from ncaudit.demo import EXPLANATION
     from ncaudit.report import fmt_compact, trajectory_table
-    from ncaudit.audit._trajectory import build_rows
 
     _, out = demo_run
     rows = build_rows([audit(p, AuditOptions(device="cpu")) for p in sorted((out / "caches").glob("*.h5"))])

@@ -14,11 +14,11 @@ from reference import planted
 from rich.console import Console
 from typer.testing import CliRunner
 
-from ncaudit.audit import AuditOptions, audit
+from ncaudit.audit import AuditOptions, audit, build_rows
+from ncaudit.audit._trajectory import split_of
+from ncaudit.cache import write_cache
 from ncaudit.cli import app
 from ncaudit.report import column_format, fmt_compact, trajectory_table
-from ncaudit.cache import write_cache
-from ncaudit.audit._trajectory import build_rows, split_of
 
 runner = CliRunner()
 EPOCHS = ((0, 0.9), (1, 0.5), (5, 0.1), (50, 0.01), (200, 0.0004))

@@ -1,12 +1,17 @@
 """Auditing feature caches: the passes, every metric, the result and its JSON, trajectories and threshold checks.
 
 :func:`audit` computes the report of one cache (``ncaudit report``); :class:`AuditResult` holds it and
-:func:`result_to_json` gives its JSON (schema ``ncaudit.report/1``).
+:func:`result_to_json` gives its JSON (schema ``ncaudit.report/1``). :func:`build_rows` lines several results up as a
+trajectory (one row per checkpoint, splits side by side); :func:`parse_checks` and :func:`evaluate` are the
+``--fail-if`` thresholds.
 """
 
 from ncaudit.audit._audit import audit
+from ncaudit.audit._checks import Check, evaluate, parse_checks
 from ncaudit.audit._options import AuditOptions, ProgressTracker
 from ncaudit.audit._result import METRIC_KEYS, REPORT_SCHEMA, AuditResult, json_safe, result_to_json
+from ncaudit.audit._trajectory import TrajectoryRow, build_rows, gate_last_row
 
-__all__ = ["AuditOptions", "AuditResult", "METRIC_KEYS", "ProgressTracker", "REPORT_SCHEMA", "audit", "json_safe",
+__all__ = ["METRIC_KEYS", "REPORT_SCHEMA", "AuditOptions", "AuditResult", "Check", "ProgressTracker",
+           "TrajectoryRow", "audit", "build_rows", "evaluate", "gate_last_row", "json_safe", "parse_checks",
            "result_to_json"]

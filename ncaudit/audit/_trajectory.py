@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ncaudit.audit import METRIC_KEYS, AuditResult
 from ncaudit.audit._checks import evaluate, parse_checks
+from ncaudit.audit._result import METRIC_KEYS, AuditResult
 
 #: Columns of the trajectory table, in order: (metric key, header). Accuracy, NC1 and NC4 get one column per split.
 COLUMNS: list[tuple[str, str]] = [
