@@ -10,12 +10,12 @@ import time
 import h5py
 import numpy as np
 import pytest
+from reference import planted
 from typer.testing import CliRunner
 
 from ncaudit.audit import METRIC_KEYS
-from ncaudit.cli import app
 from ncaudit.cache import write_cache
-from reference import planted
+from ncaudit.cli import app
 
 runner = CliRunner()
 
@@ -156,8 +156,8 @@ def test_feature_magnitude_limit_is_exact_at_the_boundary():
     up is one clear error, and NaN / Inf name their row (no IndexError between the fast and the slow path)."""
     import torch
 
-    from ncaudit.errors import InputError
     from ncaudit._validate import SQUARABLE, check_finite
+    from ncaudit.errors import InputError
 
     at = torch.tensor(SQUARABLE["float32"], dtype=torch.float32)
     above = torch.nextafter(at, torch.tensor(float("inf")))

@@ -20,9 +20,9 @@ import torch
 from typer.testing import CliRunner
 
 from ncaudit import distributed as nd
-from ncaudit.distributed import _launch as nd_launch
 from ncaudit import metrics
 from ncaudit.cli import app
+from ncaudit.distributed import _launch as nd_launch
 from ncaudit.errors import InputError
 from ncaudit.stats import ClassStatistics
 

@@ -12,8 +12,8 @@ from reference import reference_metrics, simplex_etf
 
 from ncaudit import metrics
 from ncaudit.audit import AuditOptions, audit
-from ncaudit.stats import ClassStatistics
 from ncaudit.cache import FeatureCache, write_cache
+from ncaudit.stats import ClassStatistics
 
 RTOL = 1e-6
 LS_KEYS = ("mse_term_a", "mse_term_b", "ls_distance", "ls_cosine")

@@ -11,8 +11,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from extract_fixtures import (
     CLASSES,
     FAST,
@@ -22,13 +20,14 @@ from extract_fixtures import (
     timm_model,
     torchvision_model,
 )
+from typer.testing import CliRunner
+
 from ncaudit import cache as store
+from ncaudit.cache import FeatureCache
 from ncaudit.cli import app
 from ncaudit.errors import InputError
 from ncaudit.extract import extract
 from ncaudit.models import Weights
-from ncaudit.cache import FeatureCache
-
 
 
 def _read(path: Path) -> dict[str, np.ndarray]:
@@ -38,6 +37,7 @@ def _read(path: Path) -> dict[str, np.ndarray]:
 
 def _model_inputs(images: Path, model: torch.nn.Module) -> tuple[torch.Tensor, list[int]]:
     from torchvision.datasets import ImageFolder
+
     from ncaudit.data import build_transform, transform_config
     tf = build_transform(transform_config(model, "timm", img_size=32))
     folder = ImageFolder(str(images))
@@ -153,8 +153,8 @@ def _nc1_floor(path: Path) -> float:
 
 def test_precision_floor_zero_for_fp32_positive_for_bf16(images: Path, ckpt: Path, reference: Path,
                                                          tmp_path: Path) -> None:
-    from ncaudit.extract._single import _reference_features
     from ncaudit.data import build_transform, open_dataset, transform_config
+    from ncaudit.extract._single import _reference_features
     from ncaudit.models import PenultimateModel, load_model
     # fp32: no reference rows are needed; recomputing them gives exactly the stored features (delta = 0)
     loaded = load_model("test_resnet", ckpt)

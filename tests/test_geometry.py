@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from reference import planted, reference_metrics, simplex_etf
 from typer.testing import CliRunner
 
 from ncaudit.audit import AuditOptions, audit
-from ncaudit.cli import app
 from ncaudit.cache import write_cache
-from reference import planted, reference_metrics, simplex_etf
+from ncaudit.cli import app
 
 runner = CliRunner()
 

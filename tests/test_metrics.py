@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from reference import planted, reference_metrics
 
 from ncaudit.audit import AuditOptions, audit
 from ncaudit.cache import write_cache
-from reference import planted, reference_metrics
 
 RTOL = 1e-6
 KEYS = ["nc1", "cdnv", "nc2_equinorm_means", "nc2_equiangle_means", "nc2_maxangle_means", "nc2_orthogonality_means",

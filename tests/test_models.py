@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from extract_fixtures import timm_model, torchvision_model
 from torch import nn
 
-from extract_fixtures import timm_model, torchvision_model
 from ncaudit.errors import InputError
 from ncaudit.models import LoadedModel, PenultimateModel, head_modules, load_checkpoint, load_model
 

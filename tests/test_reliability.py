@@ -31,14 +31,14 @@ from PIL import Image
 from reference import planted
 from typer.testing import CliRunner
 
-from ncaudit.extract import _loader as extract_loader
-from ncaudit.extract import _single as extract_single
-from ncaudit.models import _checkpoint as models
+from ncaudit.cache import CacheWriter, FeatureCache, WriterLock, join_shards, write_cache
 from ncaudit.cli import app
 from ncaudit.data import load_image, open_dataset
 from ncaudit.errors import CacheWriteError, InputError
+from ncaudit.extract import _loader as extract_loader
+from ncaudit.extract import _single as extract_single
 from ncaudit.extract import extract
-from ncaudit.cache import CacheWriter, FeatureCache, WriterLock, join_shards, write_cache
+from ncaudit.models import _checkpoint as models
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

@@ -7,10 +7,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ncaudit.errors import InputError
-from ncaudit.cache._shards import (ShardSpec, ShardState, join_pieces, parse_shard_path, plan, scan_shards, shard_path,
-                                   split_rows)
 from ncaudit.cache import CacheWriter, FeatureCache, join_shards
+from ncaudit.cache._shards import (
+    ShardSpec,
+    ShardState,
+    join_pieces,
+    parse_shard_path,
+    plan,
+    scan_shards,
+    shard_path,
+    split_rows,
+)
+from ncaudit.errors import InputError
 
 
 @given(st.integers(0, 10_000), st.integers(1, 64))

@@ -15,11 +15,11 @@ import pytest
 import torch
 from extract_fixtures import make_image_folder, make_synset_folder, timm_model
 
+from ncaudit.cache import FeatureCache
 from ncaudit.data import dataset_family, map_labels, open_samples
 from ncaudit.errors import InputError
 from ncaudit.extract import extract
 from ncaudit.models import imagenet_classes
-from ncaudit.cache import FeatureCache
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CHECKPOINT = FIXTURES / "checkpoints" / "test_resnet_digits_e200.safetensors"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import planted, reference_metrics
 
 from ncaudit.audit import AuditOptions, audit
-from ncaudit.stats import ClassStatistics
 from ncaudit.cache import join_shards, write_cache
-from reference import planted, reference_metrics
+from ncaudit.stats import ClassStatistics
 
 
 def two_pass(h, y, C):

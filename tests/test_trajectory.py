@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from reference import planted
 from typer.testing import CliRunner
 
-from ncaudit.cli import app
 from ncaudit.cache import write_cache
-from reference import planted
+from ncaudit.cli import app
 
 runner = CliRunner()
 

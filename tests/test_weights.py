@@ -18,12 +18,12 @@ from extract_fixtures import make_image_folder, make_synset_folder, timm_model, 
 from PIL import Image
 from typer.testing import CliRunner
 
+from ncaudit.cache import FeatureCache
 from ncaudit.cli import app
 from ncaudit.data import TransformOverrides, transform_hints
 from ncaudit.errors import InputError
 from ncaudit.extract import extract
 from ncaudit.models import Weights
-from ncaudit.cache import FeatureCache
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"

@@ -1,10 +1,7 @@
-"""Renderers of an :class:`~ncaudit.audit.AuditResult`: one function per output format (rich table, JSON)."""
+"""The report as a rich table: metric groups, per class, per layer, checks."""
 
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Callable, Sequence
 from typing import Any
 
 from rich import box
@@ -12,9 +9,8 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from ncaudit.audit import AuditResult, TrajectoryRow, json_safe, result_to_json
-from ncaudit.audit._trajectory import COLUMNS as TRAJECTORY_COLUMNS
-from ncaudit.audit._trajectory import NARROW_COLUMNS, PER_SPLIT, rows_to_json, split_order
+from ncaudit.audit import AuditResult
+from ncaudit.report._format import column_format, fmt
 
 #: (group title, [(metric key, one-line meaning)]) in table order.
 GROUPS: list[tuple[str, list[tuple[str, str]]]] = [
@@ -51,44 +47,6 @@ GROUPS: list[tuple[str, list[tuple[str, str]]]] = [
 ]
 
 _ORTHOGONALITY = {"nc2_orthogonality_means", "nc2_orthogonality_classifier"}
-
-
-def fmt(value: Any, digits: int = 4) -> str:
-    """A metric value for display: ``digits`` significant digits, '—' for null."""
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        if value == 0:
-            return "0"
-        return f"{value:.{digits}g}" if 1e-3 <= abs(value) < 1e5 else f"{value:.{digits - 1}e}"
-    return str(value)
-
-
-def fmt_compact(value: Any) -> str:
-    """A value in at most 7 characters, 3 significant digits: ``0.0131``, ``0.997``, ``8.60e-4``, ``1.23e4``."""
-    if not isinstance(value, float) or value == 0 or not math.isfinite(value):
-        return fmt(value)
-    if 1e-2 <= abs(value) < 1e3:
-        return f"{value:.3g}"
-    mantissa, exponent = f"{value:.2e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
-
-
-def column_format(values: Sequence[Any]) -> Callable[[Any], str]:
-    """One format for a whole column: fixed decimals (3 significant digits on the smallest value) when every value
-    lies in [1e-3, 1e5), else scientific notation for all."""
-    nonzero = [abs(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v) and v != 0]
-    if not nonzero:
-        return lambda v: fmt(v)
-    if min(nonzero) >= 1e-3 and max(nonzero) < 1e5:
-        decimals = max(0, min(6, 2 - math.floor(math.log10(min(nonzero)))))
-        return lambda v: "—" if v is None else f"{v:.{decimals}f}"
-    return lambda v: "—" if v is None else f"{v:.2e}"
-
-
-def render_json(result: AuditResult) -> str:
-    """The JSON report, strict (no NaN / Infinity tokens), indented."""
-    return json.dumps(result_to_json(result), indent=2, allow_nan=False)
 
 
 def metrics_table(result: AuditResult) -> Table:
@@ -185,46 +143,3 @@ def render_table(result: AuditResult, console: Console, *, per_class: bool = Fal
     verdict = "all checks passed" if result.passed else "a check failed"
     if result.checks:
         console.print(Text(verdict, style="green" if result.passed else "bold red"))
-
-
-def _trajectory_columns(splits: list[str], wide: bool) -> list[tuple[str, str | None, str]]:
-    """``(metric key, split or None, header)`` of the trajectory table: the narrow set fits 80 columns."""
-    columns = []
-    for key, header in TRAJECTORY_COLUMNS:
-        if not wide and key not in NARROW_COLUMNS:
-            continue
-        per_split = key in PER_SPLIT and len(splits) > 1 and (wide or key != "nc4")
-        for split in splits if per_split else [None]:
-            columns.append((key, split, f"{header}\n{split}" if split else header))
-    return columns
-
-
-def trajectory_table(rows: Sequence[TrajectoryRow], *, layers: bool = False, wide: bool = False) -> Group:
-    """One row per checkpoint; accuracy and NC1 per split side by side, the rest on the primary split.
-
-    The default columns (accuracy, NC1, NC2 of the means, NC3, NC4) fit an 80-column terminal; ``wide`` adds NC2 of
-    the classifier, NC4 of every split, term (B), the LS distance and the precision floor. With ``layers``, a second
-    table gives the per-layer NC1 of the last cache (collapse through depth).
-    """
-    splits = split_order(rows)
-    # One space of padding (plus the box's column divider) between columns: the narrow set stays within 80.
-    table = Table(title="trajectory", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 0, 0, 1))
-    table.add_column("checkpoint", no_wrap=max(len(r.label) for r in rows) <= 24, overflow="fold")
-    columns = []
-    for key, split, header in _trajectory_columns(splits, wide):
-        values = [r.value(f"{split}.{key}" if split else key) for r in rows]
-        if all(v is None for v in values) and key == "nc1_precision_floor":
-            continue
-        columns.append((key, split))
-        table.add_column(header, justify="right", no_wrap=True)
-    for r in rows:
-        table.add_row(Text(r.label), *(fmt_compact(r.value(f"{s}.{k}" if s else k)) for k, s in columns))
-    parts: list[Any] = [table]
-    if layers and rows and rows[-1].primary.layers:
-        last = rows[-1]
-        parts.append(layers_table(last.primary, title=f"per-layer NC1 of {last.label} ({last.primary_split})"))
-    return Group(*parts)
-
-
-def render_trajectory_json(rows: Sequence[TrajectoryRow], checks: list[dict[str, Any]]) -> str:
-    return json.dumps(json_safe(rows_to_json(rows, checks)), indent=2, allow_nan=False)

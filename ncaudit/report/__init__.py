@@ -1,0 +1,12 @@
+"""Rendering audit results: tables (rich), JSON, trajectory tables and plots, and report files written atomically.
+
+Each output format is a function of the result object; nothing here computes a metric.
+"""
+
+from ncaudit.report._format import column_format, fmt, fmt_compact
+from ncaudit.report._json import render_json, render_trajectory_json
+from ncaudit.report._table import checks_table, layers_table, metrics_table, per_class_table, render_table
+from ncaudit.report._trajectory_table import trajectory_table
+
+__all__ = ["checks_table", "column_format", "fmt", "fmt_compact", "layers_table", "metrics_table", "per_class_table",
+           "render_json", "render_table", "render_trajectory_json", "trajectory_table"]
