@@ -129,7 +129,7 @@ def run_demo(
     plot_path = None
     if plot:
         try:
-            from ncaudit.plot import plot_trajectory
+            from ncaudit.report._plot import plot_trajectory
 
             plot_path = plot_trajectory(rows, out / "trajectory.png",
                                         title="test_resnet on the digits: Neural Collapse across training")
