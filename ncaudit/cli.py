@@ -319,7 +319,7 @@ def report(
     Two streaming passes over the file (statistics, then per-sample decisions); memory does not grow with the
     number of samples. Exit codes: 0 every check passed, 1 a --fail-if check failed, 2 bad input.
     """
-    from ncaudit.atomic import check_output, write_text_atomic
+    from ncaudit.report._atomic import check_output, write_text_atomic
     from ncaudit.audit import METRIC_KEYS, AuditOptions, evaluate, parse_checks
     from ncaudit.report import render_json, render_table
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ncaudit.atomic import write_text_atomic
+from ncaudit.report._atomic import write_text_atomic
 from ncaudit.audit import AuditOptions, AuditResult, TrajectoryRow, audit, build_rows
 from ncaudit.errors import InputError
 from ncaudit.report import render_json
