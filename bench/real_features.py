@@ -32,7 +32,7 @@ def train(out: Path, epochs: int, seed: int = 0) -> Path:
     import timm
     from torchvision import datasets, transforms
 
-    from ncaudit.demo import default_fixtures, load_manifest
+    from ncaudit._demo import default_fixtures, load_manifest
 
     fixtures = default_fixtures()
     t = load_manifest(fixtures)["transform"]
@@ -76,7 +76,7 @@ def main() -> None:
     from ncaudit import metrics
     from ncaudit.audit import AuditOptions, audit
     from ncaudit.data import TransformOverrides
-    from ncaudit.demo import default_fixtures, load_manifest
+    from ncaudit._demo import default_fixtures, load_manifest
     from ncaudit.extract import extract
     from ncaudit.stats import ClassStatistics
     from ncaudit.cache import FeatureCache

@@ -238,7 +238,7 @@ def exactness() -> list[dict[str, object]]:
 
     from ncaudit.audit import AuditOptions, audit
     from ncaudit.data import TransformOverrides
-    from ncaudit.demo import default_fixtures, load_manifest
+    from ncaudit._demo import default_fixtures, load_manifest
     from ncaudit.extract import extract
     from ncaudit.cache import write_cache
 

@@ -440,7 +440,7 @@ def demo(
     import tempfile
 
     from ncaudit.audit import gate_last_row
-    from ncaudit.demo import EXPLANATION, run_demo
+    from ncaudit._demo import EXPLANATION, run_demo
 
     say = (lambda line: None) if quiet else (lambda line: stderr.print(escape(line), soft_wrap=True))
     with tempfile.TemporaryDirectory(prefix="ncaudit-demo-") as tmp:

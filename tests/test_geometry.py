@@ -109,7 +109,7 @@ def test_per_class_block_table_and_json(cache_path):
 def test_collapse_through_depth_on_the_digits(tmp_path):
     """extract --layers on the bundled network with no transform flags (the checkpoint's metadata says how its
     images were prepared), then report --layers and trajectory --layers: the README's figures."""
-    from ncaudit.demo import default_fixtures, load_manifest
+    from ncaudit._demo import default_fixtures, load_manifest
     from ncaudit.extract import extract
 
     fixtures = default_fixtures()
