@@ -74,12 +74,12 @@ def main() -> None:
     from reference import reference_metrics
 
     from ncaudit import metrics
-    from ncaudit.audit import AuditOptions, audit
-    from ncaudit.data import TransformOverrides
     from ncaudit._demo import default_fixtures, load_manifest
+    from ncaudit.audit import AuditOptions, audit
+    from ncaudit.cache import FeatureCache
+    from ncaudit.data import TransformOverrides
     from ncaudit.extract import extract
     from ncaudit.stats import ClassStatistics
-    from ncaudit.cache import FeatureCache
 
     ckpt = args.out / "convnext_atto_digits.pth"
     if not ckpt.exists():

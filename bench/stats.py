@@ -57,8 +57,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from ncaudit import metrics  # noqa: E402
-from ncaudit.stats import ClassStatistics, Statistics  # noqa: E402
 from ncaudit.cache import FeatureCache  # noqa: E402
+from ncaudit.stats import ClassStatistics, Statistics  # noqa: E402
 
 SHAPES = ("400000,512,100", "100000,2048,1000")
 BATCH = 4096
@@ -232,15 +232,15 @@ def print_shape(row: dict[str, object]) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 def exactness() -> list[dict[str, object]]:
     sys.path.insert(0, str(ROOT / "tests"))
-    from reference import reference_metrics
     from extract_fixtures import timm_model
+    from reference import reference_metrics
     from test_exact_ls import planted_decades, read_cache
 
-    from ncaudit.audit import AuditOptions, audit
-    from ncaudit.data import TransformOverrides
     from ncaudit._demo import default_fixtures, load_manifest
-    from ncaudit.extract import extract
+    from ncaudit.audit import AuditOptions, audit
     from ncaudit.cache import write_cache
+    from ncaudit.data import TransformOverrides
+    from ncaudit.extract import extract
 
     fixtures = default_fixtures()
     t = load_manifest(fixtures)["transform"]

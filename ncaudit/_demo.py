@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ncaudit.report._atomic import write_text_atomic
 from ncaudit.audit import AuditOptions, AuditResult, TrajectoryRow, audit, build_rows
 from ncaudit.errors import InputError
-from ncaudit.report import render_json
+from ncaudit.report import render_json, write_text_atomic
 
 SPLITS = ("train", "test")
 
@@ -129,7 +128,7 @@ def run_demo(
     plot_path = None
     if plot:
         try:
-            from ncaudit.report._plot import plot_trajectory
+            from ncaudit.report import plot_trajectory
 
             plot_path = plot_trajectory(rows, out / "trajectory.png",
                                         title="test_resnet on the digits: Neural Collapse across training")

@@ -57,8 +57,8 @@ def test_demo_output_fits_80_columns(demo_run):
 
     from rich.console import Console
 
-    from ncaudit.audit import AuditOptions, audit, build_rows
     from ncaudit._demo import EXPLANATION
+    from ncaudit.audit import AuditOptions, audit, build_rows
     from ncaudit.report import fmt_compact, trajectory_table
 
     _, out = demo_run

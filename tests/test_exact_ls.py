@@ -46,8 +46,8 @@ def assert_least_squares_exact(result, h, y, w, b, rtol=RTOL):
 def digits_extract(tmp_path_factory):
     """extract on the bundled digits (train split), as a factory; the bundled checkpoints record their own
     preprocessing, other weights get the fixtures' (32 px, mean 0.5, std 0.25)."""
-    from ncaudit.data import TransformOverrides
     from ncaudit._demo import default_fixtures, load_manifest
+    from ncaudit.data import TransformOverrides
     from ncaudit.extract import extract
 
     fixtures = default_fixtures()

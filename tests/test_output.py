@@ -128,7 +128,7 @@ def test_plot_axes(rows: list, n: int) -> None:
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
-    from ncaudit.report._plot import trajectory_figure
+    from ncaudit.report import trajectory_figure
     fig = trajectory_figure(rows[-n:])
     try:
         axes = _axes(fig)

@@ -46,8 +46,7 @@ def report(
     number of samples. Exit codes: 0 every check passed, 1 a --fail-if check failed, 2 bad input.
     """
     from ncaudit.audit import METRIC_KEYS, AuditOptions, evaluate, parse_checks
-    from ncaudit.report import render_json, render_table
-    from ncaudit.report._atomic import check_output, write_text_atomic
+    from ncaudit.report import check_output, render_json, render_table, write_text_atomic
 
     with _command("nothing was written"):
         checks = parse_checks(fail_if, METRIC_KEYS)

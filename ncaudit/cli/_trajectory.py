@@ -68,7 +68,7 @@ def trajectory(
         rows = build_rows(results)
         outcome = gate_last_row(rows, fail_if)
         if plot is not None:
-            from ncaudit.report._plot import plot_trajectory
+            from ncaudit.report import plot_trajectory
 
             plot_trajectory(rows, plot)
             stderr.print(escape(f"plot written to {plot}"))
