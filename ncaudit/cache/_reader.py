@@ -1,4 +1,4 @@
-"""The HDF5 feature cache, schema 1: reading and writing.
+"""The HDF5 feature cache, schema 1: reading a cache, checked before a row is read, in batches.
 
 One file per (checkpoint, dataset split); see the README's "HDF5 feature cache" section for the full table.
 
