@@ -33,8 +33,9 @@ _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def xml_text(value: Any) -> str:
-    """A string that XML 1.0 can hold: characters it forbids (control characters, lone surrogates) as ``\\xNN``."""
-    return _NOT_XML.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+    """A string that XML 1.0 can hold: characters it forbids (control characters, lone surrogates) as ``\\xNN`` /
+    ``\\uNNNN``."""
+    return _NOT_XML.sub(lambda m: f"\\x{n:02x}" if (n := ord(m.group())) < 256 else f"\\u{n:04x}", str(value))
 
 
 def _type(check: dict[str, Any]) -> str:

@@ -25,10 +25,12 @@ _SPECIAL = re.compile(r"([\\`*_\[\]<|~$&])")  # ">" starts nothing inside a line
 _HEADERS = dict(TRAJECTORY_COLUMNS)
 
 
-def md_code(text: Any) -> str:
-    """``text`` as an inline code span that is safe in a table cell: control characters become spaces, ``|`` is
-    escaped, and the fence is one backtick longer than any run of backticks inside."""
-    text = _CONTROL.sub(" ", str(text)).replace("|", "\\|")
+def md_code(text: Any, table: bool = True) -> str:
+    """``text`` as an inline code span: control characters become spaces, the fence is one backtick longer than any
+    run of backticks inside, and in a table cell (``table``) ``|`` is escaped (outside a table it would stay so)."""
+    text = _CONTROL.sub(" ", str(text))
+    if table:
+        text = text.replace("|", "\\|")
     if not text.strip():
         return ""
     fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
@@ -67,7 +69,8 @@ def _verdict(checks: Sequence[dict[str, Any]]) -> str:
 
 
 def _provenance(source: dict[str, Any], n: int, p: int, c: int) -> str:
-    extras = [md_code(source[k]) for k in ("model", "split") if source.get(k)]
+    """A paragraph line (not a table cell): model, split, sizes."""
+    extras = [md_code(source[k], table=False) for k in ("model", "split") if source.get(k)]
     return " · ".join([*extras, f"N = {fmt(n)}, p = {fmt(p)}, C = {fmt(c)}"])
 
 
@@ -95,10 +98,10 @@ def render_markdown(result: AuditResult) -> str:
     (with its meaning) folded below."""
     src = result.source
     parts = [f"### ncaudit report{_verdict(result.checks)}",
-             f"{md_code(src.get('path', ''))} · "
+             f"{md_code(src.get('path', ''), table=False)} · "
              + _provenance(src, result.n_samples, result.n_features, result.n_classes)]
     if result.baseline:
-        parts[-1] += f" · baseline {md_code(result.baseline.get('path', ''))}"
+        parts[-1] += f" · baseline {md_code(result.baseline.get('path', ''), table=False)}"
     if result.checks:
         parts.append(checks_markdown(result.checks))
     headline = [k for k, _ in TRAJECTORY_COLUMNS if k in NARROW_COLUMNS]
@@ -132,10 +135,10 @@ def render_compare_markdown(comparison: Comparison) -> str:
         counts[c.verdict] = counts.get(c.verdict, 0) + 1
     tally = ", ".join(f"{counts[v]} {v}" for v in ("better", "worse", "same", "changed", "n/a") if counts.get(v))
     a, b = comparison.a, comparison.b
-    parts = [f"### ncaudit compare: {tally}{_verdict(comparison.checks)}",
-             f"**A** {md_code(comparison.a_name)} · {_provenance(a.source, a.n_samples, a.n_features, a.n_classes)}"
-             f"\\\n**B** {md_code(comparison.b_name)} · "
-             f"{_provenance(b.source, b.n_samples, b.n_features, b.n_classes)}"]
+    sides = [f"**{label}** {md_code(name, table=False)} · "
+             f"{_provenance(r.source, r.n_samples, r.n_features, r.n_classes)}"
+             for label, name, r in (("A", comparison.a_name, a), ("B", comparison.b_name, b))]
+    parts = [f"### ncaudit compare: {tally}{_verdict(comparison.checks)}", "\\\n".join(sides)]
     if comparison.checks:
         parts.append(checks_markdown(comparison.checks) + "\n\nChecks apply to B; `baseline` is A.")
     rows = [[md_code(c.key), fmt(c.a), fmt(c.b), fmt_signed(c.change), fmt_percent(c.relative),
