@@ -125,6 +125,8 @@ def render_table(result: AuditResult, console: Console, *, per_class: bool = Fal
         header.append("   " + " · ".join(extras), style="dim")
     if result.details.get("normalized"):
         header.append("   (normalized features and classifier)", style="yellow")
+    if result.baseline:
+        header.append(f"\nbaseline {result.baseline.get('path')}", style="dim")
     partial = result.details.get("partial")
     if partial:
         header.append(f"\npartial: {partial['rows']} of {partial['of']} rows", style="bold yellow")
