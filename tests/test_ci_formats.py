@@ -99,6 +99,16 @@ def test_report_markdown(caches, tmp_path):
     assert "<code>a|b &lt;img src=x onerror=alert(1)&gt; @here `tick` **bold** [link](http://x) $x$" in html
 
 
+def test_per_class_markdown(caches):
+    res = invoke("report", caches["e2"], "-q", "--format", "markdown", "--per-class")
+    md, tokens = parse_markdown(res.stdout)
+    assert_safe_html(md.render(res.stdout))
+    per_class = tables(tokens)[-1]
+    assert per_class[0] == ["class", "name", "n", "NC1", "acc", "NCC acc"]
+    assert [r[:3] for r in per_class[1:]] == [["0", "a", "30"], ["1", "b|c", "30"], ["2", "<b>", "30"],
+                                              ["3", "`d`", "30"]]  # class names shown as written
+
+
 def test_no_checks_and_json_alias(caches):
     res = invoke("report", caches["e2"], "-q", "--format", "markdown")
     assert res.exit_code == 0 and res.stdout.startswith("### ncaudit report\n")

@@ -89,6 +89,12 @@ def result_from_json(data: Any, where: str) -> AuditResult:
     for key, value in metrics.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise InputError(f"{where}: metrics.{key} is {value!r}, not a number or null; {_SAVE}")
+    details = _field(data, "details", dict, where, {})
+    uncertainty = details.get("uncertainty", {})
+    if not isinstance(uncertainty, dict) or any(
+            v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))) for v in uncertainty.values()):
+        raise InputError(f"{where}: details.uncertainty is not an object of numbers (metric key -> relative "
+                         f"uncertainty); {_SAVE}")
     return AuditResult(
         source=_field(data, "source", dict, where, {}),
         n_samples=_count(data, "n_samples", where, minimum=0),
@@ -96,7 +102,7 @@ def result_from_json(data: Any, where: str) -> AuditResult:
         n_classes=_count(data, "n_classes", where),
         class_counts=_field(data, "class_counts", list, where, []),
         metrics={k: (None if v is None or not math.isfinite(v) else float(v)) for k, v in metrics.items()},
-        details=_field(data, "details", dict, where, {}),
+        details=details,
         per_class=_field(data, "per_class", list, where, []),
         layers=_field(data, "layers", dict, where, {}),
         warnings=_field(data, "warnings", list, where, []),

@@ -46,7 +46,8 @@ def report(
     drop_empty_classes: bool = typer.Option(False, "--drop-empty-classes",
                                             help="Leave out classes without samples and their classifier rows "
                                                  "(audit a subset of the classes)."),
-    per_class: bool = typer.Option(False, "--per-class", help="Add the per-class table (always in the JSON)."),
+    per_class: bool = typer.Option(False, "--per-class", help="Add the per-class table (always in the JSON; folded "
+                                   "in the markdown)."),
     normalize: bool = typer.Option(False, "--normalize", help="Audit h/‖h‖ and w_c/‖w_c‖ with b = 0 (feature-"
                                    "normalised or cosine-classifier models)."),
     layers: bool = typer.Option(False, "--layers", help="Also audit the earlier layers stored under /layers "
@@ -109,7 +110,7 @@ def report(
     if form == "json":
         typer.echo(text)
     elif form == "markdown":
-        typer.echo(render_markdown(result), nl=False)
+        typer.echo(render_markdown(result, per_class=per_class), nl=False)
     else:
         render_table(result, Console(highlight=False), per_class=per_class)
     exit_on_checks(result.checks)

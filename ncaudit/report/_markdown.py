@@ -93,9 +93,15 @@ def _all_metrics(metrics: dict[str, Any]) -> str:
     return md_table(["metric", "value", "meaning"], rows, [False, True, False])
 
 
-def render_markdown(result: AuditResult) -> str:
+def _per_class(rows: Sequence[dict[str, Any]]) -> str:
+    keys = [("count", "n"), ("nc1", "NC1"), ("accuracy", "acc"), ("ncc_accuracy", "NCC acc")]
+    body = [[fmt(r.get("class")), md_code(r.get("name", ""))] + [fmt(r.get(k)) for k, _ in keys] for r in rows]
+    return md_table(["class", "name"] + [h for _, h in keys], body, [True, False] + [True] * len(keys))
+
+
+def render_markdown(result: AuditResult, *, per_class: bool = False) -> str:
     """One report: the verdict, the failed checks first, a one-row table of the headline metrics, and every metric
-    (with its meaning) folded below."""
+    (with its meaning) folded below; with ``per_class``, the per-class table folded too."""
     src = result.source
     parts = [f"### ncaudit report{_verdict(result.checks)}",
              f"{md_code(src.get('path', ''), table=False)} · "
@@ -109,6 +115,8 @@ def render_markdown(result: AuditResult) -> str:
                           [[fmt(result.metrics.get(k)) for k in headline]], [True] * len(headline)))
     parts += _warnings(result.warnings)
     parts.append(_details("every metric", _all_metrics(result.metrics)))
+    if per_class and result.per_class:
+        parts.append(_details("per class", _per_class(result.per_class)))
     return "\n\n".join(parts) + "\n"
 
 
