@@ -1,6 +1,6 @@
 """User thresholds (``--fail-if 'nc1 > 0.05'``, ``--fail-if 'nc1 > baseline * 1.2'``): parsing and evaluation.
 
-Grammar (whitespace free; metric names in any case, ``−`` accepted for ``-``)::
+Grammar (spaces optional; metric names and ``baseline`` in any case; ``−`` accepted for ``-``)::
 
     EXPR      := METRIC OP RIGHT
     OP        := <  |  <=  |  >  |  >=
@@ -12,9 +12,9 @@ Grammar (whitespace free; metric names in any case, ``−`` accepted for ``-``):
 
 A check *fails* (exit 1) when its expression holds. The uncertainty rule (spec, numerical rule 7): a value ``v`` with
 relative uncertainty ``u`` (``details.uncertainty``) is known only within ``v (1 ± u)``; a baseline value ``b`` with
-its own ``u_b`` moves the threshold ``t`` by ``|t - t(0)| u_b``. When ``|v - t|`` is within the sum of the two
-half-widths, the outcome could go either way: the check fails as *undetermined*, whatever ``v OP t`` says, so a gate
-never passes on noise.
+its own ``u_b`` moves the threshold ``t`` by up to ``|dt/db| |b| u_b`` (``dt/db`` is NUMBER for ``baseline * NUMBER``,
+else 1). When ``|v - t|`` is within the sum of the two half-widths, the outcome could go either way: the check fails
+as *undetermined*, whatever ``v OP t`` says, so a gate never passes on noise.
 """
 
 from __future__ import annotations
