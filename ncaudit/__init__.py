@@ -57,9 +57,9 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS})
 
 
-if TYPE_CHECKING:
-    from ncaudit.audit import AuditOptions, AuditResult, result_to_json
-    from ncaudit.audit import audit as audit_cache
-    from ncaudit.cache import CacheInfo, CacheWriter, FeatureCache, join_shards, write_cache
-    from ncaudit.errors import CacheWriteError, InputError
-    from ncaudit.stats import ClassStatistics, Statistics
+if TYPE_CHECKING:  # the names of _EXPORTS for type checkers (noqa: re-exports that __all__ builds from _EXPORTS)
+    from ncaudit.audit import AuditOptions, AuditResult, result_to_json  # noqa: F401
+    from ncaudit.audit import audit as audit_cache  # noqa: F401
+    from ncaudit.cache import CacheInfo, CacheWriter, FeatureCache, join_shards, write_cache  # noqa: F401
+    from ncaudit.errors import CacheWriteError, InputError  # noqa: F401
+    from ncaudit.stats import ClassStatistics, Statistics  # noqa: F401

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ncaudit.audit._checks import evaluate, parse_checks
+from ncaudit.audit._checks import evaluate, parse_checks, require_baseline
 from ncaudit.audit._result import METRIC_KEYS, AuditResult
 
 #: Columns of the trajectory table, in order: (metric key, header). Accuracy, NC1 and NC4 get one column per split.
@@ -70,6 +70,12 @@ class TrajectoryRow:
             result = self.splits.get(split)
             return None if result is None else result.metrics.get(metric)
         return self.primary.metrics.get(key)
+
+    def uncertainty(self, key: str) -> Any:
+        """The relative uncertainty of :meth:`value` (``details.uncertainty`` of its split; None when not stated)."""
+        split, _, metric = key.rpartition(".")
+        result = self.splits.get(split) if split else self.primary
+        return None if result is None else (result.details.get("uncertainty") or {}).get(metric)
 
 
 def epoch_of(source: dict[str, Any]) -> int | None:
@@ -145,7 +151,12 @@ def known_keys(rows: Sequence[TrajectoryRow]) -> list[str]:
 def gate_last_row(rows: Sequence[TrajectoryRow], fail_if: Sequence[str] | None) -> list[dict[str, Any]]:
     """Parse ``--fail-if`` expressions against the trajectory's keys and evaluate them on the last row."""
     keys = known_keys(rows)
-    return evaluate(parse_checks(fail_if, keys), {key: rows[-1].value(key) for key in keys})
+    checks = parse_checks(fail_if, keys)
+    require_baseline(checks, False, "a trajectory gates its last row on numbers; compare two checkpoints with "
+                                    "`ncaudit compare A B`")
+    last = rows[-1]
+    return evaluate(checks, {key: last.value(key) for key in keys},
+                    uncertainty={key: last.uncertainty(key) for key in keys})
 
 
 def rows_to_json(rows: Sequence[TrajectoryRow], checks: list[dict[str, Any]]) -> dict[str, Any]:

@@ -42,7 +42,7 @@ def demo(
             result = run_demo(target, fixtures=fixtures, device=device, progress=say)
             rows = result.rows
             outcome = gate_last_row(rows, fail_if)
-    _print_trajectory(rows, outcome, json_out=json_out, preface=EXPLANATION, wide=wide)
+    _print_trajectory(rows, outcome, output_format="json" if json_out else "table", preface=EXPLANATION, wide=wide)
     if out is None:
         stderr.print("pass --out DIR to keep the caches, JSON reports and trajectory plot", soft_wrap=True)
     else:

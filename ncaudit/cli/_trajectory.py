@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
@@ -9,15 +10,28 @@ from rich.console import Console
 from rich.markup import escape
 
 from ncaudit.cli._app import PLOT_EXTRA, _command, command, stderr
+from ncaudit.cli._output import (
+    JSON_HELP,
+    JUNIT_HELP,
+    OutputFormat,
+    check_outputs,
+    exit_on_checks,
+    format_option,
+    pick_format,
+    write_junit,
+)
 
 
-def _print_trajectory(rows: list, outcome: list[dict], *, json_out: bool, layers: bool = False,
+def _print_trajectory(rows: list, outcome: list[dict], *, output_format: str = "table", layers: bool = False,
                       preface: str | None = None, wide: bool = False) -> None:
-    """The trajectory on stdout: JSON, or the table (with an optional preface) and the checks' outcome."""
-    from ncaudit.report import fmt, render_trajectory_json, trajectory_table
+    """The trajectory on stdout: JSON, markdown, or the table (with an optional preface) and the checks' outcome."""
+    from ncaudit.report import check_message, fmt, render_trajectory_json, render_trajectory_markdown, trajectory_table
 
-    if json_out:
+    if output_format == "json":
         typer.echo(render_trajectory_json(rows, outcome))
+        return
+    if output_format == "markdown":
+        typer.echo(render_trajectory_markdown(rows, outcome, wide=wide), nl=False)
         return
     console = Console(highlight=False)
     prose_width = console.width
@@ -28,15 +42,17 @@ def _print_trajectory(rows: list, outcome: list[dict], *, json_out: bool, layers
     console.print(trajectory_table(rows, layers=layers, wide=wide))
     for c in outcome:
         style = "green" if c["passed"] else "bold red"
+        why = f": {escape(check_message(c))}" if c["outcome"] != "passed" and c["outcome"] != "failed" else ""
         console.print(f"[{style}]{c['outcome']}[/]: fails if {escape(c['expression'])} (last row: "
-                      f"{fmt(c['value'])})")
+                      f"{fmt(c['value'])}){why}")
 
 
 @command()
 def trajectory(
     caches: list[Path] = typer.Argument(..., metavar="CACHE.h5...", help="Caches in training order (e.g. one per "
                                         "checkpoint and split).", show_default=False),
-    json_out: bool = typer.Option(False, "--json", help="Print the trajectory as JSON on stdout (every metric)."),
+    output_format: OutputFormat = format_option("every metric, schema ncaudit.trajectory/1."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     wide: bool = typer.Option(False, "--wide", help="Every column in the table (NC2 of the classifier, NC4 of each "
                               "split, term B, LS distance, precision floor); the default fits 80 columns."),
     plot: Path | None = typer.Option(None, "--plot", metavar="FILE.png", help="Draw the trajectory (PNG) as the "
@@ -44,6 +60,7 @@ def trajectory(
     fail_if: list[str] = typer.Option(None, "--fail-if", metavar="EXPR",
                                       help="Gate on the LAST row: fail (exit 1) when EXPR holds, e.g. 'nc1>0.01' "
                                            "(train split, else the only one) or 'test.accuracy<0.9'."),
+    junit: Path | None = typer.Option(None, "--junit", metavar="FILE.xml", help=JUNIT_HELP),
     layers: bool = typer.Option(False, "--layers", help="Also show the per-layer NC1 of the last cache."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     batch_size: int = typer.Option(4096, "--batch-size", min=1, help="Rows per streamed batch."),
@@ -58,6 +75,9 @@ def trajectory(
     from ncaudit.audit import AuditOptions, audit, build_rows, gate_last_row
 
     with _command("nothing was written"):
+        form = pick_format(output_format, json_out)
+        check_outputs({"--plot": plot, "--junit": junit}, list(caches))
+        start = time.perf_counter()
         progress = RichProgress(stderr, enabled=False if quiet else None)
         results = []
         for i, path in enumerate(caches):
@@ -72,6 +92,8 @@ def trajectory(
 
             plot_trajectory(rows, plot)
             stderr.print(escape(f"plot written to {plot}"))
-    _print_trajectory(rows, outcome, json_out=json_out, layers=layers, wide=wide)
-    if not all(c["passed"] for c in outcome):
-        raise typer.Exit(code=1)
+        write_junit(junit, f"ncaudit trajectory ({len(rows)} checkpoints, last: {rows[-1].label})", outcome,
+                    seconds=time.perf_counter() - start, warnings=rows[-1].primary.warnings,
+                    properties={"last": rows[-1].label, "caches": " ".join(map(str, caches))})
+    _print_trajectory(rows, outcome, output_format=form, layers=layers, wide=wide)
+    exit_on_checks(outcome)

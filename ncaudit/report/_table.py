@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ncaudit.audit import AuditResult
+from ncaudit.report._checks import checks_table_of
 from ncaudit.report._format import column_format, fmt
 
 #: (group title, [(metric key, one-line meaning)]) in table order.
@@ -108,13 +109,8 @@ def layers_table(result: AuditResult, title: str = "per layer (network order)") 
 
 
 def checks_table(result: AuditResult) -> Table:
-    table = Table(title="checks (--fail-if)", box=box.SIMPLE_HEAD, show_edge=False)
-    for col in ("fails if", "value", "outcome"):
-        table.add_column(col)
-    for c in result.checks:
-        style = "green" if c["passed"] else "bold red"
-        table.add_row(c["expression"], fmt(c["value"]), Text(c["outcome"], style=style))
-    return table
+    """The report's checks, failed first, each with the message that says why."""
+    return checks_table_of(result.checks)
 
 
 def render_table(result: AuditResult, console: Console, *, per_class: bool = False) -> None:
@@ -129,6 +125,8 @@ def render_table(result: AuditResult, console: Console, *, per_class: bool = Fal
         header.append("   " + " · ".join(extras), style="dim")
     if result.details.get("normalized"):
         header.append("   (normalized features and classifier)", style="yellow")
+    if result.baseline:
+        header.append(f"\nbaseline {result.baseline.get('path')}", style="dim")
     partial = result.details.get("partial")
     if partial:
         header.append(f"\npartial: {partial['rows']} of {partial['of']} rows", style="bold yellow")
