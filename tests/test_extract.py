@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from ncaudit import cache as store
 from ncaudit.cache import FeatureCache
 from ncaudit.cli import app
+from ncaudit.data import open_samples, stratified_order
 from ncaudit.errors import InputError
 from ncaudit.extract import extract
 from ncaudit.models import Weights
@@ -92,12 +93,40 @@ def test_ema_picks_the_right_weights(images: Path, tmp_path: Path) -> None:
     np.testing.assert_allclose(w, ema["fc.weight"].numpy())
 
 
+def _limited(reference: Path, n: int) -> np.ndarray:
+    """The rows of the full extraction ``reference`` that ``--limit n`` keeps, in the order it keeps them."""
+    return stratified_order(_read(reference)["labels"])[:n]
+
+
 def test_limit_and_float16_storage(images: Path, ckpt: Path, reference: Path, tmp_path: Path) -> None:
     s = extract("test_resnet", ckpt, images, tmp_path / "l.h5", limit=5, store_dtype="float16", **FAST)
     assert s.n_samples == 5
     got = _read(tmp_path / "l.h5")
     assert got["features"].dtype == np.float16 and got["features"].shape == (5, 96)
-    np.testing.assert_allclose(got["features"], _read(reference)["features"][:5], rtol=2e-3, atol=1e-3)
+    rows = _limited(reference, 5)
+    np.testing.assert_allclose(got["features"], _read(reference)["features"][rows], rtol=2e-3, atol=1e-3)
+    np.testing.assert_array_equal(got["labels"], _read(reference)["labels"][rows])
+
+
+def test_limit_is_a_stratified_seeded_sample(images: Path, ckpt: Path, reference: Path, tmp_path: Path) -> None:
+    """--limit N draws classes in proportion (every class once N >= C), the same rows on every run, and a larger N
+    keeps the rows of a smaller one; the first N files in class order (one class only) are not what it takes."""
+    labels = _read(reference)["labels"]
+    for n in (3, 4, 9, 17):
+        rows = stratified_order(labels)[:n]
+        counts = np.bincount(labels[rows], minlength=3)
+        assert counts.min() >= 1 and np.abs(counts - n * np.bincount(labels) / len(labels)).max() <= 1.0, (n, counts)
+    assert np.array_equal(stratified_order(labels), stratified_order(labels.copy()))
+    assert len(set(labels[stratified_order(labels)[:2]].tolist())) == 2  # fewer rows than classes: distinct classes
+    a = extract("test_resnet", ckpt, images, tmp_path / "a.h5", limit=9, **FAST)
+    b = extract("test_resnet", ckpt, images, tmp_path / "b.h5", limit=9, **FAST)
+    assert a.n_samples == b.n_samples == 9
+    np.testing.assert_array_equal(_read(tmp_path / "a.h5")["features"], _read(tmp_path / "b.h5")["features"])
+    # Other batch companions than in the full run: equal to float32 rounding of the convolutions.
+    np.testing.assert_allclose(_read(tmp_path / "a.h5")["features"],
+                               _read(reference)["features"][_limited(reference, 9)], rtol=1e-4, atol=1e-6)
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "a.h5"), "--json", "-q"])  # every class has samples
+    assert res.exit_code == 0, res.stderr
 
 
 def test_resume_after_interruption_equals_uninterrupted(images: Path, ckpt: Path, tmp_path: Path,
@@ -186,7 +215,9 @@ def test_torchvision_models_and_class_map(images: Path, tmp_path: Path) -> None:
     (tmp_path / "map.json").write_text(json.dumps(["c_eel", "b_cat", "a_dog"]))
     extract("torchvision:resnet18", tmp_path / "resnet18.pth", images, tmp_path / "m.h5", limit=6,
             class_map=tmp_path / "map.json", **FAST)
-    assert list(_read(tmp_path / "m.h5")["labels"]) == [2] * 6
+    dataset_labels = open_samples(images).labels  # a_dog, b_cat, c_eel = 0, 1, 2; the map reverses them
+    np.testing.assert_array_equal(_read(tmp_path / "m.h5")["labels"], 2 - dataset_labels[stratified_order(
+        dataset_labels)[:6]])
     with FeatureCache(tmp_path / "m.h5") as cache:
         assert cache.info.class_names == ["c_eel", "b_cat", "a_dog"]
 
@@ -319,7 +350,8 @@ def test_extract_takes_its_arguments_by_keyword(images: Path, ckpt: Path, refere
     out = tmp_path / "kw.h5"
     s = extract("test_resnet", weights=ckpt, data=images, out=out, limit=4, **FAST)
     assert s.out == out and s.n_samples == 4
-    np.testing.assert_array_equal(_read(out)["features"], _read(reference)["features"][:4])
+    np.testing.assert_allclose(_read(out)["features"], _read(reference)["features"][_limited(reference, 4)],
+                               rtol=1e-4, atol=1e-6)
     with pytest.raises(InputError, match="is a directory"):
         extract(model_name="test_resnet", weights=ckpt, data=images, out=tmp_path, **FAST)
 
@@ -344,7 +376,8 @@ def test_refused_sharded_resume_leaves_the_single_file_untouched(images: Path, c
     assert s.resumed_from == 8
     with FeatureCache(out) as cache:
         assert cache.info.complete and cache.info.n_samples == 16
-    np.testing.assert_array_equal(_read(out)["features"], _read(reference)["features"][:16])
+    np.testing.assert_allclose(_read(out)["features"], _read(reference)["features"][_limited(reference, 16)],
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_overwrite_removes_a_damaged_shard(images: Path, ckpt: Path, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from ncaudit.data import (
     map_labels,
     transform_config,
 )
+from ncaudit.data._sample import LIMIT_SEED
 from ncaudit.data._source import IN_MEMORY_READER
 from ncaudit.data._transforms import transform_warnings
 from ncaudit.errors import InputError
@@ -132,9 +133,15 @@ def _describe(loaded: LoadedModel, src: DataSource, cfg: dict[str, Any], names_f
     where = f" {src.root}" if src.data and not src.kind.startswith("hfds/") else ""
     split = f", split {src.split}" if src.split else ""
     lines = [f"model: {loaded.name} ({loaded.num_classes} classes), {loaded.source}",
-             f"data: {src.kind}{where}{split}: {len(src)} images, {len(src.dataset_classes)} classes; reader: "
+             f"data: {src.kind}{where}{split}: {_images(src)}, {len(src.dataset_classes)} classes; reader: "
              f"{src.reader}; labels: {src.label_mapping}" + (f"; class names: {names_from}" if names_from else "")]
     return lines + describe_transform(cfg)
+
+
+def _images(src: DataSource) -> str:
+    if src.sampled_from is None:
+        return f"{len(src)} images"
+    return f"{len(src)} of {src.sampled_from} images (--limit: a class-stratified sample, seed {LIMIT_SEED})"
 
 
 def _provenance(model_name: str, loaded: LoadedModel, src: DataSource, cfg: dict[str, Any], precision: str,
