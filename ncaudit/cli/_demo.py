@@ -7,14 +7,15 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from ncaudit.cli._app import _command, command, stderr
-from ncaudit.cli._trajectory import _print_trajectory
+from ncaudit.cli._app import _command, command, say_failed_checks, stderr
+from ncaudit.cli._trajectory import _print_trajectory, say_written
 
 
 @command()
 def demo(
-    out: Path | None = typer.Option(None, "--out", "-o", help="Keep the caches, JSON reports and plot in this "
-                                       "directory (default: a temporary one, removed at the end)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Keep the caches, JSON reports, trajectory (JSON, "
+                                       "CSV) and plot in this directory, created when missing (default: a temporary "
+                                       "one, removed at the end)."),
     json_out: bool = typer.Option(False, "--json", help="Print the trajectory as JSON on stdout (every metric)."),
     wide: bool = typer.Option(False, "--wide", help="Every column in the table; the default fits 80 columns."),
     fail_if: list[str] = typer.Option(None, "--fail-if", metavar="EXPR", help="Gate on the last checkpoint, as "
@@ -33,21 +34,16 @@ def demo(
     import tempfile
 
     from ncaudit._demo import EXPLANATION, run_demo
-    from ncaudit.audit import gate_last_row
 
     say = (lambda line: None) if quiet else (lambda line: stderr.print(escape(line), soft_wrap=True))
     with tempfile.TemporaryDirectory(prefix="ncaudit-demo-") as tmp:
         target = out if out is not None else Path(tmp)
         with _command("the demo stopped"):
-            result = run_demo(target, fixtures=fixtures, device=device, progress=say)
-            rows = result.rows
-            outcome = gate_last_row(rows, fail_if)
-    _print_trajectory(rows, outcome, json_out=json_out, preface=EXPLANATION, wide=wide)
+            result = run_demo(target, fixtures=fixtures, device=device, progress=say, fail_if=fail_if)
+    _print_trajectory(result.rows, result.checks, json_out=json_out, preface=EXPLANATION, wide=wide)
     if out is None:
         stderr.print("pass --out DIR to keep the caches, JSON reports and trajectory plot", soft_wrap=True)
     else:
-        plot_note = f", plot {result.plot}" if result.plot else " (no plot: pip install 'ncaudit[plot]')"
-        stderr.print(escape(f"caches in {out / 'caches'}, JSON reports in {out / 'reports'}{plot_note}"),
-                     soft_wrap=True)
-    if not all(c["passed"] for c in outcome):
+        say_written(result, out)
+    if not say_failed_checks(result.checks):
         raise typer.Exit(code=1)

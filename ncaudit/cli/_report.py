@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ncaudit.cli._app import _command, _ranks, command, stderr
+from ncaudit.cli._app import _command, _ranks, command, say_failed_checks, stderr
 
 
 @command()
@@ -35,6 +35,10 @@ def report(
                                    "normalised or cosine-classifier models)."),
     layers: bool = typer.Option(False, "--layers", help="Also audit the earlier layers stored under /layers "
                                 "(NC1, CDNV, NC2 of the means, NCC accuracy per layer)."),
+    means_from: Path | None = typer.Option(None, "--means-from", metavar="TRAIN.h5", help="The training cache of "
+                                              "the same checkpoint: NCC accuracy, NC4 and CDNV of this (test) cache "
+                                              "against the training class means, as the literature on test-set "
+                                              "collapse measures them (the table and the JSON say so)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Also write the JSON report to this file "
                                           "(written only once every metric is computed)."),
     quiet: bool = typer.Option(False, "--quiet", "-q",
@@ -51,10 +55,11 @@ def report(
     with _command("nothing was written"):
         checks = parse_checks(fail_if, METRIC_KEYS)
         if output is not None:
-            check_output(output, [cache])
+            check_output(output, [cache, *([means_from] if means_from is not None else [])])
         options = AuditOptions(
             batch_size=batch_size, device=device, ridge=ridge, rcond=rcond, allow_partial=allow_partial,
             drop_empty_classes=drop_empty_classes, normalize=normalize, layers=[] if layers else None,
+            means_from=means_from,
         )
         result = _audit_on_ranks(cache, options, quiet)
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
@@ -70,7 +75,7 @@ def report(
         typer.echo(text)
     else:
         render_table(result, Console(highlight=False), per_class=per_class)
-    if not result.passed:
+    if not say_failed_checks(result.checks):
         raise typer.Exit(code=1)
 
 

@@ -1,15 +1,18 @@
 """Rendering audit results: tables (rich), JSON, trajectory tables and plots, and report files written atomically.
 
-Each output format is a function of the result object; nothing here computes a metric.
+Each output format is a function of the result object; nothing here computes a metric. Tables fit any width with
+every value whole (``_layout``).
 """
 
 from ncaudit.report._atomic import check_output, write_text_atomic
+from ncaudit.report._csv import render_trajectory_csv
 from ncaudit.report._format import column_format, fmt, fmt_compact
 from ncaudit.report._json import render_json, render_trajectory_json
-from ncaudit.report._plot import plot_trajectory, trajectory_figure
+from ncaudit.report._plot import plot_path, plot_trajectory, provenance_title, trajectory_figure
 from ncaudit.report._table import checks_table, layers_table, metrics_table, per_class_table, render_table
 from ncaudit.report._trajectory_table import trajectory_table
 
 __all__ = ["check_output", "checks_table", "column_format", "fmt", "fmt_compact", "layers_table", "metrics_table",
-           "per_class_table", "plot_trajectory", "render_json", "render_table", "render_trajectory_json",
-           "trajectory_figure", "trajectory_table", "write_text_atomic"]
+           "per_class_table", "plot_path", "plot_trajectory", "provenance_title", "render_json", "render_table",
+           "render_trajectory_csv", "render_trajectory_json", "trajectory_figure", "trajectory_table",
+           "write_text_atomic"]
