@@ -202,6 +202,23 @@ def test_precision_floor_zero_for_fp32_positive_for_bf16(images: Path, ckpt: Pat
     assert _nc1_floor(out) > 0
 
 
+def test_no_preprocessing_warning_names_what_came_from_defaults(images: Path, ckpt: Path, tmp_path: Path) -> None:
+    """A checkpoint that records no preprocessing: the warning names the values taken from the model's defaults, and
+    is not given when a flag sets every one of them."""
+    from ncaudit.data import TransformOverrides
+
+    fast = {k: v for k, v in FAST.items() if k != "transform"}
+    notes: list[str] = []
+    extract("test_resnet", ckpt, images, tmp_path / "a.h5", limit=3, log=notes.append, **FAST)
+    (warning,) = [n for n in notes if "records no preprocessing" in n]
+    assert "interpolation, mean, std, crop_pct, crop_mode from the" in warning and "input_size" not in warning
+    every = TransformOverrides(img_size=32, mean="0.5,0.5,0.5", std="0.25,0.25,0.25", crop_pct=1.0,
+                               interpolation="bilinear", crop_mode="center")
+    notes.clear()
+    extract("test_resnet", ckpt, images, tmp_path / "b.h5", limit=3, log=notes.append, transform=every, **fast)
+    assert not [n for n in notes if "records no preprocessing" in n], notes
+
+
 def test_torchvision_models_and_class_map(images: Path, tmp_path: Path) -> None:
     for name in ("resnet18", "mobilenet_v3_small"):
         model = torchvision_model(name)
@@ -226,8 +243,10 @@ def test_layers_are_pooled_and_refused_when_too_big(images: Path, ckpt: Path, tm
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "layers.h5"
     notes: list[str] = []
-    extract("test_resnet", ckpt, images, out, layers="layer4,1", limit=10, log=notes.append, **FAST)
-    assert any("projected cache size" in n for n in notes)
+    said: list[str] = []
+    extract("test_resnet", ckpt, images, out, layers="layer4,1", limit=10, log=notes.append, info=said.append, **FAST)
+    assert any("projected cache size" in n for n in said)  # information, not a warning
+    assert not any("projected cache size" in n for n in notes)
     with FeatureCache(out) as cache:
         assert cache.info.layers == {"layer1": 32, "layer4": 96}  # network order, feature_info index 1 = layer1
         (_, f, _, extra), = cache.iter_batches(100, layers=["layer1", "layer4"])

@@ -37,10 +37,19 @@ def parse_check(text: str, known: Iterable[str]) -> Check:
         raise InputError(f"--fail-if {text!r} is not of the form 'METRIC OP NUMBER' (e.g. 'nc1>0.05'; "
                          "OP is <, <=, > or >=)")
     metric, op, number = match.groups()
-    known = list(known)
-    if metric not in known:
-        raise InputError(f"--fail-if {text!r}: unknown metric {metric!r}; use one of {', '.join(known)}")
-    return Check(metric, op, float(number))
+    return Check(_metric_key(metric, text, list(known)), op, float(number))
+
+
+def _metric_key(name: str, text: str, known: list[str]) -> str:
+    """The metric key ``name`` names, whatever its case (``NC1`` is ``nc1``); an unknown name suggests the nearest."""
+    by_lower = {key.lower(): key for key in known}
+    key = by_lower.get(name.lower())
+    if key is not None:
+        return key
+    import difflib
+    near = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.6)
+    hint = f"did you mean {by_lower[near[0]]!r}?" if near else "metric keys are nc1, cdnv, nc3, accuracy, ..."
+    raise InputError(f"--fail-if {text!r}: unknown metric {name!r}; {hint} (the README's metric table lists them)")
 
 
 def parse_checks(texts: Sequence[str] | None, known: Iterable[str]) -> list[Check]:

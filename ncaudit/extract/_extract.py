@@ -236,7 +236,7 @@ def extract(
                channels_last=channels_last, pm=pm, source=src, n_total=n_total, num_classes=loaded.num_classes,
                class_names=class_names, attrs=attrs, store_dtype=store_dtype, chunk_rows=chunk_rows, state=state,
                resuming=resuming, start=_resume_row(out, state, attrs, n_total, store_dtype) if resuming and state
-               else 0, note=note)
+               else 0, note=note, inform=info or (lambda _: None))
     try:
         if sharded:
             seconds, n_ref, kept, rate = _run_shards(job, group or DistContext(0, 1, 0, dev, None), resume=resume,

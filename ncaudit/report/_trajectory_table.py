@@ -83,5 +83,5 @@ def _means_table(rows: Sequence[TrajectoryRow], splits: list[str]) -> FittedTabl
                 values += [fmt_compact(trained), fmt_compact(own.get(key))]
         cells.append(([r.label], values))
     return FittedTable([Column("checkpoint", justify="left", fit="fold")], headers, cells,
-                       title=f"{', '.join(audited)}: against the training class means (train μ) and its own",
+                       title=f"{', '.join(audited)}: against the training means (train μ) and its own",
                        padding=(0, 0, 0, 1))
