@@ -7,7 +7,6 @@ from rich.markup import escape
 
 from ncaudit.cli._app import _command, _ranks, command, stderr
 
-
 #: The panels of `extract --help`, the common path first.
 _WEIGHTS = "Model and weights: --model and one of --checkpoint, --pretrained, --random-init"
 _DATA, _OUT = "Data", "Output"
