@@ -18,6 +18,7 @@ from typing import Any
 
 from ncaudit.audit import (
     METRIC_KEYS,
+    TRAIN_SPLITS,
     AuditOptions,
     AuditResult,
     ProgressTracker,
@@ -122,14 +123,15 @@ def _make_out(out: Path) -> None:
                          "directory") from None
 
 
-def _finished(cache: Path, checkpoint: RunCheckpoint, split: str, limit: int | None, model: str) -> bool | None:
-    """True: ``cache`` is complete and holds this checkpoint's ``split`` (same model, sha256 and --limit); False: it
-    is partial (resume it); None: there is none.
+def _finished(cache: Path, checkpoint: RunCheckpoint, split: str, limit: int | None, model: str,
+              data: str | os.PathLike[str] | None) -> bool | None:
+    """True: ``cache`` is complete and holds this checkpoint's ``split`` (same model, sha256 and --limit, data under
+    the same root); False: it is partial (resume it: extract checks every option then); None: there is none.
 
     Raises
     ------
     InputError
-        A complete cache of another checkpoint, model, split or sample (rerun with ``overwrite``).
+        A complete cache of another checkpoint, model, split, sample or dataset (rerun with ``overwrite``).
     """
     if not cache.exists():
         return None
@@ -144,6 +146,10 @@ def _finished(cache: Path, checkpoint: RunCheckpoint, split: str, limit: int | N
         return False
     expected = {"model": model, "checkpoint_sha256": file_sha256(checkpoint.path), "split": split,
                 "limit": int(limit or 0)}
+    root = Path(data).expanduser() if data is not None else None
+    if root is not None and root.exists() and attrs.get("data"):  # a local dataset: the cache's data lie below it
+        if not Path(str(attrs["data"])).resolve().is_relative_to(root.resolve()):
+            expected["data"] = str(root.resolve())
     for key, value in expected.items():
         if attrs.get(key) != value:
             raise InputError(f"{cache}: holds another run's features (its {key} is {str(attrs.get(key))[:40]!r}, "
@@ -187,7 +193,7 @@ def audit_run(
         How each cache is audited.
     train_means
         Audit the other splits against the class means of the training split of the same checkpoint as well
-        (test-set collapse; :func:`ncaudit.audit.audit_trajectory`).
+        (test-set collapse; :func:`ncaudit.audit.audit_trajectory`), when ``splits`` has a training split.
     overwrite
         Extract every cache again; otherwise a finished cache of the same checkpoint, split and sample is kept and a
         partial one is resumed.
@@ -223,7 +229,7 @@ def audit_run(
         for j, split in enumerate(splits):
             step = f"[{i * len(splits) + j + 1}/{steps}] {ckpt.name}, {split}"
             cache = out / "caches" / f"{ckpt.name}_{split}.h5"
-            state = None if overwrite else _finished(cache, ckpt, split, options.get("limit"), model)
+            state = None if overwrite else _finished(cache, ckpt, split, options.get("limit"), model, data)
             caches.append(cache)
             if state:
                 say(f"{step}: kept (finished earlier)")
@@ -233,8 +239,8 @@ def audit_run(
             extract(model, ckpt.path, data, cache, split=split, overwrite=overwrite, resume=state is False, **options)
             extracted.append(cache)
     say(f"audit {len(caches)} caches")
-    rows, warnings = audit_trajectory(caches, audit_options, audit_progress, train_means=train_means and
-                                      len(splits) > 1)
+    pair = train_means and len(splits) > 1 and any(split in TRAIN_SPLITS for split in splits)
+    rows, warnings = audit_trajectory(caches, audit_options, audit_progress, train_means=pair)
     result = RunResult(rows=rows, results=[], caches=caches, extracted=extracted, kept=kept, warnings=warnings,
                        checks=gate_last_row(rows, fail_if))
     by_path = {os.path.realpath(r.source["path"]): r for row in rows for r in row.splits.values()}

@@ -95,6 +95,11 @@ def test_run_refuses_another_runs_cache_and_bad_input(first_run, tmp_path) -> No
     other = runner.invoke(app, run_args(out, "--json")[:-2] + ["--limit", "20", "-q"])
     assert other.exit_code == 2 and "holds another run's features (its limit is" in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1
+    (tmp_path / "other").mkdir()
+    args = run_args(out)
+    args[args.index("--data") + 1] = str(tmp_path / "other")
+    moved = runner.invoke(app, args)
+    assert moved.exit_code == 2 and "holds another run's features (its data is" in moved.stderr
     none = runner.invoke(app, ["run", "-m", "test_resnet", "-c", str(tmp_path / "nothing_*.pth"), "-d",
                                str(FIXTURES / "digits"), "-o", str(tmp_path / "o")])
     assert none.exit_code == 2 and "no checkpoint file there" in none.stderr

@@ -74,8 +74,8 @@ def run(
                                       "trajectory does (e.g. 'nc1>0.01', 'test.accuracy<0.9').",
                                       rich_help_panel=_OUTPUT),
     overwrite: bool = typer.Option(False, "--overwrite", help="Extract every cache again (by default a finished "
-                                   "cache of the same checkpoint, split and --limit is kept and a partial one "
-                                   "resumed).", rich_help_panel=_RUN),
+                                   "cache of the same checkpoint, split, data and --limit is kept and a partial one "
+                                   "resumed; pass it after changing preprocessing flags).", rich_help_panel=_RUN),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cuda or cpu.",
                                rich_help_panel=_RUN),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, "
