@@ -114,7 +114,7 @@ def per_class_table(result: AuditResult, limit: int | None = None) -> Fitted:
     when the width is short)."""
     rows = result.per_class if limit is None else result.per_class[:limit]
     has_names = any("name" in r for r in rows)
-    ncc = "NCC acc" + (" (train μ)" if "ncc_accuracy" in (result.details.get("means_from") or {}).get("metrics", ())
+    ncc = "NCC acc" + ("\ntrain μ" if "ncc_accuracy" in (result.details.get("means_from") or {}).get("metrics", ())
                        else "")
     values = [("count", "n"), ("mean_norm", "‖μ−μ_G‖"), ("classifier_norm", "‖w‖"), ("variance", "Var"),
               ("nc1", "NC1"), ("accuracy", "acc"), ("ncc_accuracy", ncc)]
