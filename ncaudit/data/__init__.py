@@ -23,6 +23,6 @@ from ncaudit.data._transforms import (
            transform_hints,
 )
 
-__all__ = ["LIMIT_SEED", "DataSource", "ToRGB", "TransformOverrides", "build_transform", "dataset_family", "describe_transform",
-           "load_image", "map_labels", "open_dataset", "open_samples", "read_class_map", "stratified_order", "tensor_source",
-           "transform_config", "transform_hints"]
+__all__ = ["LIMIT_SEED", "DataSource", "ToRGB", "TransformOverrides", "build_transform", "dataset_family",
+           "describe_transform", "load_image", "map_labels", "open_dataset", "open_samples", "read_class_map",
+           "stratified_order", "tensor_source", "transform_config", "transform_hints"]

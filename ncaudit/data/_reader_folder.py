@@ -160,7 +160,8 @@ def _split_root(root: Path, split: str | None) -> tuple[Path, str | None]:
     if found != root or _names_split(root.name, split):
         return found, split
     if splits:
-        raise InputError(f"--split {split}: {root} has no such split folder (it has {', '.join(splits)}); pass {choose}")
+        raise InputError(f"--split {split}: {root} has no such split folder (it has {', '.join(splits)}); pass "
+                         f"{choose}")
     raise InputError(f"--split {split}: {root} has no split folder {split!r} (nor a synonym) and is not one; drop "
                      "--split to read it as one image folder, or give the dataset root that holds the split")
 
