@@ -123,10 +123,13 @@ def resolve_metric(name: str, known: Sequence[str], text: str) -> str:
     lowered = {k.lower(): k for k in known}
     if name.lower() in lowered:
         return lowered[name.lower()]
-    hint = f"did you mean {nearest!r}? " if (nearest := nearest_key(name, known)) else ""
     plain = [k for k in known if "." not in k]
-    listing = ", ".join(plain) + ("; prefix a split, as in 'test.accuracy'" if len(plain) < len(known) else "")
-    raise InputError(f"--fail-if {text!r}: unknown metric {name!r}; {hint}metric keys: {listing}")
+    splits = "; prefix a split, as in 'test.accuracy'" if len(plain) < len(known) else ""
+    if nearest := nearest_key(name, known):  # the nearest key, not the whole list
+        raise InputError(f"--fail-if {text!r}: unknown metric {name!r}; did you mean {nearest!r}? (the README's "
+                         f"metric table lists every key{splits})")
+    listing = ", ".join(plain) + splits
+    raise InputError(f"--fail-if {text!r}: unknown metric {name!r}; metric keys: {listing}")
 
 
 def parse_check(text: str, known: Iterable[str]) -> Check:

@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from ncaudit.cli._app import _ranks, stderr
+from ncaudit.cli._app import _ranks, say_failed_checks, stderr
 from ncaudit.errors import InputError
 
 
@@ -92,6 +92,6 @@ def auditor(options: Any, quiet: bool) -> Iterator[tuple[Callable[[Path], Any], 
 
 def exit_on_checks(checks: Sequence[dict[str, Any]]) -> None:
     """The end of a gating command, the one place that turns checks into the exit code: 1 when any check failed
-    (undetermined ones included), else return (exit 0)."""
-    if not all(c["passed"] for c in checks):
+    (undetermined ones included), each then one line on stderr whatever goes to stdout; else return (exit 0)."""
+    if not say_failed_checks(list(checks)):
         raise typer.Exit(code=1)

@@ -52,6 +52,10 @@ def report(
                                    "normalised or cosine-classifier models)."),
     layers: bool = typer.Option(False, "--layers", help="Also audit the earlier layers stored under /layers "
                                 "(NC1, CDNV, NC2 of the means, NCC accuracy per layer)."),
+    means_from: Path | None = typer.Option(None, "--means-from", metavar="TRAIN.h5", help="The training cache of "
+                                              "the same checkpoint: NCC accuracy, NC4 and CDNV of this (test) cache "
+                                              "against the training class means, as the literature on test-set "
+                                              "collapse measures them (the table and the JSON say so)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Also write the JSON report to this file "
                                           "(written only once every metric is computed)."),
     quiet: bool = typer.Option(False, "--quiet", "-q",
@@ -79,10 +83,12 @@ def report(
         form = pick_format(output_format, json_out)
         checks = parse_checks(fail_if, METRIC_KEYS)
         require_baseline(checks, baseline is not None)
-        check_outputs({"--output": output, "--junit": junit}, [cache] + ([baseline] if baseline else []))
+        check_outputs({"--output": output, "--junit": junit},
+                      [cache, *([baseline] if baseline else []), *([means_from] if means_from is not None else [])])
         options = AuditOptions(
             batch_size=batch_size, device=device, ridge=ridge, rcond=rcond, allow_partial=allow_partial,
             drop_empty_classes=drop_empty_classes, normalize=normalize, layers=[] if layers else None,
+            means_from=means_from,
         )
         start = time.perf_counter()
         with auditor(options, quiet) as (run, main):

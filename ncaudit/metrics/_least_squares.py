@@ -331,10 +331,11 @@ def ls_cosine(weight: np.ndarray, ls: LeastSquares) -> float:
     return float(np.sum(weight * ls.weight) / d) if d > 0 else math.nan
 
 
-def ls_error_estimate(stats: Statistics, weight: np.ndarray, ls: LeastSquares, term_a: float, term_b: float, *,
-                      seed: int = 0) -> float:
+def ls_error_estimate(stats: Statistics, weight: np.ndarray | None, ls: LeastSquares, term_a: float,
+                      term_b: float | None, *, seed: int = 0) -> float:
     """Estimated relative error of the least-squares quantities (terms A and B, ||W_LS||, distance, cosine) caused
-    by the rounding of Sigma_W (accumulation and solve), to first order.
+    by the rounding of Sigma_W (accumulation and solve), to first order. Without a classifier (``weight`` and
+    ``term_b`` None) only term A and ||W_LS|| are estimated.
 
     Notes
     -----
@@ -348,7 +349,7 @@ def ls_error_estimate(stats: Statistics, weight: np.ndarray, ls: LeastSquares, t
     p = stats.n_features
     size = 4.0 * (EPS / 2) * float(np.trace(stats.sigma_w))
     w_ls = ls.weight
-    n_ls, n_w = float(np.linalg.norm(w_ls)), float(np.linalg.norm(weight))
+    n_ls = float(np.linalg.norm(w_ls))
     if size == 0.0 or n_ls == 0.0:
         return 0.0
     g = np.random.default_rng(seed).standard_normal((p, p))
@@ -356,9 +357,13 @@ def ls_error_estimate(stats: Statistics, weight: np.ndarray, ls: LeastSquares, t
     wd = w_ls @ delta
     d_w = -ls.pinv.apply(wd.T).T
     d_a = 0.5 * float(np.sum(wd * w_ls)) - ls.ridge * float(np.sum(w_ls * d_w))
-    d_b = 0.5 * quadratic_trace(weight, delta) - d_a
     d_norm = float(np.sum(w_ls * d_w)) / n_ls
-    changes = [abs(d_a) / max(abs(term_a), TINY), abs(d_b) / max(abs(term_b), TINY), abs(d_norm) / n_ls]
+    changes = [abs(d_a) / max(abs(term_a), TINY), abs(d_norm) / n_ls]
+    if weight is None or term_b is None:
+        return max(changes)
+    n_w = float(np.linalg.norm(weight))
+    d_b = 0.5 * quadratic_trace(weight, delta) - d_a
+    changes.append(abs(d_b) / max(abs(term_b), TINY))
     diff = weight - w_ls
     n_diff = float(np.linalg.norm(diff))
     if n_diff > 0:

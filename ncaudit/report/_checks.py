@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from rich import box
-from rich.table import Table
+from rich.console import Group
 from rich.text import Text
 
 from ncaudit.report._format import fmt
+from ncaudit.report._layout import Column, FittedTable
 
 #: An outcome's mark in markdown and one-line summaries.
 MARKS = {"passed": "✅", "undetermined": "❔"}
@@ -68,14 +68,14 @@ def verdict_line(checks: Sequence[dict[str, Any]]) -> str:
     return f"{failed} of {len(checks)} {noun} failed"
 
 
-def checks_table_of(checks: Sequence[dict[str, Any]], title: str = "checks (--fail-if)") -> Table:
-    """The checks as a rich table: the expression, the outcome and its message, failed checks first."""
-    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False)
-    table.add_column("fails if", no_wrap=True)
-    table.add_column("outcome", no_wrap=True)
-    table.add_column("why")
-    for c in failed_first(checks):
-        style = "green" if c.get("passed") else "bold red"
-        table.add_row(Text(str(c.get("expression", ""))), Text(str(c.get("outcome", "")), style=style),
-                      Text(check_message(c)))
-    return table
+def checks_table_of(checks: Sequence[dict[str, Any]], title: str = "checks (--fail-if)") -> Group:
+    """The checks as a table that fits any width (the expression folds, values are whole), failed checks first, then
+    one wrapped line per check that did not pass saying why."""
+    ordered = failed_first(checks)
+    rows = [([str(c.get("expression", ""))],
+             [fmt(c.get("value")), Text(str(c.get("outcome", "")), style="green" if c.get("passed") else "bold red")])
+            for c in ordered]
+    table = FittedTable([Column("fails if", justify="left", fit="fold")],
+                        [Column("value"), Column("outcome", justify="left")], rows, title=title)
+    why = [Text(f"{c.get('expression', '')}: {check_message(c)}", style="red") for c in ordered if not c.get("passed")]
+    return Group(table, *why)
