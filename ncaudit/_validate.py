@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,33 @@ def format_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}" if unit in ("TiB", "GiB") else f"{n / size:.1f} {unit}"
     return f"{int(n)} bytes"
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
+
+
+def regular_file(path: str | os.PathLike[str], role: str) -> os.stat_result:
+    """The ``os.stat`` of ``path`` (links followed) when it is a regular file; anything else is refused before it
+    is opened.
+
+    Opening a FIFO blocks until a writer appears (uninterruptibly, inside HDF5 or a Rust reader) and a device or a
+    socket is no file to read; ``role`` says what the file was to be (``"the cache"``, ``"a shard"``, ...).
+
+    Raises
+    ------
+    InputError
+        The path is missing, or is a FIFO, a socket, a device or a directory.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot open {role} ({exc.strerror or exc}); check the path") from None
+    if stat.S_ISREG(st.st_mode):
+        return st
+    kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+    raise InputError(f"{path}: is {kind}, not a regular file; {role} must be a file on disk (refused before opening: "
+                     "a pipe or a device would block or never end)")
 
 
 def _describe(value: Any) -> str:

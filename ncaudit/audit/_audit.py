@@ -50,7 +50,7 @@ def audit(
     progress = progress or _NoProgress()
     _check_options(options)
     device = group.device if group is not None else resolve_device(options.device)
-    with FeatureCache(path, allow_partial=options.allow_partial) as cache:
+    with FeatureCache(path, allow_partial=options.allow_partial, allow_external=options.allow_external) as cache:
         setup = _setup(cache, options, group)
         sel = _select(_statistics_pass(cache, setup, options, device, progress), setup, options)  # frees pass 1
         closed = _closed_form(sel.stats, sel.weight, sel.bias, options)
@@ -68,7 +68,8 @@ def audit(
     info = setup.info
     per_class = _per_class(sel.stats, sel.weight, decisions, sel.keep, info.class_names)
     return AuditResult(
-        source={"path": str(info.path), **{k: v for k, v in info.attrs.items() if k != "layer_order"}},
+        source={"path": str(info.path), **{k: v for k, v in info.attrs.items() if k != "layer_order"},
+                "files": [str(info.path), *(str(p) for p in info.sources)]},
         n_samples=sel.stats.n_samples,
         n_features=info.n_features,
         n_classes=len(sel.keep),

@@ -27,6 +27,10 @@ def report(
     rcond: float | None = typer.Option(None, help="Relative eigenvalue cut-off of Σ_T† (default p·eps)."),
     allow_partial: bool = typer.Option(False, "--allow-partial",
                                        help="Audit the rows written so far of an incomplete cache."),
+    allow_external: bool = typer.Option(False, "--allow-external",
+                                        help="Also read the files the cache's external links, external storage and "
+                                             "virtual datasets reach (refused by default: a cache holds its own data "
+                                             "or its shards'); the JSON source.files names every file read."),
     drop_empty_classes: bool = typer.Option(False, "--drop-empty-classes",
                                             help="Leave out classes without samples and their classifier rows "
                                                  "(audit a subset of the classes)."),
@@ -54,6 +58,7 @@ def report(
             check_output(output, [cache])
         options = AuditOptions(
             batch_size=batch_size, device=device, ridge=ridge, rcond=rcond, allow_partial=allow_partial,
+            allow_external=allow_external,
             drop_empty_classes=drop_empty_classes, normalize=normalize, layers=[] if layers else None,
         )
         result = _audit_on_ranks(cache, options, quiet)

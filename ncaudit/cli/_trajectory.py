@@ -48,6 +48,8 @@ def trajectory(
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     batch_size: int = typer.Option(4096, "--batch-size", min=1, help="Rows per streamed batch."),
     normalize: bool = typer.Option(False, "--normalize", help="Audit normalised features and classifier rows."),
+    allow_external: bool = typer.Option(False, "--allow-external", help="Also read the files the caches' external "
+                                        "links, external storage and virtual datasets reach (see report)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Follow collapse across checkpoints: one row per checkpoint, train and test side by side.
@@ -63,7 +65,7 @@ def trajectory(
         for i, path in enumerate(caches):
             last_with_layers = layers and i == len(caches) - 1
             options = AuditOptions(batch_size=batch_size, device=device, normalize=normalize,
-                                   layers=[] if last_with_layers else None)
+                                   layers=[] if last_with_layers else None, allow_external=allow_external)
             results.append(audit(path, options, progress))
         rows = build_rows(results)
         outcome = gate_last_row(rows, fail_if)

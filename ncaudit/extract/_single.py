@@ -73,9 +73,10 @@ def _open_writer(job: _Job, p: int, layer_widths: dict[str, int]) -> CacheWriter
     weight = pm.weight.astype(np.float32)  # type: ignore[union-attr]
     bias = None if pm.bias is None else pm.bias.astype(np.float32)
     job.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    attrs = job.attrs if job.rows is None else {**job.attrs, "rows": [job.rows.start, job.rows.stop]}  # a shard's
     return CacheWriter(job.out, n_samples=len(job.span), n_features=p, num_classes=k, weight=weight, bias=bias,
                        feature_dtype=job.store_dtype, store_logits=True, class_names=job.class_names,
-                       layers=layer_widths, attrs=job.attrs, chunk_rows=job.chunk_rows, overwrite=True)
+                       layers=layer_widths, attrs=attrs, chunk_rows=job.chunk_rows, overwrite=True)
 
 
 def _stream(job: _Job, writer: CacheWriter, batches: Any, first: Any, head: tuple[torch.Tensor, torch.Tensor],
