@@ -25,15 +25,15 @@ from typing import Any
 import h5py
 
 from ncaudit._validate import attr_bool, attr_int, format_bytes, regular_file
-from ncaudit.cache._format import _short, attr_value
+from ncaudit.cache._format import RUN_KEYS, _short, attr_value
 from ncaudit.cache._rows import FileStamp, Segment
 from ncaudit.cache._shards import parse_shard_path
 from ncaudit.errors import InputError
 
 #: Root attributes that a shard of a joined cache must share with the joined file: the same checkpoint, data,
-#: transform and options produced its rows (``rows``, when the shard records it, must match its name).
-SHARD_KEYS = ("model", "weights", "checkpoint_sha256", "checkpoint_key", "ema", "seed", "dataset", "data", "split",
-              "data_fingerprint", "transform", "precision", "limit", "layers", "num_classes")
+#: transform and options produced its rows (``rows``, when the shard records it, must match its name). Pieces of a
+#: resumed run may differ in what --resume allows to differ (the --limit, where the data lie).
+SHARD_KEYS = (*RUN_KEYS, "num_classes")
 
 ALLOW_HINT = "pass --allow-external to read it anyway (allow_external=True)"
 
@@ -121,8 +121,13 @@ def _select_bounds(space: Any, extent: tuple[int, ...]) -> tuple[int, ...] | Non
 def _open_object(f: h5py.File, name: str) -> Any:
     """``f.get(name)``, a dataset opened so that relative external raw-data files are found beside its file
     (``${ORIGIN}``) rather than in the working directory, as the storage check looks for them."""
-    if f.get(name, getclass=True) is not h5py.Dataset:
-        return f.get(name)
+    obj = f.get(name)
+    if not isinstance(obj, h5py.Dataset):
+        return obj
+    dcpl = obj.id.get_create_plist()
+    if dcpl.get_layout() != h5py.h5d.CONTIGUOUS or dcpl.get_external_count() == 0:
+        return obj
+    del obj, dcpl  # HDF5 refuses a second handle with another prefix while this one is open
     dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
     dapl.set_efile_prefix(b"${ORIGIN}")
     return h5py.Dataset(h5py.h5d.open(f.id, name.encode(), dapl=dapl))

@@ -89,10 +89,10 @@ def extract(
     """
     from ncaudit.data import TransformOverrides
     from ncaudit.extract import extract as run_extract
+    from ncaudit.extract import left_behind
     from ncaudit.models import Weights
 
-    with _command(f"{out} is left partial (complete=false) with the rows written so far: rerun with --resume to "
-                  "continue"):
+    with _command(lambda: left_behind(out)):
         chosen = Weights.from_flags(checkpoint, pretrained=pretrained, random_init=random_init, weights=weights,
                                     ema=ema)
         with _ranks(device) as group:
@@ -109,6 +109,10 @@ def extract(
                 group=group,
             )
     if not main:
+        return
+    if summary.already_complete:
+        stderr.print(escape(f"{summary.out} is already complete ({summary.n_samples} samples, the same checkpoint, "
+                            "data and options): nothing to do"), soft_wrap=True)
         return
     rate = f", {summary.images_per_s:,.0f} images/s" if summary.images_per_s == summary.images_per_s else ""
     stderr.print(escape(f"wrote {summary.out}: {summary.n_samples} samples x {summary.n_features} features, "
