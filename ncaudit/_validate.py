@@ -81,8 +81,9 @@ def _number_list(value: Any) -> list[float] | None:
             return None
     if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
         value = [value]
+    number = (int, float, np.integer, np.floating)
     if isinstance(value, (list, tuple)) and value and all(
-            isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) for v in value):
+            isinstance(v, number) and not isinstance(v, (bool, np.bool_)) for v in value):
         return [float(v) for v in value]
     return None
 

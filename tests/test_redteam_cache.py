@@ -255,3 +255,52 @@ def test_fifos_are_refused_before_opening(tmp_path: Path) -> None:
     for line in lines:
         name, seconds, message = line.split(" ", 2)
         assert float(seconds) < 1 and "is a FIFO (named pipe), not a regular file" in message, line
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. What reaches the terminal, and what the numbers survive
+# ---------------------------------------------------------------------------------------------------------------------
+HOSTILE = ["\x1b]0;owned\x07title", "\x1b[2Jclear", "\x1b]8;;http://evil.example\x1b\\link\x1b]8;;\x1b\\", "\u202etxt.exe"]
+
+
+def test_control_characters_from_data_never_reach_the_terminal(tmp_path: Path) -> None:
+    h, y, etf = _data()
+    path = write_cache(tmp_path / "c.h5", h, y, weight=etf, class_names=HOSTILE,
+                       attrs={"model": "\x1b]0;model\x07m", "dataset": "\x1b[31mred", "split": "\x9b2J"})
+    res = invoke("report", path, "-q", "--per-class")
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    for text in (res.stdout, res.stderr):
+        assert not any(ch in text for ch in "\x1b\x07\x9b\u202e"), repr(text)
+    assert "\\x1b]0;owned\\x07title" in res.stdout and "\\u202etxt.exe" in res.stdout and "\\x1b]0;model" in res.stdout
+    bad = tmp_path / "\x1b]0;x\x07.h5"
+    bad.write_bytes(b"not hdf5")
+    res = invoke("report", bad, "-q")
+    line = one_line(res, "\\x1b]0;x\\x07.h5")
+    assert "\x1b" not in res.stderr and "\x07" not in line
+
+
+def test_a_huge_finite_classifier_is_decided_in_float64() -> None:
+    from ncaudit.stats import SampleDecisions
+
+    rng = np.random.default_rng(1)
+    c, p, n = 10, 64, 1000
+    means = 3 * rng.standard_normal((c, p))
+    y = rng.integers(0, c, n)
+    h = (means[y] + 2 * rng.standard_normal((n, p))).astype(np.float32)
+    w = ((means + 0.3 * rng.standard_normal(means.shape)) * 1e37).astype(np.float32)  # finite in float32
+    want = (h.astype(np.float64) @ w.astype(np.float64).T).argmax(1) == y
+    mu = np.stack([h[y == k].astype(np.float64).mean(0) for k in range(c)])
+    anchors = np.stack([h[y == k][0] for k in range(c)]).astype(np.float64)
+    import torch
+    dec = SampleDecisions(mu, mu.mean(0), w, None, np.eye(p), gemm_dtype=torch.float32, anchors=anchors)
+    assert dec.gemm_dtype == torch.float64  # decided once, before the pass
+    dec.update(torch.from_numpy(h), torch.from_numpy(y))
+    assert int(dec.compute().correct.sum()) == int(want.sum()) == n
+
+
+def test_float64_features_too_large_get_no_float64_advice(tmp_path: Path) -> None:
+    h, y, etf = _data()
+    h = h.astype(np.float64)
+    h[3, 0] = 1e200
+    line = one_line(invoke("report", write_cache(tmp_path / "c.h5", h, y, weight=etf), "-q"), "row 3 reaches 1e+200")
+    assert "store them as float64" not in line

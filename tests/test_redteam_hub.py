@@ -17,9 +17,8 @@ import torch
 from extract_fixtures import timm_model
 
 from ncaudit.errors import InputError
-from ncaudit.models import Weights, load_model
+from ncaudit.models import Weights, _hub, load_model
 from ncaudit.models import _checkpoint as checkpoint_module
-from ncaudit.models import _hub
 
 TAG = "test_resnet.r160_in1k"
 REVISION = "0123456789abcdef0123456789abcdef01234567"

@@ -87,9 +87,16 @@ def command(**kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     return register
 
 
+def shown(value: object) -> str:
+    """Text from data (file, class and model names, provenance, messages quoting them) as the console prints it:
+    control characters escaped (:func:`ncaudit._text.printable`: no window titles, screen clears or hidden links),
+    rich markup shown as written."""
+    return escape(printable(value))
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print one line to stderr and exit (2: bad input or usage)."""
-    stderr.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    stderr.print(f"[bold red]error:[/] {shown(message)}", soft_wrap=True)
     raise typer.Exit(code=code)
 
 
@@ -204,7 +211,7 @@ def main() -> None:
     try:
         app(standalone_mode=True)
     except InputError as exc:  # raised outside a command's own handler
-        stderr.print(f"[bold red]error:[/] {escape(printable(exc))}", soft_wrap=True)
+        stderr.print(f"[bold red]error:[/] {shown(exc)}", soft_wrap=True)
         sys.exit(2)
     except SystemExit as exc:
         distributed = os.environ.get("WORLD_SIZE", "1") not in ("", "1")

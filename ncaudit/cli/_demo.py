@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 
-from ncaudit.cli._app import _command, command, stderr
+from ncaudit.cli._app import _command, command, shown, stderr
 from ncaudit.cli._trajectory import _print_trajectory
 
 
@@ -35,7 +34,7 @@ def demo(
     from ncaudit._demo import EXPLANATION, run_demo
     from ncaudit.audit import gate_last_row
 
-    say = (lambda line: None) if quiet else (lambda line: stderr.print(escape(line), soft_wrap=True))
+    say = (lambda line: None) if quiet else (lambda line: stderr.print(shown(line), soft_wrap=True))
     with tempfile.TemporaryDirectory(prefix="ncaudit-demo-") as tmp:
         target = out if out is not None else Path(tmp)
         with _command("the demo stopped"):
@@ -47,7 +46,7 @@ def demo(
         stderr.print("pass --out DIR to keep the caches, JSON reports and trajectory plot", soft_wrap=True)
     else:
         plot_note = f", plot {result.plot}" if result.plot else " (no plot: pip install 'ncaudit[plot]')"
-        stderr.print(escape(f"caches in {out / 'caches'}, JSON reports in {out / 'reports'}{plot_note}"),
+        stderr.print(shown(f"caches in {out / 'caches'}, JSON reports in {out / 'reports'}{plot_note}"),
                      soft_wrap=True)
     if not all(c["passed"] for c in outcome):
         raise typer.Exit(code=1)

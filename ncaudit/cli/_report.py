@@ -7,9 +7,8 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
-from ncaudit.cli._app import _command, _ranks, command, stderr
+from ncaudit.cli._app import _command, _ranks, command, shown, stderr
 
 
 @command()
@@ -66,7 +65,7 @@ def report(
         return
     result.checks = evaluate(checks, result.metrics)
     for warning in result.warnings:
-        stderr.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+        stderr.print(f"[yellow]warning:[/] {shown(warning)}", soft_wrap=True)
     text = render_json(result)
     if output is not None:
         with _command(f"{output} is unchanged"):

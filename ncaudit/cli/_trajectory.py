@@ -6,9 +6,8 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
-from ncaudit.cli._app import PLOT_EXTRA, _command, command, stderr
+from ncaudit.cli._app import PLOT_EXTRA, _command, command, shown, stderr
 
 
 def _print_trajectory(rows: list, outcome: list[dict], *, json_out: bool, layers: bool = False,
@@ -24,11 +23,11 @@ def _print_trajectory(rows: list, outcome: list[dict], *, json_out: bool, layers
     if not console.is_terminal:  # a log or a pipe: no terminal width to respect, so do not truncate cells
         console, prose_width = Console(highlight=False, width=200), 100
     if preface:
-        console.print(escape(preface) + "\n", width=prose_width)
+        console.print(shown(preface) + "\n", width=prose_width)
     console.print(trajectory_table(rows, layers=layers, wide=wide))
     for c in outcome:
         style = "green" if c["passed"] else "bold red"
-        console.print(f"[{style}]{c['outcome']}[/]: fails if {escape(c['expression'])} (last row: "
+        console.print(f"[{style}]{c['outcome']}[/]: fails if {shown(c['expression'])} (last row: "
                       f"{fmt(c['value'])})")
 
 
@@ -73,7 +72,7 @@ def trajectory(
             from ncaudit.report import plot_trajectory
 
             plot_trajectory(rows, plot)
-            stderr.print(escape(f"plot written to {plot}"))
+            stderr.print(shown(f"plot written to {plot}"))
     _print_trajectory(rows, outcome, json_out=json_out, layers=layers, wide=wide)
     if not all(c["passed"] for c in outcome):
         raise typer.Exit(code=1)

@@ -80,4 +80,5 @@ def _open_tar(root: Path, split: str | None) -> DataSource:
     digest = hashlib.sha256("".join(f"{r[1]}\t{index[r[0]]}\t{r[4]}\n" for r in rows).encode())
     return DataSource(dataset=_Samples(images, raw, None), kind="tar", split=split, root=root, labels=raw,
                       dataset_classes=classes, class_names=None, fingerprint=digest.hexdigest(),
-                      reader="exact tar index, labels as timm ReaderImageInTar (classes in sorted order)", notes=_natural_order_note(classes))
+                      reader="exact tar index, labels as timm ReaderImageInTar (classes in sorted order)",
+                      notes=_natural_order_note(classes))

@@ -53,8 +53,8 @@ def left_behind(out: str | Path) -> str:
             return f"{out} is not a readable cache: rerun with --overwrite"
         if complete:
             return f"{out} is unchanged (a complete cache)"
-        return f"{out} is left partial (complete=false) with its first {written} rows on disk: rerun with --resume to " \
-               "continue"
+        return f"{out} is left partial (complete=false) with its first {written} rows on disk: rerun with --resume " \
+               "to continue"
     if shard_files(out):
         try:
             kept = sum(state.n_written for state in scan_shards(out))

@@ -9,6 +9,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from ncaudit._text import printable
 from ncaudit.audit import AuditResult
 from ncaudit.report._format import column_format, fmt
 
@@ -89,18 +90,18 @@ def per_class_table(result: AuditResult, limit: int | None = None) -> Table:
             table.add_column(label, justify="right", no_wrap=True)
     formats = {key: column_format([r.get(key) for r in rows]) for key, _ in columns}
     for r in rows:  # Text cells: a class name such as "[bold]x" is shown as written, never read as markup
-        table.add_row(*(Text(str(r.get(key, ""))) if key in ("class", "name", "count") else formats[key](r.get(key))
-                        for key, _ in columns))
+        table.add_row(*(Text(printable(r.get(key, ""))) if key in ("class", "name", "count")
+                        else formats[key](r.get(key)) for key, _ in columns))
     return table
 
 
-def layers_table(result: AuditResult, title: str = "per layer (network order)") -> Table:
+def layers_table(result: AuditResult, title: str | Text = "per layer (network order)") -> Table:
     """One row per layer in network order: NC1, CDNV, NC2 of the means, NCC accuracy."""
     table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False)
     for col in ("layer", "p", "NC1", "CDNV", "equinorm μ", "equiangle μ", "NCC acc"):
         table.add_column(col, justify="left" if col == "layer" else "right", no_wrap=True)
     for name, block in result.layers.items():
-        table.add_row(Text(name), str(block["n_features"]), *(fmt(block[k]) for k in (
+        table.add_row(Text(printable(name)), str(block["n_features"]), *(fmt(block[k]) for k in (
             "nc1", "cdnv", "nc2_equinorm_means", "nc2_equiangle_means", "ncc_accuracy")))
     table.add_row("(final)", str(result.n_features), *(fmt(result.metrics[k]) for k in (
         "nc1", "cdnv", "nc2_equinorm_means", "nc2_equiangle_means", "ncc_accuracy")))
@@ -113,7 +114,7 @@ def checks_table(result: AuditResult) -> Table:
         table.add_column(col)
     for c in result.checks:
         style = "green" if c["passed"] else "bold red"
-        table.add_row(c["expression"], fmt(c["value"]), Text(c["outcome"], style=style))
+        table.add_row(Text(printable(c["expression"])), fmt(c["value"]), Text(c["outcome"], style=style))
     return table
 
 
@@ -121,10 +122,10 @@ def render_table(result: AuditResult, console: Console, *, per_class: bool = Fal
     """Print the human-readable report: header, metric groups, optional per-class and per-layer tables, checks."""
     src = result.source
     header = Text.assemble(
-        ("ncaudit report  ", "bold"), (str(src.get("path", "")), "cyan"),
+        ("ncaudit report  ", "bold"), (printable(src.get("path", "")), "cyan"),
         f"\nN = {result.n_samples}   p = {result.n_features}   C = {result.n_classes}",
     )
-    extras = [str(src[k]) for k in ("model", "dataset", "split") if src.get(k)]
+    extras = [printable(src[k]) for k in ("model", "dataset", "split") if src.get(k)]
     if extras:
         header.append("   " + " · ".join(extras), style="dim")
     if result.details.get("normalized"):

@@ -10,6 +10,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from ncaudit._text import printable
 from ncaudit.audit import TrajectoryRow
 from ncaudit.audit._trajectory import COLUMNS as TRAJECTORY_COLUMNS
 from ncaudit.audit._trajectory import NARROW_COLUMNS, PER_SPLIT, split_order
@@ -48,9 +49,10 @@ def trajectory_table(rows: Sequence[TrajectoryRow], *, layers: bool = False, wid
         columns.append((key, split))
         table.add_column(header, justify="right", no_wrap=True)
     for r in rows:
-        table.add_row(Text(r.label), *(fmt_compact(r.value(f"{s}.{k}" if s else k)) for k, s in columns))
+        table.add_row(Text(printable(r.label)), *(fmt_compact(r.value(f"{s}.{k}" if s else k)) for k, s in columns))
     parts: list[Any] = [table]
     if layers and rows and rows[-1].primary.layers:
         last = rows[-1]
-        parts.append(layers_table(last.primary, title=f"per-layer NC1 of {last.label} ({last.primary_split})"))
+        title = Text(printable(f"per-layer NC1 of {last.label} ({last.primary_split})"))
+        parts.append(layers_table(last.primary, title=title))
     return Group(*parts)
