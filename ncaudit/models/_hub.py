@@ -129,8 +129,8 @@ def _unreachable(url: str) -> str | None:
         try:
             socket.create_connection((host, port), timeout=REACH_TIMEOUT).close()
             outcome.append(None)
-        except OSError as exc:
-            outcome.append(f"{host}:{port}: {exc.strerror or exc}")
+        except (OSError, ValueError) as exc:  # refused, unreachable, unresolvable, or a malformed name
+            outcome.append(f"{host}:{port}: {getattr(exc, 'strerror', None) or exc}")
 
     thread = threading.Thread(target=connect, name="ncaudit-reach", daemon=True)
     thread.start()
