@@ -214,3 +214,15 @@ def test_webdataset_labels_and_names_are_one_line(png: bytes, tmp_path: Path, ke
 def test_duplicate_webdataset_member_is_refused(png: bytes, tmp_path: Path) -> None:
     _shard(tmp_path / "s-0000.tar", [("k000", png, b"1"), ("k001", png, b"0"), ("k000", png, b"2")])
     refused(tmp_path, "two members are named", "k000", dataset="wds/x", split="s-{0000..0000}.tar")
+
+
+def test_a_fifo_named_as_an_image_is_refused(folder: Path, tmp_path: Path) -> None:
+    from ncaudit.data import load_image
+
+    root = tmp_path / "data"
+    shutil.copytree(folder, root)
+    os.mkfifo(root / "a_dog" / "zz.png")
+    src = open_samples(root)  # the scan lists it by its name, as torchvision's ImageFolder would
+    index = src.dataset.images.paths.index(str(root / "a_dog" / "zz.png"))
+    with pytest.raises(InputError, match="zz.png: is a FIFO"):
+        load_image(src.dataset.images.paths[index])
