@@ -145,6 +145,8 @@ def test_percent_in_names_joins_and_reads_the_right_rows(tmp_path: Path, name: s
     with FeatureCache(joined) as cache:  # ncaudit's reader: the shards themselves
         assert cache.info.sources == tuple(shards)
         np.testing.assert_array_equal(np.concatenate([x for _, x, _, _ in cache.iter_batches(7)]), h)
+        rows = np.array([0, 12, 13, 40, len(h) - 1])  # across shard boundaries (the reference rows' reads)
+        np.testing.assert_array_equal(cache._read("features", rows), h[rows])
     with h5py.File(joined, "r") as f:  # any HDF5 reader resolves the escaped source names to the same rows
         np.testing.assert_array_equal(f["features"][()], h)
     assert _accuracy(joined)["source"]["files"] == [str(joined), *map(str, shards)]
