@@ -15,8 +15,8 @@ def torchrun(ctx: typer.Context) -> None:
     `ncaudit torchrun --nproc_per_node=8 -m ncaudit extract --model M --pretrained --data D --out X.h5`.
 
     Plain torchrun reports any failed rank with a traceback of its own launcher and exits 1; here a failed run ends
-    with the ranks' one-line error and their exit code (2 for bad input, 130 / 143 when interrupted), and torchrun's
-    own logging is limited to errors that are not the ranks'.
+    with the ranks' one-line error and their exit code (2 for bad input, 130 / 143 when interrupted); torchrun's own
+    log lines are silenced. A rank that fails otherwise (a crash) is named in one line with its exit code.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
