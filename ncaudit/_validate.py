@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,106 @@ def format_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}" if unit in ("TiB", "GiB") else f"{n / size:.1f} {unit}"
     return f"{int(n)} bytes"
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
+
+
+def regular_file(path: str | os.PathLike[str], role: str) -> os.stat_result:
+    """The ``os.stat`` of ``path`` (links followed) when it is a regular file; anything else is refused before it
+    is opened.
+
+    Opening a FIFO blocks until a writer appears (uninterruptibly, inside HDF5 or a Rust reader) and a device or a
+    socket is no file to read; ``role`` says what the file was to be (``"the cache"``, ``"a shard"``, ...).
+
+    Raises
+    ------
+    InputError
+        The path is missing, or is a FIFO, a socket, a device or a directory.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot open {role} ({exc.strerror or exc}); check the path") from None
+    if stat.S_ISREG(st.st_mode):
+        return st
+    kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+    raise InputError(f"{path}: is {kind}, not a regular file; {role} must be a file on disk (refused before opening: "
+                     "a pipe or a device would block or never end)")
+
+
+#: The largest image side (pixels) a recorded preprocessing value may ask for: larger ones are not an eval transform
+#: of an image classifier but a damaged or hostile file (an input of 100000 x 100000 pixels is 120 GB per image).
+MAX_IMAGE_SIDE = 8192
+#: Keys that record an image size (timm ``input_size`` / ``img_size`` / ``test_input_size``, torchvision reference
+#: scripts' ``val_crop_size`` / ``val_resize_size``).
+SIZE_KEYS = ("input_size", "img_size", "test_input_size", "val_crop_size", "val_resize_size")
+
+
+def _number_list(value: Any) -> list[float] | None:
+    """Numbers from a number, a list, or text (``[0.5, 0.5]``, ``(224, 224)``, ``0.5,0.5``); None if not numbers."""
+    if isinstance(value, str):
+        text = value.strip().strip("[]()")
+        try:
+            value = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            return None
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+        value = [value]
+    number = (int, float, np.integer, np.floating)
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, number) and not isinstance(v, (bool, np.bool_)) for v in value):
+        return [float(v) for v in value]
+    return None
+
+
+def check_preprocessing(raw: Any, where: str) -> None:
+    """Every preprocessing value a file records (a checkpoint's metadata or training args, a hub ``config.json``)
+    within range, before anything is built from it.
+
+    Sizes (:data:`SIZE_KEYS`): N, [H, W] or [C, H, W], whole numbers of 1 to :data:`MAX_IMAGE_SIDE` pixels (and 1
+    to 16 channels); ``mean``: finite, at most 1e4 in size; ``std``: finite, from 1e-6 to 1e4 (a zero std divides by
+    zero); ``crop_pct``: in (0, 1]. Absent, None and empty values are not recorded values; text values
+    (interpolation, crop mode) are checked where they are used.
+
+    Raises
+    ------
+    InputError
+        One line naming the file (``where``), the key and the value.
+    """
+    if not hasattr(raw, "get"):
+        return
+
+    def bad(key: str, value: Any, expected: str) -> InputError:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        return InputError(f"{where}: {key} is {shown}; expected {expected}. The file is damaged or not made for this "
+                          "tool: fix the value, or use weights whose preprocessing is in range")
+
+    for key in SIZE_KEYS:
+        value = raw.get(key)
+        if value is None or value == "" or value == []:
+            continue
+        nums = _number_list(value)
+        if nums is None or not 1 <= len(nums) <= 3:
+            raise bad(key, value, "an image size: N, [H, W] or [C, H, W]")
+        sides, channels = (nums[1:], nums[0]) if len(nums) == 3 else (nums, 3.0)
+        if any(not (math.isfinite(v) and v.is_integer() and 1 <= v <= MAX_IMAGE_SIDE) for v in sides):
+            raise bad(key, value, f"whole numbers of pixels from 1 to {MAX_IMAGE_SIDE}")
+        if not (channels.is_integer() and 1 <= channels <= 16):
+            raise bad(key, value, "[C, H, W] with 1 to 16 channels")
+    for key, low, high in (("mean", -1e4, 1e4), ("std", 1e-6, 1e4)):
+        value = raw.get(key)
+        if value is None or value == "" or value == []:
+            continue
+        nums = _number_list(value)
+        if nums is None or not 1 <= len(nums) <= 16 or not all(math.isfinite(v) and low <= v <= high for v in nums):
+            raise bad(key, value, f"1 to 16 finite numbers from {low:g} to {high:g}")
+    value = raw.get("crop_pct")
+    if value is not None and value != "":
+        nums = _number_list(value)
+        if nums is None or len(nums) != 1 or not (math.isfinite(nums[0]) and 0 < nums[0] <= 1):
+            raise bad("crop_pct", value, "one number in (0, 1]")
 
 
 def _describe(value: Any) -> str:
@@ -153,9 +254,10 @@ def _check_magnitude(features: torch.Tensor, limit: float, start: int, where: st
     if bool((peak <= limit).all()):
         return
     row = int((peak > limit).nonzero()[0, 0])
+    dtype = str(features.dtype).replace("torch.", "")
+    fix = "rescale the features" + ("" if dtype == "float64" else " (or store them as float64)")
     raise InputError(f"{where}: {name} row {start + row} reaches {float(peak[row]):.3g}, beyond the {limit:.0e} whose "
-                     f"squares the {str(features.dtype).replace('torch.', '')} statistics hold; rescale the features "
-                     "(or store them as float64)")
+                     f"squares the {dtype} statistics hold; {fix}")
 
 
 def check_classifier(weight: np.ndarray, bias: np.ndarray | None, where: str) -> None:

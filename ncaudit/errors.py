@@ -18,5 +18,15 @@ class CacheWriteError(InputError):
     """
 
 
+class MirroredError(InputError):
+    """An error another rank of a distributed run stopped on, raised on this rank too so that every rank stops.
+
+    Rank 0 prints the message (whichever rank failed); the other ranks exit with code 2 and print nothing, so a failed
+    run says what went wrong once.
+    """
+
+    quiet = True
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM while a command runs, raised where Ctrl-C would be; the CLI exits with 143 (128 + SIGTERM)."""

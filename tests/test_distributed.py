@@ -256,17 +256,22 @@ def test_torchrun_report_equals_one_process(tmp_path, dtype, tol):
 
 
 def test_torchrun_report_stops_every_rank_on_bad_input(tmp_path):
-    """A bad label in rank 1's rows: every rank exits (exit 2 from the failing one), none hangs at a merge."""
+    """A bad label in rank 1's rows: every rank exits with 2, none hangs at a merge, and the run says why once (rank
+    0 prints rank 1's error; `ncaudit torchrun` adds no launcher traceback)."""
     from ncaudit.cache import write_cache
 
     y = np.arange(200) % 4
     y[150] = 9  # outside [0, 4): only rank 1 (rows 100..199) sees it
     path = write_cache(tmp_path / "bad.h5", np.random.default_rng(0).standard_normal((200, 6)), y, num_classes=4)
-    run = _torchrun(["-m", "ncaudit", "report", str(path), "-q"])
+    run = subprocess.run([sys.executable, "-m", "ncaudit", "torchrun", "--standalone", "--nnodes=1",
+                          "--nproc_per_node=2", "-m", "ncaudit", "report", str(path), "-q"], env=_torchrun_env(),
+                         capture_output=True, text=True, timeout=300)  # torchrun's arguments through ncaudit
     if "process group" in run.stderr and "label" not in run.stderr:
         pytest.skip("the gloo process group could not start in this environment")
-    assert run.returncode != 0
-    assert "label 9 at row 150" in run.stderr
+    assert run.returncode == 2, run.stderr[-3000:]
+    lines = [line for line in run.stderr.strip().splitlines() if line.strip()]
+    assert lines == [lines[-1]] and lines[-1].startswith("error: rank 1: ")  # one line, printed by rank 0
+    assert "label 9 at row 150" in lines[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

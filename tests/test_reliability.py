@@ -32,6 +32,7 @@ from reference import planted
 from typer.testing import CliRunner
 
 from ncaudit.cache import CacheWriter, FeatureCache, WriterLock, join_shards, write_cache
+from ncaudit.cache._shards import shard_path
 from ncaudit.cli import app
 from ncaudit.data import load_image, open_dataset
 from ncaudit.errors import CacheWriteError, InputError
@@ -304,8 +305,8 @@ def _shards(tmp_path: Path) -> tuple[Path, list[Path]]:
     h, y, etf = planted(C=4, p=6, n=25, sigma=0.05, seed=3)
     order = np.random.default_rng(0).permutation(len(y))  # every shard holds every class
     h, y = h[order], y[order]
-    shards = [write_cache(tmp_path / f"s{i}.h5", h[i * 25:(i + 1) * 25], y[i * 25:(i + 1) * 25], weight=etf)
-              for i in range(4)]
+    shards = [write_cache(shard_path(tmp_path / "joined.h5", i * 25, (i + 1) * 25), h[i * 25:(i + 1) * 25],
+                          y[i * 25:(i + 1) * 25], weight=etf) for i in range(4)]
     return join_shards(tmp_path / "joined.h5", shards), shards
 
 
@@ -315,14 +316,14 @@ def test_missing_or_short_shard_is_named(tmp_path: Path) -> None:
     assert ok.exit_code == 0 and json.loads(ok.stdout)["class_counts"] == [25] * 4
     saved = shards[1].read_bytes()
     shards[1].unlink()
-    one_line_error(invoke("report", joined, "--json", "-q"), "s1.h5", "does not exist")
+    one_line_error(invoke("report", joined, "--json", "-q"), shards[1].name, "does not exist")
     h, y, etf = planted(C=4, p=6, n=3, seed=4)
     write_cache(shards[1], h[:10], y[:10], weight=etf)  # replaced by a shorter shard
-    one_line_error(invoke("report", joined, "--json", "-q"), "s1.h5", "short")
+    one_line_error(invoke("report", joined, "--json", "-q"), shards[1].name, "short")
     shards[1].write_bytes(saved)
     with h5py.File(shards[1], "r+") as f:  # the shard is now a partial cache that wrote 5 of its 25 rows
         f.attrs["complete"], f.attrs["n_written"] = False, 5
-    one_line_error(invoke("report", joined, "--json", "-q"), "s1.h5", "incomplete")
+    one_line_error(invoke("report", joined, "--json", "-q"), shards[1].name, "incomplete")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -661,7 +662,9 @@ def test_broken_external_link_is_named_with_its_target(tmp_path: Path) -> None:
     with h5py.File(path, "a") as f:
         f["features"] = h5py.ExternalLink("gone.h5", "/features")
     one_line_error(invoke("report", path, "-q"), "/features is an external link to gone.h5:/features",
-                   "target is missing")
+                   "--allow-external")
+    one_line_error(invoke("report", path, "-q", "--allow-external"),
+                   "/features is an external link to gone.h5:/features", "target file gone.h5 does not exist")
 
 
 TERMINATE = """

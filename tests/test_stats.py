@@ -9,6 +9,8 @@ from reference import planted, reference_metrics
 
 from ncaudit.audit import AuditOptions, audit
 from ncaudit.cache import join_shards, write_cache
+from ncaudit.cache._shards import shard_path
+from ncaudit.errors import InputError
 from ncaudit.stats import ClassStatistics
 
 
@@ -116,10 +118,10 @@ def test_report_invariant_to_batch_size_and_shards(tmp_path):
     h, y = h[order], y[order]
     W, b = etf + 0.2 * rng.standard_normal(etf.shape), rng.standard_normal(5)
     whole = write_cache(tmp_path / "whole.h5", h, y, weight=W, bias=b)
-    (tmp_path / "shards").mkdir()
-    shards = []
-    for i, part in enumerate(np.array_split(np.arange(len(y)), 3)):
-        shards.append(write_cache(tmp_path / "shards" / f"rank{i}.h5", h[part], y[part], weight=W, bias=b))
+    shards = []  # the row-named shards beside the joined file, as a distributed extract writes them
+    for part in np.array_split(np.arange(len(y)), 3):
+        shards.append(write_cache(shard_path(tmp_path / "joined.h5", part[0], part[-1] + 1), h[part], y[part],
+                                  weight=W, bias=b))
     joined = join_shards(tmp_path / "joined.h5", shards)
     ref = reference_metrics(h, y, W, b)
     results = [audit(whole, AuditOptions(batch_size=bs, device="cpu")) for bs in (1, 7, 4096)]
@@ -136,7 +138,11 @@ def test_joined_cache_resolves_shards_from_another_directory(tmp_path, monkeypat
     shards = [write_cache(tmp_path / "d" / f"s{i}.h5", h[i::2], y[i::2], weight=etf) for i in range(2)]
     joined = join_shards(tmp_path / "d" / "all.h5", shards)
     monkeypatch.chdir(tmp_path)  # the reader's working directory is not the files' directory
-    assert audit(joined, AuditOptions(device="cpu")).n_samples == len(y)
+    with pytest.raises(InputError, match="s0.h5.*--allow-external"):  # not the row-named shards of extract
+        audit(joined, AuditOptions(device="cpu"))
+    result = audit(joined, AuditOptions(device="cpu", allow_external=True))
+    assert result.n_samples == len(y)
+    assert result.source["files"] == [str(joined), *(str(s) for s in shards)]
 
 
 def test_normalize_equals_reference_on_normalized_features(cache_path):

@@ -53,7 +53,7 @@ def audit(
     progress = progress or _NoProgress()
     _check_options(options)
     device = group.device if group is not None else resolve_device(options.device)
-    with FeatureCache(path, allow_partial=options.allow_partial) as cache:
+    with FeatureCache(path, allow_partial=options.allow_partial, allow_external=options.allow_external) as cache:
         setup = _setup(cache, options, group)
         sel = _select(_statistics_pass(cache, setup, options, device, progress), setup, options)  # frees pass 1
         train = None if options.means_from is None else \
@@ -108,6 +108,7 @@ def _source(info: CacheInfo) -> dict[str, Any]:
             except json.JSONDecodeError:
                 pass  # kept as written
         source[key] = value
+    source["files"] = [str(info.path), *(str(p) for p in info.sources)]  # every file read (shards, --allow-external)
     return source
 
 

@@ -32,6 +32,8 @@ class AuditOptions:
     ridge : lambda >= 0 of the least-squares classifier.
     rcond : relative eigenvalue cut-off of Sigma_T^dagger (default p * eps).
     allow_partial : read the written rows of an incomplete cache.
+    allow_external : also read the files a cache's external links, external storage and virtual datasets reach
+        (other than its own shards); the result's ``source["files"]`` names every file read.
     drop_empty_classes : leave out classes without samples (and their classifier rows).
     normalize : audit h / ||h|| and w_c / ||w_c|| with b = 0.
     layers : also audit the cache's ``/layers`` (None: none; empty: all; else these names).
@@ -44,6 +46,7 @@ class AuditOptions:
     ridge: float = 0.0
     rcond: float | None = None
     allow_partial: bool = False
+    allow_external: bool = False
     drop_empty_classes: bool = False
     normalize: bool = False
     layers: Sequence[str] | None = None

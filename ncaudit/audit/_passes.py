@@ -110,6 +110,7 @@ def _decisions_pass(cache: FeatureCache, setup: _Setup, sel: _Selection, closed:
     common = dict(device=device, gemm_dtype=setup.gemm, normalize=options.normalize)
     dec = SampleDecisions(stats.means, stats.global_mean, sel.weight, sel.bias, closed.basis.whitener,
                           anchors=stats.anchors, **common)
+    setup.gemm = dec.gemm_dtype  # float64 when the classifier's scale needs it (reported in the details)
     train_dec = None if train is None else SampleDecisions(
         train.means, train.global_mean, sel.weight, sel.bias, closed.basis.whitener, anchors=stats.anchors,
         per_class=False, **common)

@@ -14,6 +14,11 @@ import numpy as np
 SCHEMA_VERSION = 1
 FEATURE_DTYPES = ("float16", "float32", "float64")
 DEFAULT_CHUNK_ROWS = 256
+#: The provenance attributes that make two files pieces of one extraction: the same checkpoint, data (its
+#: fingerprint), transform and options. ``extract --resume`` continues a file only when they match; a joined cache
+#: reads a shard only when they match the joined file's.
+RUN_KEYS = ("model", "weights", "seed", "checkpoint_sha256", "ema", "dataset", "split", "data_fingerprint",
+            "transform", "precision", "layers")
 
 
 def attr_value(value: Any) -> Any:

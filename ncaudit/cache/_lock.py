@@ -63,7 +63,7 @@ class WriterLock:
                                  "write the cache to a writable directory") from None
             try:
                 if self._take(fd):
-                    _stamp(fd)
+                    self._stamp(fd)
                     return fd
             except BaseException:
                 os.close(fd)
@@ -84,6 +84,18 @@ class WriterLock:
             return os.fstat(fd).st_ino == os.stat(self.path).st_ino
         except FileNotFoundError:
             return False
+
+    def _stamp(self, fd: int) -> None:
+        """Record the holder in the (locked) lock file; a full disk is one line, and leaves no empty lock file."""
+        try:
+            _stamp(fd)
+        except OSError as exc:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            raise InputError(f"{self.cache}: cannot write the lock file {self.path.name} ({exc.strerror or exc}); "
+                             "nothing was written: free disk space (or fix the I/O error), then rerun") from None
 
     def _busy(self, holder: str) -> None:
         raise InputError(f"{self.cache}: another process ({holder or 'unknown'}) is writing this cache; wait for it to "

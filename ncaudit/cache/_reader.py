@@ -28,6 +28,7 @@ import json
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +37,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ncaudit._validate import attr_bool, attr_int, check_memory, check_schema
+from ncaudit._validate import attr_bool, attr_int, check_memory, check_schema, regular_file
 from ncaudit.cache._format import FEATURE_DTYPES, SCHEMA_VERSION, _short, attr_value
-from ncaudit.cache._storage import _link_text, _StorageCheck
+from ncaudit.cache._rows import Rows
+from ncaudit.cache._storage import _StorageCheck
 from ncaudit.errors import InputError
 
 
@@ -47,7 +49,8 @@ class CacheInfo:
     """What a cache holds, read from its metadata without touching the sample data.
 
     ``n_samples`` is the number of rows a reader uses: all N rows of a complete file, ``n_written`` of a partial one.
-    ``sources`` lists the shard files its virtual datasets read from (empty for a plain file).
+    ``sources`` lists every other file read: the shards of a joined cache, or (``allow_external``) the files its
+    external links, external storage and virtual datasets reach (empty for a self-contained file).
     """
 
     path: Path
@@ -72,15 +75,20 @@ class FeatureCache:
 
     Opening checks the metadata before any sample is read: the root attributes must be well-formed, links must
     resolve, declared sizes must fit the memory the statistics need, every dataset that will be read must hold the
-    rows it declares (HDF5 reads never-written rows as zeros) and every shard of a virtual dataset must exist and
-    hold its rows.
+    rows it declares (HDF5 reads never-written rows as zeros), the file must hold its own data (no external links,
+    external storage or virtual datasets, :mod:`ncaudit.cache._storage`) except a joined cache's shards, and every
+    shard must exist, hold its rows and come from the same run. A shard is read directly, and checked unchanged
+    around every read.
 
     Parameters
     ----------
     path
-        The ``.h5`` file; its ``/features`` and ``/labels`` may be virtual datasets over shard files.
+        The ``.h5`` file; its ``/features`` and ``/labels`` may be virtual datasets over its shard files.
     allow_partial
         Accept a file whose ``complete`` attribute is false and read its first ``n_written`` rows.
+    allow_external
+        Also read what external links, external raw storage and other virtual datasets reach (with the same checks);
+        ``info.sources`` names every such file.
 
     Raises
     ------
@@ -88,12 +96,17 @@ class FeatureCache:
         The file is missing, not HDF5, not schema 1, incomplete (without ``allow_partial``) or malformed.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, allow_partial: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, allow_partial: bool = False,
+                 allow_external: bool = False) -> None:
         self.path = Path(path)
         if not self.path.exists():
             raise InputError(f"{self.path}: no such file; check the path (write one with `ncaudit extract`)")
         if self.path.is_dir():
             raise InputError(f"{self.path}: is a directory; give the path of an .h5 feature cache")
+        regular_file(self.path, "a feature cache")
+        self._rows: dict[str, Rows] = {}
+        self._check: _StorageCheck | None = None
+        self._allow_external = allow_external
         try:
             self._file = h5py.File(self.path, "r", locking=False)
         except (OSError, RuntimeError) as exc:
@@ -104,14 +117,14 @@ class FeatureCache:
         try:
             self.info = self._read_info(allow_partial)
         except InputError:
-            self._file.close()
+            self.close()
             raise
         except (OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:  # HDF5 errors of a damaged file
-            self._file.close()
+            self.close()
             raise InputError(f"{self.path}: the file is damaged ({_short(exc)}); re-extract it or restore a copy, "
                              "written by `ncaudit extract` or in the schema-1 layout of the README") from None
         except BaseException:
-            self._file.close()
+            self.close()
             raise
 
     # -- context manager -------------------------------------------------------------------------------------------
@@ -122,20 +135,17 @@ class FeatureCache:
         self.close()
 
     def close(self) -> None:
+        self._rows.clear()
+        if self._check is not None:
+            self._check.close()
         self._file.close()
 
     # -- metadata --------------------------------------------------------------------------------------------------
     def _get(self, name: str) -> Any:
-        """The object at ``name`` or None; a link that cannot be followed is an error naming the link and target."""
-        try:
-            obj = self._file.get(name)
-        except (KeyError, RuntimeError, OSError, ValueError) as exc:
-            raise InputError(f"{self.path}: cannot open /{name}: {_link_text(self._file, name) or 'broken path'} "
-                             f"({_short(exc)}); fix the link or store the data in the file itself") from None
-        if obj is None and (text := _link_text(self._file, name)):
-            raise InputError(f"{self.path}: cannot open /{name}: {text}, whose target is missing; restore the target "
-                             "file or store the data in the file itself")
-        return obj
+        """The object at ``name`` or None; links are checked before they are followed (:class:`_StorageCheck`), and
+        one that cannot be followed is an error naming the link and its target."""
+        assert self._check is not None
+        return self._check.get(name)
 
     def _dataset(self, name: str) -> h5py.Dataset | None:
         obj = self._get(name)
@@ -146,6 +156,7 @@ class FeatureCache:
     def _read_info(self, allow_partial: bool) -> CacheInfo:
         where = str(self.path)
         attrs = self._root_attrs()
+        self._check = _StorageCheck(self.path, self._file, attrs, allow_external=self._allow_external)
         check_schema(attrs.get("ncaudit_schema", SCHEMA_VERSION), SCHEMA_VERSION, where)
         feats, labels = self._main_datasets()
         n_rows, p = int(feats.shape[0]), int(feats.shape[1])
@@ -158,7 +169,8 @@ class FeatureCache:
         layers = self._layers(attrs, n_rows)
         ref_idx, ref_feat = self._reference(p)
         sources = self._check_stored(feats, labels, layers, n_samples,
-                                     [weight, bias, names_ds, ref_idx, ref_feat])
+                                     {"classifier/weight": weight, "classifier/bias": bias, "class_names": names_ds,
+                                      "reference_fp32/index": ref_idx, "reference_fp32/features": ref_feat})
         return CacheInfo(
             path=self.path, n_samples=n_samples, n_rows=n_rows, n_features=p, num_classes=num_classes,
             feature_dtype=feats.dtype.name, complete=complete, has_classifier=weight is not None,
@@ -246,10 +258,10 @@ class FeatureCache:
         if names is None:
             return None
         try:
-            values = names.asstr(errors="replace")[()] if names.dtype.kind in "OS" else names[()]
+            values = self._rows["class_names"].all()
         except (OSError, RuntimeError, TypeError, ValueError) as exc:
             raise InputError(f"{self.path}: cannot read /class_names ({_short(exc)}); store UTF-8 strings") from None
-        return [str(v) for v in np.asarray(values).tolist()]
+        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in np.asarray(values).tolist()]
 
     def _layers(self, attrs: dict[str, Any], n_rows: int) -> dict[str, int]:
         """``{name: p_layer}`` of ``/layers/<name>/features``, in the ``layer_order`` attribute's order when valid."""
@@ -285,25 +297,26 @@ class FeatureCache:
         return ref_idx, ref_feat
 
     def _check_stored(self, feats: h5py.Dataset, labels: h5py.Dataset, layers: dict[str, int], rows: int,
-                      whole: list[h5py.Dataset | None]) -> tuple[Path, ...]:
-        """Every dataset that will be read holds the rows it declares (shards included); the shard files used."""
-        checker = _StorageCheck(self.path)
-        try:
-            checker.rows(feats, "features", rows)
-            checker.rows(labels, "labels", rows)
-            for name in layers:
-                checker.rows(self._file[f"layers/{name}/features"], f"layers/{name}/features", rows)
-            for ds in whole:
-                if ds is not None:
-                    checker.rows(ds, ds.name.lstrip("/"), int(ds.shape[0]) if ds.ndim else 1)
-        finally:
-            checker.close()
-        return tuple(checker.sources)
+                      whole: dict[str, h5py.Dataset | None]) -> tuple[Path, ...]:
+        """Every dataset that will be read holds the rows it declares (shards included), and where each row is read
+        from; the other files read."""
+        check = self._check
+        assert check is not None
+        named = {"features": feats, "labels": labels}
+        named.update({f"layers/{name}/features": self._dataset(f"layers/{name}/features") for name in layers})
+        for name, ds in named.items():
+            self._rows[name] = Rows(name, check.segments(ds, name, rows), self.path)
+        for name, ds in whole.items():
+            if ds is not None:
+                self._rows[name] = Rows(name, check.segments(ds, name, int(ds.shape[0]) if ds.ndim else 1),
+                                        self.path)
+        return check.sources
 
     # -- data ------------------------------------------------------------------------------------------------------
-    def _read(self, name: str, index: Any = ()) -> np.ndarray:
+    def _read(self, name: str, index: np.ndarray | None = None) -> np.ndarray:
         try:
-            return np.asarray(self._file[name][index])
+            rows = self._rows[name]
+            return rows.all() if index is None else rows.take(index)
         except (OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{self.path}: cannot read /{name} ({_short(exc)}); the file or one of its shard files "
                              "is damaged") from None
@@ -346,8 +359,8 @@ class FeatureCache:
         """
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
-        feats, labels = self._file["features"], self._file["labels"]
-        layer_ds = {name: self._file[f"layers/{name}/features"] for name in layers}
+        feats, labels = self._rows["features"], self._rows["labels"]
+        layer_ds = {name: self._rows[f"layers/{name}/features"] for name in layers}
         n = self.info.n_samples
         first = 0
         if rows is not None:
@@ -358,9 +371,9 @@ class FeatureCache:
         def read(start: int) -> tuple[int, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
             stop = min(start + batch_size, n)
             try:
-                x = feats[start:stop]
-                y = np.asarray(labels[start:stop], dtype=np.int64)
-                extra = {name: ds[start:stop] for name, ds in layer_ds.items()}
+                x = feats.read(start, stop)
+                y = np.asarray(labels.read(start, stop), dtype=np.int64)
+                extra = {name: ds.read(start, stop) for name, ds in layer_ds.items()}
             except (OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:
                 raise InputError(f"{self.path}: cannot read rows {start}:{stop} ({_short(exc)}); the file or one of "
                                  "its shard files is missing or damaged") from None
@@ -402,7 +415,8 @@ def _prefetched(read: Any, starts: range, depth: int = 2) -> Iterator[Any]:
             yield item
     finally:
         stop.set()
-        while thread.is_alive():  # unblock a worker waiting on a full queue
+        deadline = time.monotonic() + 1.0  # a read stuck in the kernel (a hung file system) is left to its daemon
+        while thread.is_alive() and time.monotonic() < deadline:  # unblock a worker waiting on a full queue
             try:
                 q.get_nowait()
             except queue.Empty:

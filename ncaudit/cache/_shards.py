@@ -29,6 +29,7 @@ from pathlib import Path
 
 import h5py
 
+from ncaudit._validate import regular_file
 from ncaudit.errors import InputError
 
 _DIGITS = 12
@@ -280,6 +281,7 @@ def read_shard(path: str | os.PathLike[str], start: int, stop: int) -> ShardStat
         The file cannot be read, or its size disagrees with [start, stop).
     """
     path = Path(path)
+    regular_file(path, "a shard file")  # a FIFO named as a shard would block the open
     try:
         with h5py.File(path, "r", locking=False) as f:
             n_file = int(f["features"].shape[0]) if "features" in f else -1

@@ -211,6 +211,7 @@ class CacheWriter:
             _verify_rows(self._file, [self._datasets[name] for name in blocks], start, stop)
             self._file.attrs["n_written"] = stop
             self._file.flush()
+            _sync(self._file)  # n_written itself on disk before it is reported as kept
         self.n_written = stop
 
     @contextlib.contextmanager

@@ -10,7 +10,7 @@ from ncaudit.cli._app import app, main
 
 # isort: off
 # Importing registers the commands, in help order.
-from ncaudit.cli import _extract, _report, _compare, _trajectory, _run, _demo  # noqa: F401
+from ncaudit.cli import _extract, _report, _compare, _trajectory, _run, _demo, _torchrun  # noqa: F401
 # isort: on
 
 __all__ = ["app", "main"]

@@ -18,6 +18,7 @@ from rich.markup import escape
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from ncaudit import __version__
+from ncaudit._text import printable
 from ncaudit.errors import InputError, Terminated
 
 # The report's passes alternate torch's OpenMP threads (elementwise work) with the BLAS threads of its products; OpenMP
@@ -86,9 +87,16 @@ def command(**kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     return register
 
 
+def shown(value: object) -> str:
+    """Text from data (file, class and model names, provenance, messages quoting them) as the console prints it:
+    control characters escaped (:func:`ncaudit._text.printable`: no window titles, screen clears or hidden links),
+    rich markup shown as written."""
+    return escape(printable(value))
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print one line to stderr and exit (2: bad input or usage)."""
-    stderr.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    stderr.print(f"[bold red]error:[/] {shown(message)}", soft_wrap=True)
     raise typer.Exit(code=code)
 
 
@@ -100,7 +108,7 @@ def say_failed_checks(checks: list[dict[str, Any]]) -> bool:
     for check in checks:
         if not check["passed"]:
             value = "not available" if check["value"] is None else fmt(check["value"])
-            stderr.print(f"[bold red]check failed:[/] {escape(check['expression'])} (value: {value})", soft_wrap=True)
+            stderr.print(f"[bold red]check failed:[/] {shown(check['expression'])} (value: {value})", soft_wrap=True)
     return all(check["passed"] for check in checks)
 
 
@@ -124,18 +132,46 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _command(after_interrupt: str) -> Iterator[None]:
+def _command(after_interrupt: str | Callable[[], str]) -> Iterator[None]:
     """A command's body: an InputError exits 2 with one line; Ctrl-C exits 130 and SIGTERM 143, each with one line
-    ending in ``after_interrupt`` (what is left behind)."""
-    with terminate_as_interrupt():
-        try:
-            yield
-        except InputError as exc:
-            fail(str(exc))
-        except Terminated:
-            fail(f"terminated (SIGTERM); {after_interrupt}", code=143)
-        except KeyboardInterrupt:
-            fail(f"interrupted; {after_interrupt}", code=130)
+    ending in ``after_interrupt`` (what is left behind; a callable says it once the command has stopped)."""
+    def left() -> str:
+        return after_interrupt() if callable(after_interrupt) else after_interrupt
+
+    global _IN_BODY
+    outer, _IN_BODY = _IN_BODY, True
+    try:
+        with terminate_as_interrupt():
+            try:
+                yield
+            except InputError as exc:
+                if getattr(exc, "quiet", False):  # another rank's error, printed by rank 0
+                    raise typer.Exit(code=2) from None
+                fail(str(exc))
+            except Terminated:
+                fail(f"terminated (SIGTERM); {left()}", code=143)
+            except KeyboardInterrupt:
+                fail(f"interrupted; {left()}", code=130)
+    finally:
+        _IN_BODY = outer
+
+
+#: Whether a command's body (:func:`_command`) runs: a signal then unwinds it; outside, the process just ends.
+_IN_BODY = False
+
+
+def _signalled(signum: int, frame: Any) -> None:
+    """The console's SIGINT / SIGTERM handler: inside a command's body, unwind it as Ctrl-C does (files closed, what
+    is left behind said); outside (importing, printing a finished result), end at once with one line."""
+    if _IN_BODY:
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    code, what = (143, "terminated (SIGTERM)") if signum == signal.SIGTERM else (130, "interrupted")
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    os.write(2, f"\nerror: {what}\n".encode())
+    os._exit(code)
 
 
 def _version(value: bool) -> None:
@@ -175,9 +211,24 @@ def _ranks(device: str) -> Iterator[Any]:
 
 
 def main() -> None:
-    """Console-script entry point: run the app, turning input errors into one line and exit code 2."""
+    """Console-script entry point: run the app, turning input errors into one line and exit code 2.
+
+    A command stopped by Ctrl-C or SIGTERM has closed its files, released its locks and said what it left behind
+    when it gets here; the process then ends at once (``os._exit``), without the second or more that unloading torch
+    and its libraries takes at interpreter exit.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _signalled)
+        signal.signal(signal.SIGTERM, _signalled)
     try:
         app(standalone_mode=True)
     except InputError as exc:  # raised outside a command's own handler
-        stderr.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        stderr.print(f"[bold red]error:[/] {shown(exc)}", soft_wrap=True)
         sys.exit(2)
+    except SystemExit as exc:
+        distributed = os.environ.get("WORLD_SIZE", "1") not in ("", "1")
+        if exc.code not in (130, 143) and not (distributed and exc.code == 2):
+            raise
+        sys.stdout.flush()  # the ranks of a failed torchrun end together, before the launcher stops the slower ones
+        sys.stderr.flush()
+        os._exit(int(exc.code))

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
-from ncaudit.cli._app import _command, command, stderr
+from ncaudit.cli._app import _command, command, shown, stderr
 from ncaudit.cli._output import (
     FAIL_IF_HELP,
     JSON_HELP,
@@ -74,7 +73,7 @@ def compare(
         comparison = compare(first, second, str(a), str(b), warnings=notes)
         gate(comparison, checks)
     for note in comparison.warnings:
-        stderr.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+        stderr.print(f"[yellow]note:[/] {shown(note)}", soft_wrap=True)
     text = render_compare_json(comparison)
     with _command("the previous files are unchanged"):
         if output is not None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 
-from ncaudit.cli._app import _command, command, stderr
+from ncaudit.cli._app import _command, command, shown, stderr
 from ncaudit.cli._output import exit_on_checks
 from ncaudit.cli._trajectory import _print_trajectory, say_written
 
@@ -37,7 +36,7 @@ def demo(
 
     from ncaudit._demo import EXPLANATION, run_demo
 
-    say = (lambda line: None) if quiet else (lambda line: stderr.print(escape(line), soft_wrap=True))
+    say = (lambda line: None) if quiet else (lambda line: stderr.print(shown(line), soft_wrap=True))
     with tempfile.TemporaryDirectory(prefix="ncaudit-demo-") as tmp:
         target = out if out is not None else Path(tmp)
         with _command("the demo stopped"):

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import typer
-from rich.markup import escape
 
-from ncaudit.cli._app import _command, _ranks, command, stderr
+from ncaudit.cli._app import _command, _ranks, command, shown, stderr
 
 #: The panels of `extract --help`, the common path first.
 _WEIGHTS = "Model and weights: --model and one of --checkpoint, --pretrained, --random-init"
@@ -118,10 +117,10 @@ def extract(
     """
     from ncaudit.data import TransformOverrides
     from ncaudit.extract import extract as run_extract
+    from ncaudit.extract import left_behind
     from ncaudit.models import Weights
 
-    with _command(f"{out} is left partial (complete=false) with the rows written so far: rerun with --resume to "
-                  "continue"):
+    with _command(lambda: left_behind(out)):
         chosen = Weights.from_flags(checkpoint, pretrained=pretrained, random_init=random_init, weights=weights,
                                     ema=ema)
         with _ranks(device) as group:
@@ -133,13 +132,17 @@ def extract(
                 layers=layers,
                 transform=TransformOverrides(img_size=img_size, mean=mean, std=std, crop_pct=crop_pct,
                                              interpolation=interpolation, crop_mode=crop_mode),
-                log=lambda msg: stderr.print(f"[yellow]warning:[/] {escape(msg)}", soft_wrap=True) if main else None,
-                info=lambda msg: stderr.print(escape(msg), overflow="fold") if main else None,
+                log=lambda msg: stderr.print(f"[yellow]warning:[/] {shown(msg)}", soft_wrap=True) if main else None,
+                info=lambda msg: stderr.print(shown(msg), overflow="fold") if main else None,
                 group=group,
             )
     if not main:
         return
+    if summary.already_complete:
+        stderr.print(shown(f"{summary.out} is already complete ({summary.n_samples} samples, the same checkpoint, "
+                            "data and options): nothing to do"), soft_wrap=True)
+        return
     rate = f", {summary.images_per_s:,.0f} images/s" if summary.images_per_s == summary.images_per_s else ""
-    stderr.print(escape(f"wrote {summary.out}: {summary.n_samples} samples x {summary.n_features} features, "
+    stderr.print(shown(f"wrote {summary.out}: {summary.n_samples} samples x {summary.n_features} features, "
                         f"{summary.num_classes} classes, {summary.precision} on {summary.device}{rate}; classifier: "
                         f"{summary.classifier_source}"), soft_wrap=True)

@@ -8,9 +8,8 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
-from ncaudit.cli._app import _command, command, stderr
+from ncaudit.cli._app import _command, command, shown, stderr
 from ncaudit.cli._output import (
     FAIL_IF_HELP,
     JSON_HELP,
@@ -43,6 +42,10 @@ def report(
     rcond: float | None = typer.Option(None, help="Relative eigenvalue cut-off of Σ_T† (default p·eps)."),
     allow_partial: bool = typer.Option(False, "--allow-partial",
                                        help="Audit the rows written so far of an incomplete cache."),
+    allow_external: bool = typer.Option(False, "--allow-external",
+                                        help="Also read the files the cache's external links, external storage and "
+                                             "virtual datasets reach (refused by default: a cache holds its own data "
+                                             "or its shards'); the JSON source.files names every file read."),
     drop_empty_classes: bool = typer.Option(False, "--drop-empty-classes",
                                             help="Leave out classes without samples and their classifier rows "
                                                  "(audit a subset of the classes)."),
@@ -87,6 +90,7 @@ def report(
                       [cache, *([baseline] if baseline else []), *([means_from] if means_from is not None else [])])
         options = AuditOptions(
             batch_size=batch_size, device=device, ridge=ridge, rcond=rcond, allow_partial=allow_partial,
+            allow_external=allow_external,
             drop_empty_classes=drop_empty_classes, normalize=normalize, layers=[] if layers else None,
             means_from=means_from,
         )
@@ -106,7 +110,7 @@ def report(
         baseline_uncertainty=None if old is None else old.details.get("uncertainty"),
     )
     for warning in result.warnings:
-        stderr.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+        stderr.print(f"[yellow]warning:[/] {shown(warning)}", soft_wrap=True)
     text = render_json(result)
     with _command("the previous files are unchanged"):
         if output is not None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 
-from ncaudit.cli._app import PLOT_EXTRA, _command, command, stderr
+from ncaudit.cli._app import PLOT_EXTRA, _command, command, shown, stderr
 from ncaudit.cli._output import exit_on_checks
 from ncaudit.cli._trajectory import _print_trajectory, say_written
 
@@ -24,16 +23,16 @@ class _Lines:
     def step(self, line: str) -> None:
         self.extractions += ": extract" in line
         if not self.quiet:
-            stderr.print(escape(line), soft_wrap=True)
+            stderr.print(shown(line), soft_wrap=True)
 
     def info(self, line: str) -> None:
         if not self.quiet and self.extractions <= 1:
-            stderr.print(escape(line), overflow="fold")
+            stderr.print(shown(line), overflow="fold")
 
     def warning(self, line: str) -> None:
         if line not in self.seen:
             self.seen.add(line)
-            stderr.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True)
+            stderr.print(f"[yellow]warning:[/] {shown(line)}", soft_wrap=True)
 
 
 @command()
@@ -114,7 +113,7 @@ def run(
             fail_if=fail_if, progress=lines.step, audit_progress=RichProgress(stderr, enabled=False if quiet else None),
         )
     for warning in result.warnings:
-        stderr.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+        stderr.print(f"[yellow]warning:[/] {shown(warning)}", soft_wrap=True)
     _print_trajectory(result.rows, result.checks, output_format="json" if json_out else "table", wide=wide)
     say_written(result, out)
     exit_on_checks(result.checks)

@@ -8,9 +8,8 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
-from ncaudit.cli._app import PLOT_EXTRA, _command, command, stderr
+from ncaudit.cli._app import PLOT_EXTRA, _command, command, shown, stderr
 from ncaudit.cli._output import (
     JSON_HELP,
     JUNIT_HELP,
@@ -39,19 +38,19 @@ def _print_trajectory(rows: list, outcome: list[dict], *, output_format: str = "
     if not console.is_terminal:  # a log or a pipe: no terminal width to respect, so do not truncate cells
         console, prose_width = Console(highlight=False, width=200), 100
     if preface:
-        console.print(escape(preface) + "\n", width=prose_width)
+        console.print(shown(preface) + "\n", width=prose_width)
     console.print(trajectory_table(rows, layers=layers, wide=wide))
     for c in outcome:
         style = "green" if c["passed"] else "bold red"
-        why = f": {escape(check_message(c))}" if c["outcome"] != "passed" and c["outcome"] != "failed" else ""
-        console.print(f"[{style}]{c['outcome']}[/]: fails if {escape(c['expression'])} (last row: "
+        why = f": {shown(check_message(c))}" if c["outcome"] != "passed" and c["outcome"] != "failed" else ""
+        console.print(f"[{style}]{c['outcome']}[/]: fails if {shown(c['expression'])} (last row: "
                       f"{fmt(c['value'])}){why}")
 
 
 def say_written(result: Any, out: Path) -> None:
     """One line on stderr: where the caches, reports, trajectory files and plot of a run went."""
     plot = f", plot {result.plot}" if result.plot else " (no plot: pip install 'ncaudit[plot]')"
-    stderr.print(escape(f"caches in {out / 'caches'}, JSON reports in {out / 'reports'}, trajectory in "
+    stderr.print(shown(f"caches in {out / 'caches'}, JSON reports in {out / 'reports'}, trajectory in "
                         f"{result.trajectory_json} and {result.trajectory_csv}{plot}"), soft_wrap=True)
 
 
@@ -81,6 +80,8 @@ def trajectory(
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     batch_size: int = typer.Option(4096, "--batch-size", min=1, help="Rows per streamed batch."),
     normalize: bool = typer.Option(False, "--normalize", help="Audit normalised features and classifier rows."),
+    allow_external: bool = typer.Option(False, "--allow-external", help="Also read the files the caches' external "
+                                        "links, external storage and virtual datasets reach (see report)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Follow collapse across checkpoints: one row per checkpoint, train and test side by side.
@@ -100,17 +101,18 @@ def trajectory(
         check_outputs({"--plot": plot, "--junit": junit}, list(caches))
         start = time.perf_counter()
         progress = RichProgress(stderr, enabled=False if quiet else None)
-        options = AuditOptions(batch_size=batch_size, device=device, normalize=normalize)
+        options = AuditOptions(batch_size=batch_size, device=device, normalize=normalize,
+                               allow_external=allow_external)
         rows, warnings = audit_trajectory(caches, options, progress, mixed=mixed, train_means=train_means,
                                           layers=layers)
         for warning in warnings:
-            stderr.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+            stderr.print(f"[yellow]warning:[/] {shown(warning)}", soft_wrap=True)
         outcome = gate_last_row(rows, fail_if)
         if plot is not None:
             from ncaudit.report import plot_trajectory, provenance_title
 
             written = plot_trajectory(rows, plot, title=title if title is not None else provenance_title(rows))
-            stderr.print(escape(f"plot written to {written}"), soft_wrap=True)
+            stderr.print(shown(f"plot written to {written}"), soft_wrap=True)
         write_junit(junit, f"ncaudit trajectory ({len(rows)} checkpoints, last: {rows[-1].label})", outcome,
                     seconds=time.perf_counter() - start, warnings=rows[-1].primary.warnings,
                     properties={"last": rows[-1].label, "caches": " ".join(map(str, caches))})

@@ -9,6 +9,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
+from ncaudit._validate import regular_file
 from ncaudit.errors import InputError
 
 
@@ -24,6 +25,8 @@ def load_image(source: str | os.PathLike[str] | BinaryIO, name: str | None = Non
     PNGs are decoded to 8 bits per channel by Pillow itself.)
     """
     label = name or str(source if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "<image>"))
+    if isinstance(source, (str, os.PathLike)):
+        regular_file(source, "an image")  # a FIFO named x.png would block the DataLoader worker for good
     try:
         with contextlib.ExitStack() as stack:
             fh = stack.enter_context(open(source, "rb")) if isinstance(source, (str, os.PathLike)) else source

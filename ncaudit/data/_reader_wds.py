@@ -7,12 +7,13 @@ import hashlib
 import logging
 import os
 import re
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from ncaudit._validate import regular_file
+from ncaudit.data._archives import Member, tar_members
 from ncaudit.data._source import DataSource, _Samples, _TarMembers
 from ncaudit.errors import InputError
 
@@ -46,7 +47,7 @@ def _wds_shards(root: Path, name: str, split: str | None) -> tuple[list[str], in
             errors.append(_reader_error(exc, candidate))
             continue
         files = [str(root / f) for f in reader.split_info.filenames]
-        missing = [f for f in files if not os.path.isfile(f)]
+        missing = [f for f in files if not os.path.lexists(f)]
         if missing:
             raise InputError(f"--dataset wds/{name}: shard {missing[0]} not found ({len(missing)} of {len(files)} "
                              "missing); ncaudit reads local shards only")
@@ -71,39 +72,50 @@ def _reader_error(exc: BaseException, split: str) -> str:
 _WDS_IMAGES = ("jpg", "png", "webp", "jpeg")
 
 
+#: The largest class index a ``.cls`` member may hold: every index below it becomes a class name (and, for a random
+#: init, a row of the head), so a stray 99999999999 would build 10^11 names before anything else could fail.
+MAX_CLASS_INDEX = 999_999
+
+
 def _index_shard(path: str) -> Iterator[tuple[str, str, int, int, int]]:
     """``(key, member, offset, size, label)`` per sample of a WebDataset shard, in shard order: members grouped by
-    key as webdataset does, the image by extension preference, the label from the ``.cls`` member."""
+    key as webdataset does, the image by extension preference, the label from the ``.cls`` member. The shard is
+    read exactly (:mod:`ncaudit.data._archives`: truncation, links and duplicate names)."""
     from webdataset.tariterators import base_plus_ext
 
-    def emit(key: str, group: dict[str, tarfile.TarInfo], tf: tarfile.TarFile) -> tuple[str, str, int, int, int]:
-        image = next((group[e] for e in _WDS_IMAGES if e in group), None)
-        if image is None or "cls" not in group:
-            raise InputError(f"{path}: sample {key!r} has {', '.join(sorted(group))}; a WebDataset sample needs an "
-                             "image (.jpg/.png/.webp) and a class index (.cls)")
-        fh = tf.extractfile(group["cls"])
-        try:
-            label = int((fh.read() if fh else b"").decode().strip())
-        except ValueError:
-            raise InputError(f"{path}: sample {key!r}: its .cls member is not an integer class index") from None
-        return key, image.name, image.offset_data, image.size, label
+    regular_file(path, "a WebDataset shard")
+    with open(path, "rb") as fh:
+        members = tar_members(path, fh=fh, size=os.fstat(fh.fileno()).st_size)
 
-    try:
-        with tarfile.open(path, "r:") as tf:
-            key, group = None, {}
-            for ti in tf:
-                parts = base_plus_ext(ti.name) if ti.isfile() else None
-                if not parts or parts[0] is None:
-                    continue
-                if parts[0] != key and group:
-                    yield emit(key, group, tf)  # type: ignore[arg-type]
-                    group = {}
-                key = parts[0]
-                group[parts[1].lower()] = ti
-            if group:
-                yield emit(key, group, tf)  # type: ignore[arg-type]
-    except tarfile.TarError as exc:
-        raise InputError(f"{path}: not a readable tar shard ({exc}); fix or replace the file") from None
+        def emit(key: str, group: dict[str, Member]) -> tuple[str, str, int, int, int]:
+            image = next((group[e] for e in _WDS_IMAGES if e in group), None)
+            if image is None or "cls" not in group:
+                raise InputError(f"{path}: sample {key!r} has {', '.join(sorted(group))}; a WebDataset sample needs "
+                                 "an image (.jpg/.png/.webp) and a class index (.cls)")
+            cls = group["cls"]
+            fh.seek(cls.offset)
+            text = fh.read(cls.size) if cls.size <= 64 else b"x"  # a class index is a few digits
+            try:
+                label = int(text.decode("ascii").strip())
+            except ValueError:
+                raise InputError(f"{path}: sample {key!r}: its .cls member is not an integer class index") from None
+            if label > MAX_CLASS_INDEX:
+                raise InputError(f"{path}: sample {key!r}: its .cls member says class {label}, above the "
+                                 f"{MAX_CLASS_INDEX:,} class indices ncaudit reads; fix the label")
+            return key, image.name, image.offset, image.size, label
+
+        key, group = None, {}
+        for m in members:
+            parts = base_plus_ext(m.name)
+            if not parts or parts[0] is None:
+                continue
+            if parts[0] != key and group:
+                yield emit(key, group)  # type: ignore[arg-type]
+                group = {}
+            key = parts[0]
+            group[parts[1].lower()] = m
+        if group:
+            yield emit(key, group)  # type: ignore[arg-type]
 
 
 def _open_wds(name: str, root: Path, split: str | None) -> DataSource:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ncaudit.distributed._launch import is_active
-from ncaudit.errors import InputError
+from ncaudit.errors import InputError, MirroredError
 
 
 def barrier() -> None:
@@ -71,7 +71,12 @@ T = TypeVar("T")
 
 def together(step: Callable[[], T]) -> T:
     """Run ``step`` on every rank; an error on any rank then stops every rank (none is left waiting at a merge that
-    never comes). The failing rank raises its own error, the others an input error pointing to it."""
+    never comes).
+
+    The lowest failing rank's message reaches every rank: that rank raises its own error; rank 0, when it is not
+    the one, raises the message as an :class:`~ncaudit.errors.InputError` (so it is printed once, by rank 0), and
+    every other rank a quiet :class:`~ncaudit.errors.MirroredError` (exit 2, nothing printed).
+    """
     if not is_active() or dist.get_world_size() == 1:
         return step()
     failed: Exception | None = None
@@ -79,6 +84,18 @@ def together(step: Callable[[], T]) -> T:
         out = step()
     except Exception as exc:  # noqa: BLE001 - every failure must reach the other ranks before it is raised here
         failed, out = exc, None
-    if any_rank(failed is not None):
-        raise failed or InputError("another rank stopped on an error (its message is above); fix the input and rerun")
-    return out  # type: ignore[return-value]
+    world, me = dist.get_world_size(), dist.get_rank()
+    first = torch.tensor([me if failed is not None else world], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    source = int(first.item())
+    if source == world:
+        return out  # type: ignore[return-value]
+    text = "" if failed is None else (str(failed) if isinstance(failed, InputError)
+                                      else f"{type(failed).__name__}: {failed}")
+    data = broadcast_ints(list(text.encode("utf-8", "replace")) if me == source else None, src=source)
+    message = bytes(data).decode("utf-8", "replace") or "a rank stopped on an error"
+    if me == source and failed is not None and (me == 0 or not isinstance(failed, InputError)):
+        raise failed  # its own error (a failure that is not an input error keeps its traceback on its rank)
+    if me == 0:
+        raise InputError(f"rank {source}: {message}")
+    raise MirroredError(f"rank {source}: {message}")

@@ -6,7 +6,8 @@ joins them (``_sharded``).
 """
 
 from ncaudit.extract._extract import ExtractSummary, extract
+from ncaudit.extract._resume import left_behind
 from ncaudit.extract._runtime import PRECISIONS, STORE_DTYPES, autocast_context, available_cores, resolve_precision
 
 __all__ = ["ExtractSummary", "PRECISIONS", "STORE_DTYPES", "autocast_context", "available_cores", "extract",
-           "resolve_precision"]
+           "left_behind", "resolve_precision"]

@@ -22,7 +22,7 @@ from ncaudit.distributed import DistContext
 from ncaudit.errors import InputError
 from ncaudit.extract._job import _describe, _Job, _label_classes, _provenance, _transform_for
 from ncaudit.extract._loader import _workers
-from ncaudit.extract._resume import _check_out, _existing_state, _resume_row
+from ncaudit.extract._resume import _check_out, _check_same_job, _existing_state, _resume_row
 from ncaudit.extract._runtime import STORE_DTYPES, resolve_precision
 from ncaudit.extract._sharded import _run_shards
 from ncaudit.extract._single import _run
@@ -52,6 +52,7 @@ class ExtractSummary:
     seconds: float
     images_per_s: float
     warnings: tuple[str, ...] = ()
+    already_complete: bool = False
 
 
 def _holding_out_lock(fn: Callable[..., ExtractSummary]) -> Callable[..., ExtractSummary]:
@@ -227,6 +228,16 @@ def extract(
     layer_names = [n for n in (layers.split(",") if isinstance(layers, str) else (layers or ())) if n.strip()]
     pm = PenultimateModel(loaded, layer_names)
     attrs["layers"] = [name for name, _, _ in pm.layers]
+    if resume and state is not None and not state.get("_not_cache") and bool(state.get("complete", True)) \
+            and state.get("_rows") == n_total and state.get("_dtype") == store_dtype:
+        pm.remove()  # a finished cache (one file or joined shards) of the same job: nothing to do
+        _check_same_job(out, state, attrs, data_changed=True)
+        return ExtractSummary(
+            out=out, n_samples=n_total, n_features=int(state.get("_features", 0)), num_classes=loaded.num_classes,
+            resumed_from=n_total, n_reference=int(state.get("_n_reference", 0)), precision=prec,
+            device=dev.type, store_dtype=store_dtype, classifier_source=str(state.get("classifier_source", "")),
+            max_logit_error=math.nan, seconds=0.0, images_per_s=math.nan, warnings=tuple(notes),
+            already_complete=True)
     distributed = group is not None and group.distributed
     if overwrite and not distributed:  # one process replaces a sharded run by one plain file (ranks: _shard_states)
         remove_shards(out)

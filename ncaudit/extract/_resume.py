@@ -9,12 +9,12 @@ from typing import Any
 
 import h5py
 
-from ncaudit.cache._format import attr_value, encode_attr
+from ncaudit._validate import regular_file
+from ncaudit.cache._format import RUN_KEYS, attr_value, encode_attr
 from ncaudit.errors import InputError
 
 #: Attributes that must match for ``--resume`` to continue a partial file.
-RESUME_KEYS = ("model", "weights", "seed", "checkpoint_sha256", "ema", "dataset", "split", "data_fingerprint",
-               "transform", "precision", "layers")
+RESUME_KEYS = RUN_KEYS
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -24,15 +24,45 @@ def _existing_state(out: Path) -> dict[str, Any] | None:
     """Root attributes of an existing cache, None when ``out`` does not exist; an error when it is not a cache."""
     if not out.exists():
         return None
+    regular_file(out, "--out (an HDF5 cache)")  # a FIFO would block the open
     try:
         with h5py.File(out, "r", locking=False) as f:
             attrs = {k: attr_value(v) for k, v in f.attrs.items()}
             attrs["_rows"] = int(f["features"].shape[0]) if "features" in f else -1
             attrs["_has_reference"] = "reference_fp32/index" in f
+            attrs["_n_reference"] = int(f["reference_fp32/index"].shape[0]) if attrs["_has_reference"] else 0
             attrs["_dtype"] = f["features"].dtype.name if "features" in f else ""
+            attrs["_features"] = int(f["features"].shape[1]) if "features" in f and f["features"].ndim == 2 else 0
             return attrs
     except OSError:
         return {"_not_cache": True}
+
+
+def left_behind(out: str | Path) -> str:
+    """What an interrupted or failed extraction leaves at ``out``, in words that are true: a partial cache and how
+    many of its rows ``n_written`` keeps, shards of a sharded run, an untouched complete file, or nothing."""
+    from ncaudit.cache._shards import scan_shards, shard_files
+
+    out = Path(out)
+    if out.is_file():
+        try:
+            with h5py.File(out, "r", locking=False) as f:
+                complete = bool(attr_value(f.attrs.get("complete", True)))
+                written = int(attr_value(f.attrs.get("n_written", 0)))
+        except (OSError, ValueError, TypeError):
+            return f"{out} is not a readable cache: rerun with --overwrite"
+        if complete:
+            return f"{out} is unchanged (a complete cache)"
+        return f"{out} is left partial (complete=false) with its first {written} rows on disk: rerun with --resume " \
+               "to continue"
+    if shard_files(out):
+        try:
+            kept = sum(state.n_written for state in scan_shards(out))
+        except InputError:
+            kept = -1
+        rows = f"{kept} rows" if kept >= 0 else "the rows written"
+        return f"the shards of {out.name} keep {rows}: rerun with --resume to continue"
+    return "nothing was written"
 
 
 def _check_out(out: Path, state: dict[str, Any] | None, *, resume: bool, overwrite: bool) -> None:

@@ -27,7 +27,7 @@ from ncaudit.cache._shards import plan as shard_plan
 from ncaudit.distributed import DistContext, GlobalProgress, barrier, broadcast_ints, together
 from ncaudit.errors import InputError
 from ncaudit.extract._job import _Job
-from ncaudit.extract._loader import _progress, _to_device
+from ncaudit.extract._loader import _full_batch, _progress, _to_device
 from ncaudit.extract._resume import _check_same_job, _existing_state
 from ncaudit.extract._runtime import autocast_context
 from ncaudit.extract._single import _probe_batch, _reference_features, _run
@@ -94,7 +94,8 @@ def _verify_head(job: _Job) -> None:
     probe = _probe_batch(job)
     autocast = autocast_context(job.precision, job.device)
     with full_precision_matmul() if job.precision == "fp32" else contextlib.nullcontext(), torch.inference_mode():
-        job.pm.verify(_to_device(probe[0], job.device, job.channels_last), job.precision, autocast)
+        job.pm.verify(_to_device(_full_batch(probe[0], job.batch_size), job.device, job.channels_last),
+                      job.precision, autocast)
 
 
 def _join(job: _Job, precision_check: int) -> int:

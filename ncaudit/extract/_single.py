@@ -19,7 +19,7 @@ from ncaudit.data import DataSource
 from ncaudit.errors import CacheWriteError, InputError
 from ncaudit.extract._async_writer import _AsyncWriter
 from ncaudit.extract._job import _Job
-from ncaudit.extract._loader import _loader, _progress, _to_device, _worker_errors
+from ncaudit.extract._loader import _full_batch, _loader, _progress, _to_device, _worker_errors
 from ncaudit.extract._runtime import autocast_context
 from ncaudit.models import PenultimateModel
 from ncaudit.stats import full_precision_matmul
@@ -32,8 +32,8 @@ def _reference_features(pm: PenultimateModel, data: DataSource, k: int, batch_si
     loader = _loader(data.dataset, range(k), batch_size, workers, device.type == "cuda")
     with full_precision_matmul(), torch.inference_mode():
         for x, _ in loader:
-            feats, _ = pm(_to_device(x, device, channels_last))
-            out.append(feats.float().cpu().numpy())
+            feats, _ = pm(_to_device(_full_batch(x, batch_size), device, channels_last))
+            out.append(feats[:len(x)].float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, pm.n_features), np.float32)
 
 
@@ -73,9 +73,10 @@ def _open_writer(job: _Job, p: int, layer_widths: dict[str, int]) -> CacheWriter
     weight = pm.weight.astype(np.float32)  # type: ignore[union-attr]
     bias = None if pm.bias is None else pm.bias.astype(np.float32)
     job.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    attrs = job.attrs if job.rows is None else {**job.attrs, "rows": [job.rows.start, job.rows.stop]}  # a shard's
     return CacheWriter(job.out, n_samples=len(job.span), n_features=p, num_classes=k, weight=weight, bias=bias,
                        feature_dtype=job.store_dtype, store_logits=True, class_names=job.class_names,
-                       layers=layer_widths, attrs=job.attrs, chunk_rows=job.chunk_rows, overwrite=True)
+                       layers=layer_widths, attrs=attrs, chunk_rows=job.chunk_rows, overwrite=True)
 
 
 def _stream(job: _Job, writer: CacheWriter, batches: Any, first: Any, head: tuple[torch.Tensor, torch.Tensor],
@@ -89,6 +90,8 @@ def _stream(job: _Job, writer: CacheWriter, batches: Any, first: Any, head: tupl
 
         def emit(feats: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, extra: dict[str, torch.Tensor]) -> None:
             nonlocal done
+            n = len(y)  # the batch was padded to a whole one (_full_batch): keep its own rows
+            feats, logits, extra = feats[:n], logits[:n], {name: v[:n] for name, v in extra.items()}
             if dev.type == "cuda":
                 f = feats.float().to("cpu", non_blocking=True)
                 z = logits.float().to("cpu", non_blocking=True)
@@ -109,7 +112,7 @@ def _stream(job: _Job, writer: CacheWriter, batches: Any, first: Any, head: tupl
                     emit(*head, first[1], pm.layer_features)
                     for x, y in batches:
                         with autocast:
-                            feats, logits = pm(_to_device(x, dev, job.channels_last))
+                            feats, logits = pm(_to_device(_full_batch(x, job.batch_size), dev, job.channels_last))
                         emit(feats, logits, y, pm.layer_features)
         finally:
             sink.close()
@@ -140,7 +143,8 @@ def _run(job: _Job, *, progress: bool, precision_check: int) -> tuple[float, int
     try:
         with fp32_ctx, torch.inference_mode():
             batches, first, probe = _first_batch(job)
-            head = job.pm.verify(_to_device(probe[0], job.device, job.channels_last), job.precision, autocast)
+            head = job.pm.verify(_to_device(_full_batch(probe[0], job.batch_size), job.device, job.channels_last),
+                                 job.precision, autocast)
             layer_widths = {name: int(v.shape[1]) for name, v in job.pm.layer_features.items()}
             job.attrs["classifier_source"] = job.pm.source
             job.attrs["logit_check_max_rel_error"] = job.pm.max_logit_error

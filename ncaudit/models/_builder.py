@@ -27,10 +27,13 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def _build(library: str, arch: str, num_classes: int | None, img_size: int | None = None,
-           pretrained: Any = None) -> nn.Module:
+           pretrained: Any = None, pretrained_cfg_overlay: dict[str, Any] | None = None) -> nn.Module:
     """Construct the model; ``pretrained`` is True (timm) or a torchvision weights enum member to load published
-    weights through the library's own loading code."""
+    weights through the library's own loading code; ``pretrained_cfg_overlay`` (timm) e.g. hands it a state dict
+    read here."""
     kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    if pretrained_cfg_overlay is not None:
+        kwargs["pretrained_cfg_overlay"] = pretrained_cfg_overlay
     if img_size is not None:  # models with a fixed input size (ViTs) take it at construction; others refuse it
         try:
             key = "image_size" if library == "torchvision" else "img_size"

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ncaudit._validate import available_memory, format_bytes
+from ncaudit._validate import available_memory, format_bytes, regular_file
 from ncaudit.errors import InputError
 
 PLAIN_KEYS = ("state_dict", "model")
@@ -153,8 +153,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, ema: bool | None = None) ->
         absent.
     """
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise InputError(f"{path}: no such checkpoint file; give the path of a .pth/.pt/.bin or .safetensors file")
+    regular_file(path, "a checkpoint")  # a FIFO would block the open (inside safetensors, uninterruptibly)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file

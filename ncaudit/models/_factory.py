@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from ncaudit._validate import check_preprocessing
 from ncaudit.errors import InputError
 from ncaudit.models._builder import WEIGHT_KINDS, LoadedModel, Weights, _build, _finish, _split_name
 from ncaudit.models._checkpoint import Checkpoint, load_checkpoint
@@ -53,6 +54,8 @@ def load_model(name: str, weights: Weights | str | os.PathLike[str] | Checkpoint
 
 
 def _from_checkpoint(name: str, library: str, arch: str, ckpt: Checkpoint, img_size: int | None) -> LoadedModel:
+    check_preprocessing(ckpt.metadata, f"{ckpt.path} (metadata)")
+    check_preprocessing(ckpt.args, f"{ckpt.path} (training args)")
     try:
         with torch.device("meta"):
             skeleton = _build(library, arch, None, img_size)

@@ -12,6 +12,7 @@ from typing import Any
 from rich.console import Group
 from rich.text import Text
 
+from ncaudit._text import printable
 from ncaudit.report._format import fmt
 from ncaudit.report._layout import Column, FittedTable
 
@@ -72,10 +73,11 @@ def checks_table_of(checks: Sequence[dict[str, Any]], title: str = "checks (--fa
     """The checks as a table that fits any width (the expression folds, values are whole), failed checks first, then
     one wrapped line per check that did not pass saying why."""
     ordered = failed_first(checks)
-    rows = [([str(c.get("expression", ""))],
+    rows = [([printable(c.get("expression", ""))],
              [fmt(c.get("value")), Text(str(c.get("outcome", "")), style="green" if c.get("passed") else "bold red")])
             for c in ordered]
     table = FittedTable([Column("fails if", justify="left", fit="fold")],
                         [Column("value"), Column("outcome", justify="left")], rows, title=title)
-    why = [Text(f"{c.get('expression', '')}: {check_message(c)}", style="red") for c in ordered if not c.get("passed")]
+    why = [Text(printable(f"{c.get('expression', '')}: {check_message(c)}"), style="red")
+           for c in ordered if not c.get("passed")]
     return Group(table, *why)

@@ -9,6 +9,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from ncaudit._text import printable
 from ncaudit.audit import TRAIN_SPLITS, AuditResult
 from ncaudit.report._checks import checks_table_of
 from ncaudit.report._format import column_format, fmt
@@ -122,7 +123,7 @@ def per_class_table(result: AuditResult, limit: int | None = None) -> Fitted:
     formats = {key: column_format([r.get(key) for r in rows]) for key, _ in values if key != "count"}
     table_rows = []
     for r in rows:  # plain-string cells are shown as written: a class name such as "[bold]x" is never read as markup
-        key_cells = [str(r.get("class", ""))] + ([str(r.get("name", ""))] if has_names else [])
+        key_cells = [printable(r.get("class", ""))] + ([printable(r.get("name", ""))] if has_names else [])
         table_rows.append((key_cells, [str(r.get("count", "")) if key == "count" else formats[key](r.get(key))
                                        for key, _ in values]))
 
@@ -142,7 +143,7 @@ LAYER_COLUMNS = [("nc1", "NC1"), ("cdnv", "CDNV"), ("nc2_equinorm_means", "equin
 
 def layers_table(result: AuditResult, title: str = "per layer (network order)") -> FittedTable:
     """One row per layer in network order: NC1, CDNV, NC2 of the means, NCC accuracy."""
-    rows = [([name], [str(block["n_features"]), *(fmt(block[k]) for k, _ in LAYER_COLUMNS)])
+    rows = [([printable(name)], [str(block["n_features"]), *(fmt(block[k]) for k, _ in LAYER_COLUMNS)])
             for name, block in result.layers.items()]
     rows.append((["(final)"], [str(result.n_features), *(fmt(result.metrics[k]) for k, _ in LAYER_COLUMNS)]))
     return FittedTable([Column("layer", justify="left", fit="fold")],
@@ -158,10 +159,10 @@ def render_table(result: AuditResult, console: Console, *, per_class: bool = Fal
     """Print the human-readable report: header, metric groups, optional per-class and per-layer tables, checks."""
     src = result.source
     header = Text.assemble(
-        ("ncaudit report  ", "bold"), (str(src.get("path", "")), "cyan"),
+        ("ncaudit report  ", "bold"), (printable(src.get("path", "")), "cyan"),
         f"\nN = {result.n_samples}   p = {result.n_features}   C = {result.n_classes}",
     )
-    extras = [str(src[k]) for k in ("model", "dataset", "split") if src.get(k)]
+    extras = [printable(src[k]) for k in ("model", "dataset", "split") if src.get(k)]
     if extras:
         header.append("   " + " · ".join(extras), style="dim")
     if result.details.get("normalized"):

@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Group
 from rich.text import Text
 
+from ncaudit._text import printable
 from ncaudit.audit import TrajectoryRow
 from ncaudit.audit._trajectory import COLUMNS as TRAJECTORY_COLUMNS
 from ncaudit.audit._trajectory import NARROW_COLUMNS, PER_SPLIT, split_order
@@ -46,7 +47,8 @@ def trajectory_table(rows: Sequence[TrajectoryRow], *, layers: bool = False, wid
             continue
         columns.append((key, split))
         headers.append(Column(header))
-    table_rows = [([r.label], [fmt_compact(r.value(f"{s}.{k}" if s else k)) for k, s in columns]) for r in rows]
+    table_rows = [([printable(r.label)], [fmt_compact(r.value(f"{s}.{k}" if s else k)) for k, s in columns])
+                  for r in rows]
     # One space of padding (plus the divider) between columns: the narrow set stays within 80.
     parts: list[Any] = [FittedTable([Column("checkpoint", justify="left", fit="fold")], headers, table_rows,
                                     title="trajectory", padding=(0, 0, 0, 1))]
@@ -55,7 +57,8 @@ def trajectory_table(rows: Sequence[TrajectoryRow], *, layers: bool = False, wid
         parts += [Text(""), means]
     if layers and rows and rows[-1].primary.layers:
         last = rows[-1]
-        parts.append(layers_table(last.primary, title=f"per-layer NC1 of {last.label} ({last.primary_split})"))
+        title = Text(printable(f"per-layer NC1 of {last.label} ({last.primary_split})"))
+        parts.append(layers_table(last.primary, title=title))
     return Group(*parts)
 
 
@@ -81,7 +84,7 @@ def _means_table(rows: Sequence[TrajectoryRow], splits: list[str]) -> FittedTabl
             for key, _ in MEANS_COLUMNS:
                 trained = result.metrics.get(key) if result is not None and own else None
                 values += [fmt_compact(trained), fmt_compact(own.get(key))]
-        cells.append(([r.label], values))
+        cells.append(([printable(r.label)], values))
     return FittedTable([Column("checkpoint", justify="left", fit="fold")], headers, cells,
                        title=f"{', '.join(audited)}: against the training means (train μ) and its own",
                        padding=(0, 0, 0, 1))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ncaudit._validate import SQUARABLE
 from ncaudit.stats._gemm import Workspace, mm
 from ncaudit.stats._state import _Sums
 
@@ -37,6 +39,20 @@ class Decisions:
     disagree: int | None
     squared_error: float | None
     whitened_scatter: np.ndarray
+
+
+#: The largest float32 score the decision GEMM may form: a quarter of the float32 maximum (sums of partial products
+#: stay below it).
+_FLOAT32_SCORES = float(torch.finfo(torch.float32).max) / 4
+
+
+def _may_overflow_float32(col_norm: torch.Tensor, p: int) -> bool:
+    """Whether float32 scores (h - a)^T [M | W] could overflow: each |h_i| <= SQUARABLE (the first pass refuses
+    larger features), so ||h - a|| <= 2 SQUARABLE sqrt(p), and a score is at most that times its column's norm."""
+    if col_norm.numel() == 0:
+        return False
+    bound = 2.0 * SQUARABLE["float32"] * math.sqrt(p)
+    return float(col_norm.max()) * bound > _FLOAT32_SCORES
 
 
 class SampleDecisions(_Sums):
@@ -81,7 +97,8 @@ class SampleDecisions(_Sums):
     real features.
 
     A float32-scored row whose top-two margin is within the GEMM's worst-case rounding bound is decided again in
-    float64, so every decision equals the float64 one.
+    float64, so every decision equals the float64 one. A classifier (or class means) so large that float32 scores
+    could overflow for features within the first pass's bound is scored in float64 throughout (decided once, here).
     """
 
     #: The tensors that make up the state (all sums: merging adds them).
@@ -123,8 +140,10 @@ class SampleDecisions(_Sums):
             self._rows64[:, c:] = w.T
             consts.append(w @ self.global_mean + b)
         self._const = torch.cat(consts)
-        self._rows = self._rows64.to(gemm_dtype)
         self._col_norm = torch.linalg.vector_norm(self._rows64, dim=0)
+        if gemm_dtype == torch.float32 and not normalize and _may_overflow_float32(self._col_norm, p):
+            gemm_dtype = self.gemm_dtype = torch.float64  # decided once: a huge classifier's float32 scores overflow
+        self._rows = self._rows64.to(gemm_dtype)
         self._white = torch.as_tensor(whitener, **f64)
         ncols = self._rows.shape[1]
         # Rows per chunk: the float64 score block (rows x ncols) and its float32 twin stay within the budget.
