@@ -67,11 +67,6 @@ def _worker_died(exc: RuntimeError, out: Path) -> InputError | None:
                       f"--batch-size help). {out} keeps the rows written so far: rerun with --resume")
 
 
-def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = x.to(device, non_blocking=device.type == "cuda")
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
-
-
 def _progress(enabled: bool, total: int, done: int) -> Any:
     from rich.console import Console
     from rich.progress import (
