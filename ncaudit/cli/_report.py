@@ -37,6 +37,8 @@ def report(
                                 "(NC1, CDNV, NC2 of the means, NCC accuracy per layer)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Also write the JSON report to this file "
                                           "(written only once every metric is computed)."),
+    ood: Path | None = typer.Option(None, "--ood", metavar="OOD.h5", help="A cache of out-of-distribution features "
+                                    "from the same network (labels not read): adds NC5, mean |cos(μ_c, μ_G^OOD)|."),
     quiet: bool = typer.Option(False, "--quiet", "-q",
                                help="No progress bars (they are drawn only when stderr is a terminal)."),
 ) -> None:
@@ -51,12 +53,12 @@ def report(
     with _command("nothing was written"):
         checks = parse_checks(fail_if, METRIC_KEYS)
         if output is not None:
-            check_output(output, [cache])
+            check_output(output, [cache, *([ood] if ood is not None else [])])
         options = AuditOptions(
             batch_size=batch_size, device=device, ridge=ridge, rcond=rcond, allow_partial=allow_partial,
             drop_empty_classes=drop_empty_classes, normalize=normalize, layers=[] if layers else None,
         )
-        result = _audit_on_ranks(cache, options, quiet)
+        result = _audit_on_ranks(cache, options, quiet, ood)
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
         return
     result.checks = evaluate(checks, result.metrics)
@@ -74,12 +76,14 @@ def report(
         raise typer.Exit(code=1)
 
 
-def _audit_on_ranks(cache: Path, options: Any, quiet: bool) -> Any:
-    """``audit`` in one process, or on every rank of a torchrun launch (None on ranks other than 0)."""
+def _audit_on_ranks(cache: Path, options: Any, quiet: bool, ood: Path | None = None) -> Any:
+    """``audit`` (:func:`ncaudit.audit.audit_cache`) in one process, or on every rank of a torchrun launch (None on
+    ranks other than 0)."""
     from ncaudit._progress import RichProgress
     from ncaudit.audit import audit
 
     with _ranks(options.device) as group:
         main = group is None or group.is_main
-        result = audit(cache, options, RichProgress(stderr, enabled=False if quiet or not main else None), group)
+        result = audit(cache, options, RichProgress(stderr, enabled=False if quiet or not main else None), group,
+                       ood=ood)
     return result if main else None

@@ -37,6 +37,15 @@ GROUPS: list[tuple[str, list[tuple[str, str]]]] = [
         ("accuracy", "argmax(Wh + b) = y"),
         ("ncc_accuracy", "nearest class mean = y"),
     ]),
+    ("GNC  hyperspherical energy of unit vectors u (Liu et al. 2023)", [
+        ("energy_log_means", "mean log(1/‖u_c − u_c'‖), centred means"),
+        ("energy_log_classifier", "mean log(1/‖u_c − u_c'‖), classifier rows"),
+        ("energy_riesz_means", "mean ‖u_c − u_c'‖^−(p−2), centred means"),
+        ("energy_riesz_classifier", "mean ‖u_c − u_c'‖^−(p−2), classifier rows"),
+    ]),
+    ("NC5  orthogonality to out-of-distribution features", [
+        ("nc5", "mean |cos(μ_c, μ_G of the OOD data)| → 0"),
+    ]),
     ("LS  least-squares classifier, MSE decomposition", [
         ("mse_loss", "(1/2N) Σ ‖Wh + b − e_y‖²"),
         ("mse_term_a", "term (A): loss of W_LS, b_LS"),
@@ -47,6 +56,8 @@ GROUPS: list[tuple[str, list[tuple[str, str]]]] = [
 ]
 
 _ORTHOGONALITY = {"nc2_orthogonality_means", "nc2_orthogonality_classifier"}
+#: Rows shown only when they have a value (they need input the audit may not have).
+_ONLY_WITH_A_VALUE = {"nc1_precision_floor", "nc5"}
 
 
 def metrics_table(result: AuditResult) -> Table:
@@ -59,7 +70,7 @@ def metrics_table(result: AuditResult) -> Table:
     table.add_column("meaning", style="dim")
     for title, rows in GROUPS:
         shown = [(k, text) for k, text in rows
-                 if m.get(k) is not None or (k not in _ORTHOGONALITY and k != "nc1_precision_floor")]
+                 if m.get(k) is not None or (k not in _ORTHOGONALITY and k not in _ONLY_WITH_A_VALUE)]
         if not show_orth:
             shown = [(k, t) for k, t in shown if k not in _ORTHOGONALITY]
         if not shown:
@@ -121,7 +132,7 @@ def render_table(result: AuditResult, console: Console, *, per_class: bool = Fal
     """Print the human-readable report: header, metric groups, optional per-class and per-layer tables, checks."""
     src = result.source
     header = Text.assemble(
-        ("ncaudit report  ", "bold"), (str(src.get("path", "")), "cyan"),
+        ("ncaudit report  ", "bold"), (str(src.get("path") or src.get("source") or ""), "cyan"),
         f"\nN = {result.n_samples}   p = {result.n_features}   C = {result.n_classes}",
     )
     extras = [str(src[k]) for k in ("model", "dataset", "split") if src.get(k)]
