@@ -31,6 +31,7 @@ from ncaudit.audit._passes import (
 from ncaudit.audit._result import AuditResult, _finite, json_safe
 from ncaudit.audit._source import Array, LiveInfo, as_float64, dtype_name
 from ncaudit.audit._state import _Closed, _Selection, _Setup, _to_tensor
+from ncaudit.distributed import spawn
 from ncaudit.errors import InputError
 from ncaudit.stats import Decisions, FeatureMean
 
@@ -160,8 +161,8 @@ class AuditAccumulator:
                         has_bias=self._classifier is not None and self._classifier[1] is not None,
                         class_names=self.class_names, layers={n: int(v.shape[1]) for n, v in layers.items()},
                         attrs={"source": "batches pushed to an AuditAccumulator", **self.attrs})
-        self.options = dataclasses.replace(self.options, device=str(self._device),
-                                           layers=[] if layers else None)
+        self.options = dataclasses.replace(self.options, device=str(self._device), layers=[] if layers else None,
+                                           batch_size=max(1, int(h.shape[0])))  # the caller's batches
         exact = self._device.type != "cpu" if self.float64_decisions is None else self.float64_decisions
         self._setup_ = _setup(_Pushed(info, self._classifier), self.options, None, live=True,
                               distributed=self.distributed, float64_decisions=exact)
@@ -289,6 +290,28 @@ class AuditAccumulator:
 
             acc = merge_states(spawn(acc).load_state_dict(acc.state_dict()))
         return OODMean(acc.compute(), int(float(acc.count)), "OOD features pushed to an AuditAccumulator")
+
+    def spawn(self) -> AuditAccumulator:
+        """An empty twin at the same pass (the same classes, classifier and options, and past pass 1 the same
+        statistics), to be fed another shard of this pass and merged back with :meth:`merge`."""
+        twin = copy.copy(self)
+        twin._ood, twin._ood_checks, twin._ood_rows = None, None, 0
+        if self._setup_ is None:
+            twin.reset()
+            return twin
+        twin.rows = 0
+        twin._pass = copy.copy(self._pass)
+        step, device = twin._pass, self._device
+        if isinstance(step, _StatisticsPass):
+            step.accs = {name: spawn(a) for name, a in step.accs.items()}
+            step.checks = DeferredChecks(self.num_classes, device) if step.checks is not None else None  # type: ignore[arg-type]
+        elif isinstance(step, _DecisionsPass):
+            step.dec = spawn(step.dec)
+            step.layer_dec = {name: spawn(d) for name, d in step.layer_dec.items()}
+            step.residual = None if step.residual is None else spawn(step.residual)
+        elif isinstance(step, _ResidualPass):
+            step.acc = spawn(step.acc)
+        return twin
 
     def merge(self, other: AuditAccumulator) -> AuditAccumulator:
         """Add ``other``'s batches of the current pass (another shard in this process; both at the same pass, made

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ncaudit.metrics._energy import Energy, EnergyAccumulator
+from ncaudit.metrics._energy import Energy, EnergyAccumulator, unit_distances
 from ncaudit.metrics._numeric import PAIR_BLOCK_BYTES, block_rows
 
 
@@ -196,10 +196,7 @@ def pair_geometry(vectors: np.ndarray, *, variances: np.ndarray | None = None,
     cos_m, max_m, orth_m, cdnv_m = _Moments(), _Moments(), _Moments(), _Moments()
     shift = 1.0 / (c - 1) if c > 1 else math.nan
     energies = EnergyAccumulator(x.shape[1]) if energy else None
-    if energies is not None:
-        with np.errstate(invalid="ignore"):
-            unit = x * inv[:, None]  # u_c = v_c / ||v_c||: its Gram block is the cosine block below
-        unit_sq = np.einsum("cp,cp->c", unit, unit)
+    norms = np.sqrt(sq)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for part in _upper_blocks(x, block_rows):
             rows, cols, g, mask = part
@@ -212,8 +209,8 @@ def pair_geometry(vectors: np.ndarray, *, variances: np.ndarray | None = None,
             g *= inv[None, cols]
             cos = _pick(g, mask)
             cos_m.add(cos)
-            if energies is not None:  # ||u_c - u_c'||^2 = 2 - 2 cos, close pairs from explicit differences
-                energies.add(_pick(_pair_distances(unit, unit_sq, (rows, cols, g, mask)), mask))
+            if energies is not None:  # ||u_c - u_c'||^2 = 2 - 2 cos, close pairs from the vectors
+                energies.add(_pick(unit_distances(x, norms, rows, cols, g, mask), mask))
             tmp = np.add(cos, shift)
             max_m.add(np.abs(tmp, out=tmp), second=False)
             orth_m.add(np.abs(cos, out=tmp), second=False)

@@ -153,6 +153,11 @@ class Statistics:
                           self.variances[classes], anchors, self.error_bound, self.gemm_dtype)
 
 
+#: On the CPU, the element-wise work of :meth:`ClassStatistics.update` runs in NumPy (cache-sized blocks); False runs
+#: the device path there too (the tests check that path for host synchronisation without a GPU).
+HOST_NUMPY = True
+
+
 class ClassStatistics(_State):
     """Streaming, mergeable accumulator of the class statistics of features ``h`` with labels ``y``.
 
@@ -213,7 +218,7 @@ class ClassStatistics(_State):
         self.max_rows = torch.zeros((), dtype=f64, device=dev)  # rows of the largest product (error bound)
         self.products = torch.zeros((), dtype=f64, device=dev)  # products added into the scatter (error bound)
         self._workspace = Workspace(dev)
-        self._host = dev.type == "cpu"  # NumPy on the CPU; the sync-free tensor path elsewhere
+        self._host = dev.type == "cpu" and HOST_NUMPY  # NumPy on the CPU; the sync-free tensor path elsewhere
 
     @torch.no_grad()
     def update(self, features: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
