@@ -12,6 +12,11 @@ from ncaudit.errors import InputError
 
 DEVICES = ("auto", "cuda", "cpu")
 
+#: On the CPU the accumulators do their element-wise work in NumPy (one pass over cache-sized blocks; torch's
+#: reductions cost far more per element on a busy CPU). False runs the device code path on the CPU as well: the tests
+#: check that path for host synchronisation without a GPU.
+HOST_NUMPY = True
+
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` / ``cuda:N`` / ``cpu`` as given.

@@ -13,7 +13,7 @@ from reference import planted
 from test_api import same_report
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import ncaudit.stats._statistics as statistics_module
+import ncaudit._device as device_module
 from ncaudit import AuditAccumulator, audit_features
 from ncaudit.errors import InputError
 
@@ -230,7 +230,7 @@ def test_update_never_waits_for_the_device(monkeypatch):
     no operation that would synchronise a CUDA device. end_pass() reads the device once per pass, by design."""
     import ncaudit.audit._passes as passes
 
-    monkeypatch.setattr(statistics_module, "HOST_NUMPY", False)  # the path CUDA takes
+    monkeypatch.setattr(device_module, "HOST_NUMPY", False)  # the path CUDA takes
     monkeypatch.setattr(passes, "REFINE_ABOVE", 0.0)  # always ask for refinement: its passes are watched too
     monkeypatch.setattr(passes, "CONVERGED_BELOW", -1.0)
     h, y, w, b = _data(seed=11)

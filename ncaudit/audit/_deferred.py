@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ncaudit import _device
 from ncaudit._validate import SQUARABLE
 from ncaudit.distributed import rank, world_size
 from ncaudit.errors import InputError
@@ -51,8 +52,12 @@ class DeferredChecks:
         if h.shape[0] == 0:
             return
         limit = SQUARABLE["float64" if h.dtype == torch.float64 else "float32"]
-        low, high = torch.aminmax(h, dim=1)
-        bad = ~((low >= -limit) & (high <= limit))  # NaN fails both comparisons
+        if h.device.type == "cpu" and _device.HOST_NUMPY:  # host memory: NumPy's row reductions, no device to wait for
+            rows = h.numpy()
+            bad = torch.from_numpy(~((rows.min(1) >= -limit) & (rows.max(1) <= limit)))
+        else:
+            low, high = torch.aminmax(h, dim=1)
+            bad = ~((low >= -limit) & (high <= limit))  # NaN fails both comparisons
         first = self._first(bad.to(self.device, non_blocking=True), start)
         previous = self.bad_rows.get(name)
         self.bad_rows[name] = first if previous is None else torch.minimum(first, previous)

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ncaudit import _device
 from ncaudit.stats._gemm import Workspace, gram, unit_roundoff
 from ncaudit.stats._state import _State
 
@@ -153,11 +154,6 @@ class Statistics:
                           self.variances[classes], anchors, self.error_bound, self.gemm_dtype)
 
 
-#: On the CPU, the element-wise work of :meth:`ClassStatistics.update` runs in NumPy (cache-sized blocks); False runs
-#: the device path there too (the tests check that path for host synchronisation without a GPU).
-HOST_NUMPY = True
-
-
 class ClassStatistics(_State):
     """Streaming, mergeable accumulator of the class statistics of features ``h`` with labels ``y``.
 
@@ -218,7 +214,7 @@ class ClassStatistics(_State):
         self.max_rows = torch.zeros((), dtype=f64, device=dev)  # rows of the largest product (error bound)
         self.products = torch.zeros((), dtype=f64, device=dev)  # products added into the scatter (error bound)
         self._workspace = Workspace(dev)
-        self._host = dev.type == "cpu" and HOST_NUMPY  # NumPy on the CPU; the sync-free tensor path elsewhere
+        self._host = dev.type == "cpu" and _device.HOST_NUMPY  # NumPy on the CPU; the sync-free path elsewhere
 
     @torch.no_grad()
     def update(self, features: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
