@@ -146,8 +146,8 @@ def planted(C=6, p=12, n=50, sigma=1e-3, radius=1.0, offset=100.0, seed=0, count
 
 def reference_energy(vectors):
     """Hyperspherical energies of the rows of ``vectors`` on the unit sphere, written plainly: every ordered pair in a
-    Python loop, distances from explicit differences (close pairs in 50-digit decimal arithmetic), the Riesz kernel (s = p - 2) as exact logs summed with a
-    log-sum-exp over all pairs at once. Returns a dict with ``log_mean``, ``log_variance``, ``riesz_log_mean``,
+    Python loop, distances from explicit differences (close pairs in 50-digit decimal arithmetic), the Riesz kernel
+    (s = p - 2) as exact logs summed with a log-sum-exp over all pairs at once. Returns a dict with ``log_mean``, ``log_variance``, ``riesz_log_mean``,
     ``riesz_log_variance`` (variances with Bessel's correction over the ordered pairs)."""
     from decimal import Decimal, localcontext
 

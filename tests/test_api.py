@@ -208,7 +208,8 @@ def test_audit_model_nc5_and_energy_on_real_features(digits):
     from reference import reference_energy, reference_nc5
 
     path, loader, model, _ = digits
-    noise = torch.utils.data.TensorDataset(torch.rand(96, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 4 - 2)
+    images = torch.rand(96, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 4 - 2
+    noise = torch.utils.data.TensorDataset(images)
     ood_loader = CountingLoader(torch.utils.data.DataLoader(noise, batch_size=32))
     counting = CountingLoader(loader)
     got = audit_model(model, counting, ood_loader=ood_loader)

@@ -47,7 +47,8 @@ def test_rows_round_trip_and_feed_the_trajectory_command(tmp_path, epochs):
             assert row["label"] == f"epoch {epoch}" and set(row["splits"]) == {"train", "test"}
         assert log.rows == 3
     lines = path.read_bytes().split(b"\n")
-    assert len(lines) == 4 and lines[-1] == b"" and all(json.loads(line)["epoch"] == i for i, line in enumerate(lines[:3]))
+    assert len(lines) == 4 and lines[-1] == b""
+    assert [json.loads(line)["epoch"] for line in lines[:3]] == [0, 1, 2]
     rows = read_trajectory(path)
     assert [r.epoch for r in rows] == [0, 1, 2] and rows[0].primary_split == "train"
     assert rows[2].splits["test"].metrics == json.loads(json.dumps(epochs[2]["test"].metrics))

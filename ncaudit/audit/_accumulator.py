@@ -304,7 +304,8 @@ class AuditAccumulator:
         step, device = twin._pass, self._device
         if isinstance(step, _StatisticsPass):
             step.accs = {name: spawn(a) for name, a in step.accs.items()}
-            step.checks = DeferredChecks(self.num_classes, device) if step.checks is not None else None  # type: ignore[arg-type]
+            if step.checks is not None:
+                step.checks = DeferredChecks(self.num_classes, device)  # type: ignore[arg-type]
         elif isinstance(step, _DecisionsPass):
             step.dec = spawn(step.dec)
             step.layer_dec = {name: spawn(d) for name, d in step.layer_dec.items()}

@@ -205,8 +205,8 @@ def audit_model(
                      channels_last=channels_last, num_classes=num_classes, class_names=class_names,
                      attrs=dict(attrs or {}), precision_check=precision_check) as source:
         ood = None if ood_loader is None else source.for_loader(ood_loader)
-        options = AuditOptions(batch_size=getattr(loader, "batch_size", None) or 1, device=str(source.device), ridge=ridge, rcond=rcond,
-                               drop_empty_classes=drop_empty_classes, normalize=normalize,
+        options = AuditOptions(batch_size=getattr(loader, "batch_size", None) or 1, device=str(source.device),
+                               ridge=ridge, rcond=rcond, drop_empty_classes=drop_empty_classes, normalize=normalize,
                                layers=[] if layers else None)
         return audit_source(source, options, progress, distributed=distributed_default(distributed),
                             device=source.device, ood=ood, float64_decisions=float64_decisions)

@@ -13,19 +13,20 @@ Numerical scheme. The distances come from the Gram block of the unit vectors, d^
 (d^2 below 2e-3) are recomputed without cancellation from the vectors themselves: with D = v_c - v_c' (exact for
 nearby vectors), ||v_c|| - ||v_c'|| = D . (v_c + v_c') / (||v_c|| + ||v_c'||) and
 u_c - u_c' = D / ||v_c|| - v_c' (||v_c|| - ||v_c'||) / (||v_c|| ||v_c'||), every term to full relative precision
-(differences of rows normalised first would leave d with a relative error of eps / d). The Riesz kernel under- or overflows in
-float64 for any real width (d^(-2046) for p = 2048: d = 0.7 overflows, d = 1.5 underflows), so it is accumulated in
-logs: each pair gives l = -(s / 2) log d^2; a block of pairs is summarised by its log-mean L_b = logsumexp(l) - log n_b
-and its relative second moment R_b = sum (exp(l - L_b) - 1)^2 (= M2_b / m_b^2, every term at most n_b^2: no overflow),
-and blocks combine as Chan et al.'s update does, rescaled by the new mean: with L = log((n_a e^{L_a} + n_b e^{L_b})/n)
-(a logaddexp), r_a = e^{L_a - L} and r_b = e^{L_b - L},
-R = R_a r_a^2 + R_b r_b^2 + (r_b - r_a)^2 n_a n_b / n. The energy is e^L and its variance e^{2L} R'/(n' - 1) over the
-n' = 2n ordered pairs (R' = 2R); both are reported also as logs, finite whenever no two vectors coincide, so a mean
-beyond float64's range (reported null) is still known.
+(differences of rows normalised first would leave d with a relative error of eps / d).
+
+The Riesz kernel under- or overflows float64 for any real width (d^(-2046) for p = 2048: d = 0.7 overflows, d = 1.5
+underflows), so it is accumulated in logs: each pair gives l = -(s / 2) log d^2; a block of pairs is summarised by its
+log-mean L_b = logsumexp(l) - log n_b and its relative second moment R_b = sum (exp(l - L_b) - 1)^2 (= M2_b / m_b^2,
+every term at most n_b^2: no overflow), and blocks combine as Chan et al.'s update does, rescaled by the new mean:
+with L = log((n_a e^{L_a} + n_b e^{L_b}) / n) (a logaddexp), r_a = e^{L_a - L} and r_b = e^{L_b - L},
+R = R_a r_a^2 + R_b r_b^2 + (r_b - r_a)^2 n_a n_b / n. The energy is e^L and its variance e^{2L} R' / (n' - 1) over
+the n' = 2n ordered pairs (R' = 2R); both are reported also as logs, finite whenever no two vectors coincide, so a
+mean beyond float64's range (reported null) is still known.
 
 References
 ----------
-Liu, Yu, Liu, Jiang, Wen & Wu, "Generalizing and Decoupling Neural Collapse via Hyperspherical Uniformity Gap",
+Liu, Yu, Weller & Schölkopf, "Generalizing and Decoupling Neural Collapse via Hyperspherical Uniformity Gap",
 ICLR 2023 (arXiv:2303.06484). Chan, Golub & LeVeque, "Algorithms for computing the sample variance", 1983.
 """
 

@@ -25,8 +25,7 @@ def nc5(means: np.ndarray, ood_mean: np.ndarray) -> float:
 
     References
     ----------
-    Ammar, Belkhir, Popescu, Manzanera & Franchi, "NECO: NEural Collapse Based Out-of-distribution Detection",
-    ICLR 2024 (arXiv:2310.06823).
+    Ammar et al., "NECO: NEural Collapse Based Out-of-distribution Detection", ICLR 2024 (arXiv:2310.06823).
     """
     mu = np.asarray(means, dtype=np.float64)
     g = np.asarray(ood_mean, dtype=np.float64)

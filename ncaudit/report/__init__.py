@@ -14,6 +14,6 @@ from ncaudit.report._trajectory_file import TrajectoryWriter, is_trajectory_file
 from ncaudit.report._trajectory_table import trajectory_table
 
 __all__ = ["TrajectoryWriter", "check_output", "checks_table", "column_format", "fmt", "fmt_compact",
-           "is_trajectory_file", "layers_table", "metrics_table", "per_class_table", "plot_trajectory", "read_trajectory",
-           "render_json", "render_table", "render_text", "render_trajectory_json", "trajectory_figure",
-           "trajectory_table", "write_text_atomic"]
+           "is_trajectory_file", "layers_table", "metrics_table", "per_class_table", "plot_trajectory",
+           "read_trajectory", "render_json", "render_table", "render_text", "render_trajectory_json",
+           "trajectory_figure", "trajectory_table", "write_text_atomic"]

@@ -37,13 +37,13 @@ GROUPS: list[tuple[str, list[tuple[str, str]]]] = [
         ("accuracy", "argmax(Wh + b) = y"),
         ("ncc_accuracy", "nearest class mean = y"),
     ]),
-    ("GNC  hyperspherical energy of unit vectors u (Liu et al. 2023)", [
-        ("energy_log_means", "mean log(1/‖u_c − u_c'‖), centred means"),
-        ("energy_log_classifier", "mean log(1/‖u_c − u_c'‖), classifier rows"),
-        ("energy_riesz_means", "mean ‖u_c − u_c'‖^−(p−2), centred means"),
-        ("energy_riesz_classifier", "mean ‖u_c − u_c'‖^−(p−2), classifier rows"),
+    ("GNC  hyperspherical energy, Liu et al. 2023", [
+        ("energy_log_means", "mean log(1/‖u_c − u_c'‖), unit centred μ"),
+        ("energy_log_classifier", "mean log(1/‖u_c − u_c'‖), unit rows of W"),
+        ("energy_riesz_means", "mean ‖u_c − u_c'‖^−(p−2), unit centred μ"),
+        ("energy_riesz_classifier", "mean ‖u_c − u_c'‖^−(p−2), unit rows of W"),
     ]),
-    ("NC5  orthogonality to out-of-distribution features", [
+    ("NC5  orthogonality to out-of-distribution data", [
         ("nc5", "mean |cos(μ_c, μ_G of the OOD data)| → 0"),
     ]),
     ("LS  least-squares classifier, MSE decomposition", [
