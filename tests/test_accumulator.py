@@ -311,7 +311,10 @@ def test_cuda_update_never_synchronises_and_matches_the_cpu():
             break
     got = acc.compute()
     ref = audit_features(h, y, w, b, batch_size=64, float64_decisions=True)
-    assert got.details["device"].startswith("cuda")
+    on_gpu = audit_features(torch.from_numpy(h).to(dev), torch.from_numpy(y).to(dev), torch.from_numpy(w).to(dev),
+                            torch.from_numpy(b).to(dev), batch_size=64)
+    assert got.details["device"].startswith("cuda") and on_gpu.details["device"].startswith("cuda")
     for key, value in ref.metrics.items():
         if value is not None:
             assert got.metrics[key] == pytest.approx(value, rel=1e-9), key
+            assert on_gpu.metrics[key] == pytest.approx(value, rel=1e-9), key

@@ -267,6 +267,15 @@ def test_audit_model_mixed_precision_torchvision_and_refusals():
         audit_model(model, [])
 
 
+def test_audit_model_in_fp32_inside_a_callers_autocast_region(digits):
+    """A training loop's mixed-precision region around the audit does not lower the fp32 features."""
+    path, loader, model, names = digits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = audit_model(model, loader, class_names=names)
+    report = audit_cache(path, AuditOptions(device="cpu", batch_size=64))
+    assert got.metrics["nc1"] == pytest.approx(report.metrics["nc1"], rel=1e-10)
+
+
 def test_audit_model_refuses_a_loader_that_changes_between_passes():
     model = timm_model(num_classes=3)
 

@@ -77,11 +77,13 @@ class _LogMoments:
         if not math.isfinite(top):  # a coinciding pair (+inf), or NaN: the energy is infinite / undefined
             lb, rb = top, math.nan
         else:
-            ratio = np.exp(logs - top)
-            lb = top + math.log(float(ratio.sum())) - math.log(nb)
-            ratio = np.exp(logs - lb)
-            ratio -= 1.0
-            rb = float(np.dot(ratio.ravel(), ratio.ravel()))
+            work = np.subtract(logs, top)  # one block-sized temporary, reused
+            np.exp(work, out=work)
+            lb = top + math.log(float(work.sum())) - math.log(nb)
+            np.subtract(logs, lb, out=work)
+            np.exp(work, out=work)  # x / mean of the block: at most n_b
+            work -= 1.0
+            rb = float(np.dot(work.ravel(), work.ravel()))
         if self.n == 0:
             self.n, self.log_mean, self.rel_m2 = nb, lb, rb
             return
@@ -123,16 +125,16 @@ class EnergyAccumulator:
         self.riesz = _LogMoments()
 
     def add(self, dist2: np.ndarray) -> None:
-        """Add the pairs of one block, given as squared distances ||u_c - u_c'||^2."""
+        """Add the pairs of one block, given as squared distances ||u_c - u_c'||^2 (overwritten)."""
         with np.errstate(divide="ignore", invalid="ignore"):
-            half_log = np.log(dist2)
-            half_log *= -0.5  # log(1 / d)
-        self.log.add(half_log)
+            logs = np.log(dist2, out=dist2)  # the block's own buffer: no copy
+            logs *= -0.5  # log(1 / d)
+        self.log.add(logs)
         if self.s == 0.0:  # d^0 = 1 for every pair, coinciding ones included
-            self.riesz.add(np.zeros_like(half_log))
+            logs.fill(0.0)
         else:
-            half_log *= self.s  # log(d^-s) = -s log d
-            self.riesz.add(half_log)
+            logs *= self.s  # log(d^-s) = -s log d
+        self.riesz.add(logs)
 
     def result(self) -> Energy:
         log_mean = self.log.result()

@@ -28,9 +28,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """Autocast for bf16/fp16, nothing for fp32."""
+    """Autocast for bf16/fp16; for fp32 autocast switched off (a caller's own autocast region, e.g. a training loop's
+    mixed precision, must not lower the features' precision)."""
     if precision == "fp32":
-        return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, enabled=False)
     return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
 
 
@@ -86,6 +87,6 @@ class FeatureRunner:
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """Features of ``x`` in float32: no autocast, TF32 off (the rows of ``/reference_fp32``)."""
-        with full_precision_matmul(), torch.inference_mode():
+        with full_precision_matmul(), torch.inference_mode(), autocast_context("fp32", self.device):
             feats, _ = self.pm(to_device(x, self.device, self.channels_last))
         return feats.float()
