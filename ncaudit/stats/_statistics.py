@@ -254,7 +254,10 @@ class ClassStatistics(_State):
             low = ws.get("wide_low", b, width, self.gemm_dtype).copy_(wide)
             product = ws.get("gram", width, width, torch.float64).copy_(
                 gram(low, ws.get("gram_low", width, width, self.gemm_dtype)))
-        self.scatter += product[:p, :p]
+        if self._host:  # NumPy's add, as the BLAS product's own buffers: no thread-pool round trip on a busy CPU
+            np.add(self.scatter.numpy(), product.numpy()[:p, :p], out=self.scatter.numpy())
+        else:
+            self.scatter += product[:p, :p]
         ones = torch.ones((), dtype=torch.float64, device=self.device).expand(b)
         self.count.index_add_(0, y, ones)
         if onehot:
