@@ -77,6 +77,10 @@ def test_one_pass_gives_the_closed_forms_and_names_what_needs_another():
             assert partial.metrics[key] == pytest.approx(value, rel=1e-10), key
     assert all(row["accuracy"] is None and row["nc1"] is None for row in partial.per_class)
     assert not [w for w in partial.warnings if w.startswith("self-check")]
+    headless = AuditAccumulator(6)
+    for x, labels in _batches(h, y):
+        headless.update(x, labels)
+    assert headless.compute().details["pending"] == {"pass": 2, "metrics": ["ncc_accuracy"]}
     x, labels = next(_batches(h, y))
     acc.update(x, labels)
     with pytest.raises(RuntimeError, match="decisions pass is in progress"):

@@ -171,9 +171,9 @@ def audit_model(
     layers
         Module names whose pooled outputs are audited too (``extract --layers``).
     device, precision, channels_last
-        Where the network runs (default: where its parameters are); ``fp32`` (default; TF32 off), ``bf16`` or
-        ``fp16`` autocast (then the first ``precision_check`` rows are recomputed in float32 for the NC1 precision
-        floor); channels-last inputs.
+        Where the batches go and the passes run (default: where the network's parameters are; the network is not
+        moved); ``fp32`` (default; TF32 and any caller's autocast off), ``bf16`` or ``fp16`` autocast (then the first
+        ``precision_check`` rows are recomputed in float32 for the NC1 precision floor); channels-last inputs.
     ood_loader
         Out-of-distribution images through the same network (labels, if any, are not read): adds ``nc5``.
     normalize, ridge, rcond, drop_empty_classes, num_classes, class_names, attrs, distributed, float64_decisions,

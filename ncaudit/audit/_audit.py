@@ -145,7 +145,8 @@ def _assemble(setup: _Setup, sel: _Selection, closed: _Closed, decisions: Decisi
     if decisions is not None:
         _sample_metrics(m, details, decisions, sel.stats.n_samples)
     else:
-        details["pending"] = {"pass": 2, "metrics": [k for k in SAMPLE_METRICS if k != "nc4" or sel.weight is not None]}
+        details["pending"] = {"pass": 2, "metrics": [k for k in SAMPLE_METRICS
+                                                     if k == "ncc_accuracy" or sel.weight is not None]}
     m["nc1_precision_floor"] = _precision_floor(reference, closed.basis, options, details)
     if ood_mean is not None:
         _ood_metrics(m, details, sel, ood_mean)
