@@ -7,7 +7,11 @@ The public surface is small and importable from here:
 - the streaming statistics accumulator :class:`ClassStatistics` (``update`` / ``merge`` / ``compute``) and the
   :class:`Statistics` it computes;
 - the audit of a cache, :func:`audit_cache` with :class:`AuditOptions`, and its :class:`AuditResult`
-  (:func:`result_to_json` gives the JSON report);
+  (:func:`result_to_json` gives the JSON report, :func:`render_json` its text and :func:`render_text` the table of
+  ``ncaudit report``; ``result.check(["nc1<0.1"])`` the ``--fail-if`` checks);
+- the same audit in a training loop: :func:`audit_model` (a network over a data loader), :func:`audit_features`
+  (arrays or tensors in memory), :class:`AuditAccumulator` (batches pushed from a loop the caller owns), and
+  :class:`TrajectoryWriter` / :func:`read_trajectory` (one JSON line per epoch, read by ``ncaudit trajectory``);
 - the errors :class:`InputError` (bad input: the command line exits 2) and :class:`CacheWriteError`.
 
 The stages live in subpackages (``ncaudit.data``, ``ncaudit.models``, ``ncaudit.extract``, ``ncaudit.cache``,
@@ -34,8 +38,15 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "Statistics": ("ncaudit.stats", "Statistics"),
     "AuditOptions": ("ncaudit.audit", "AuditOptions"),
     "AuditResult": ("ncaudit.audit", "AuditResult"),
-    "audit_cache": ("ncaudit.audit", "audit"),
+    "audit_cache": ("ncaudit.audit", "audit_cache"),
+    "audit_features": ("ncaudit.audit", "audit_features"),
+    "audit_model": ("ncaudit.audit", "audit_model"),
+    "AuditAccumulator": ("ncaudit.audit", "AuditAccumulator"),
     "result_to_json": ("ncaudit.audit", "result_to_json"),
+    "render_json": ("ncaudit.report", "render_json"),
+    "render_text": ("ncaudit.report", "render_text"),
+    "TrajectoryWriter": ("ncaudit.report", "TrajectoryWriter"),
+    "read_trajectory": ("ncaudit.report", "read_trajectory"),
     "CacheWriteError": ("ncaudit.errors", "CacheWriteError"),
     "InputError": ("ncaudit.errors", "InputError"),
 }
@@ -57,10 +68,13 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS})
 
 
-if TYPE_CHECKING:  # the names of _EXPORTS for type checkers (re-exported: `X as X`)
+if TYPE_CHECKING:  # the names as static type checkers see them (re-exported: ``X as X``)
+    from ncaudit.audit import AuditAccumulator as AuditAccumulator
     from ncaudit.audit import AuditOptions as AuditOptions
     from ncaudit.audit import AuditResult as AuditResult
-    from ncaudit.audit import audit as audit_cache  # noqa: F401
+    from ncaudit.audit import audit_cache as audit_cache
+    from ncaudit.audit import audit_features as audit_features
+    from ncaudit.audit import audit_model as audit_model
     from ncaudit.audit import result_to_json as result_to_json
     from ncaudit.cache import CacheInfo as CacheInfo
     from ncaudit.cache import CacheWriter as CacheWriter
@@ -69,5 +83,9 @@ if TYPE_CHECKING:  # the names of _EXPORTS for type checkers (re-exported: `X as
     from ncaudit.cache import write_cache as write_cache
     from ncaudit.errors import CacheWriteError as CacheWriteError
     from ncaudit.errors import InputError as InputError
+    from ncaudit.report import TrajectoryWriter as TrajectoryWriter
+    from ncaudit.report import read_trajectory as read_trajectory
+    from ncaudit.report import render_json as render_json
+    from ncaudit.report import render_text as render_text
     from ncaudit.stats import ClassStatistics as ClassStatistics
     from ncaudit.stats import Statistics as Statistics

@@ -1,12 +1,21 @@
-"""Where the work runs: the one place that turns a ``--device`` flag into a :class:`torch.device`."""
+"""Where the work runs: the one place that turns a ``--device`` flag into a :class:`torch.device`, and the switch that
+keeps products at full precision (no TF32) wherever they run."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
 from ncaudit.errors import InputError
 
 DEVICES = ("auto", "cuda", "cpu")
+
+#: On the CPU the accumulators do their element-wise work in NumPy (one pass over cache-sized blocks; torch's
+#: reductions cost far more per element on a busy CPU). False runs the device code path on the CPU as well: the tests
+#: check that path for host synchronisation without a GPU.
+HOST_NUMPY = True
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -29,3 +38,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise InputError(f"--device {name!r}: not a device name; use cpu, cuda, cuda:N or auto") from None
+
+
+@contextlib.contextmanager
+def full_precision_matmul() -> Iterator[None]:
+    """Disable TF32 and reduced-precision float32 matmuls inside the block, restoring the settings after."""
+    cuda_tf32 = torch.backends.cuda.matmul.allow_tf32
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    precision = torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = cuda_tf32
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        torch.set_float32_matmul_precision(precision)

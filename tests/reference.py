@@ -166,3 +166,48 @@ def planted(C=6, p=12, n=50, sigma=1e-3, radius=1.0, offset=100.0, seed=0, count
     y = np.concatenate([np.full(k, c) for c, k in enumerate(counts)])
     h = offset + etf[y] + sigma * rng.standard_normal((len(y), p))
     return h, y, etf
+
+
+def reference_energy(vectors):
+    """Hyperspherical energies of the rows of ``vectors`` on the unit sphere, written plainly: every ordered pair in a
+    Python loop, distances from explicit differences (close pairs in 50-digit decimal arithmetic), the Riesz kernel
+    (s = p - 2) as exact logs summed with a log-sum-exp over all pairs at once. Returns a dict with ``log_mean``, ``log_variance``, ``riesz_log_mean``,
+    ``riesz_log_variance`` (variances with Bessel's correction over the ordered pairs)."""
+    from decimal import Decimal, localcontext
+
+    v = np.asarray(vectors, dtype=np.float64)
+    u = v / np.linalg.norm(v, axis=1, keepdims=True)
+    C, p = u.shape
+    s = p - 2
+
+    def distance(i: int, j: int) -> float:
+        d = np.sqrt(np.sum((u[i] - u[j]) ** 2))
+        if d > 0.05:
+            return float(d)
+        with localcontext() as ctx:  # a close pair: 50 digits, normalised in decimal arithmetic
+            ctx.prec = 50
+            a, b = [Decimal(float(t)) for t in v[i]], [Decimal(float(t)) for t in v[j]]
+            na, nb = sum(t * t for t in a).sqrt(), sum(t * t for t in b).sqrt()
+            return float(sum((x / na - y / nb) ** 2 for x, y in zip(a, b)).sqrt())
+
+    dist = np.array([distance(i, j) for i in range(C) for j in range(C) if i != j])
+    log_inv = -np.log(dist)
+    logs = s * log_inv  # log(d^-s)
+    top = logs.max()
+    log_mean = top + np.log(np.sum(np.exp(logs - top))) - np.log(len(logs))
+    # variance of d^-s in logs: Var = mean-scaled sum of (x - m)^2 / (n - 1), with x / m = exp(logs - log_mean)
+    rel = np.sum((np.exp(logs - log_mean) - 1.0) ** 2) / (len(logs) - 1)
+    return {"log_mean": float(np.mean(log_inv)), "log_variance": float(np.var(log_inv, ddof=1)),
+            "riesz_log_mean": float(log_mean), "riesz_log_variance": float(2 * log_mean + np.log(rel)) if rel > 0
+            else -np.inf, "s": s}
+
+
+def reference_nc5(h, y, ood):
+    """NC5 = mean_c |cos(mu_c, mu_G^OOD)| from raw class means and the OOD rows' mean."""
+    h = np.asarray(h, dtype=np.float64)
+    g = np.asarray(ood, dtype=np.float64).mean(axis=0)
+    values = []
+    for c in sorted(set(np.asarray(y).tolist())):
+        mu = h[np.asarray(y) == c].mean(axis=0)
+        values.append(abs(_cos(mu, g)))
+    return float(np.mean(values))

@@ -234,7 +234,9 @@ def test_torchrun_report_equals_one_process(tmp_path, dtype, tol):
     rng = np.random.default_rng(63)
     path = write_cache(tmp_path / "c.h5", h[order].astype(dtype), y[order], weight=etf + 0.2 * rng.standard_normal(
         etf.shape), bias=0.1 * rng.standard_normal(7), layers={"early": (h[order] ** 2).astype(dtype)})
-    args = ["-m", "ncaudit", "report", str(path), "--json", "-q", "--layers", "--batch-size", "64"]
+    ood = write_cache(tmp_path / "ood.h5", (rng.standard_normal((77, 20)) + 1.0).astype(dtype), np.zeros(77, int),
+                      num_classes=2)  # NC5: every rank streams its slice of the OOD rows too
+    args = ["-m", "ncaudit", "report", str(path), "--json", "-q", "--layers", "--batch-size", "64", "--ood", str(ood)]
     env = _torchrun_env()
     one = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
@@ -253,6 +255,7 @@ def test_torchrun_report_equals_one_process(tmp_path, dtype, tol):
     for row_a, row_b in zip(a["per_class"], b["per_class"]):
         assert row_b["nc1"] == pytest.approx(row_a["nc1"], rel=tol)
     assert b["layers"]["early"]["nc1"] == pytest.approx(a["layers"]["early"]["nc1"], rel=tol)
+    assert a["metrics"]["nc5"] is not None and b["details"]["ood"]["n_samples"] == 77
 
 
 def test_torchrun_report_stops_every_rank_on_bad_input(tmp_path):

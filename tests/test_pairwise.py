@@ -162,10 +162,11 @@ _PEAK_SCRIPT = textwrap.dedent("""
     means = rng.standard_normal((c, p)) + 2.0
     var = rng.uniform(0.5, 1.5, c)
     centred = means - means.mean(0)
-    geo = metrics.pair_geometry(centred, variances=var)
+    geo = metrics.pair_geometry(centred, variances=var, energy=True)
     status = open("/proc/self/status").read()
     peak_kb = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
-    print(json.dumps({"peak": peak_kb * 1024, "cdnv": geo.cdnv, "equiangle": geo.equiangle, "orth": geo.orthogonality}))
+    print(json.dumps({"peak": peak_kb * 1024, "cdnv": geo.cdnv, "equiangle": geo.equiangle, "orth": geo.orthogonality,
+                      "energy": [geo.energy.log_mean, geo.energy.riesz_log_mean, geo.energy.riesz_log_variance]}))
 """)
 
 
@@ -183,6 +184,7 @@ def test_21843_classes_stay_under_3_gb():
     out = json.loads(run.stdout)
     assert out["peak"] < 3 * GB, f"peak RSS {out['peak'] / GB:.2f} GB"  # one C x C float64 matrix is 3.8 GB
     assert math.isfinite(out["cdnv"]) and 0 < out["equiangle"] < 1 and 0 < out["orth"] < 1
+    assert all(math.isfinite(v) for v in out["energy"])  # the hyperspherical energies ride in the same blocks
 
 
 
@@ -219,3 +221,4 @@ def test_imagenet21k_classes_report_under_3_gb(tmp_path):
     m = report["metrics"]
     assert math.isfinite(m["cdnv"]) and 0 < m["nc2_equiangle_means"] < 1 and 0 < m["nc2_orthogonality_means"] < 1
     assert m["accuracy"] is not None and m["mse_term_b"] is not None
+    assert m["energy_log_means"] is not None and report["details"]["energy"]["energy_riesz_means"]["log_mean"] < 0

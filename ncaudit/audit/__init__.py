@@ -1,15 +1,19 @@
-"""Auditing feature caches: the passes, every metric, the result and its JSON, trajectories, comparisons and checks.
+"""Auditing Neural Collapse: the passes, every metric, the result and its JSON, trajectories, comparisons and checks.
 
-:func:`audit` computes the report of one cache (``ncaudit report``); :class:`AuditResult` holds it and
-:func:`result_to_json` gives its JSON (schema ``ncaudit.report/1``); :func:`load_result` reads a saved report back (or
-audits a cache) as a baseline. :func:`build_rows` lines several results up as a trajectory (one row per checkpoint,
-splits side by side), :func:`audit_trajectory` audits caches into one (checked to be one run's, test splits optionally
-against the training means); :func:`compare` puts two results side by side with each metric's direction
-(:data:`DIRECTIONS`); :func:`parse_checks` and :func:`evaluate` are the ``--fail-if`` thresholds, absolute or relative
-to a baseline.
+:func:`audit_cache` computes the report of one cache (``ncaudit report``; :func:`audit` is the same function);
+:func:`audit_features` (arrays in memory), :func:`audit_model` (a network over a data loader) and
+:class:`AuditAccumulator` (batches pushed from a training loop) compute the same report without a cache.
+:class:`AuditResult` holds it and :func:`result_to_json` gives its JSON (schema ``ncaudit.report/1``);
+:func:`load_result` reads a saved report back (or audits a cache) as a baseline. :func:`build_rows` lines several
+results up as a trajectory (one row per checkpoint, splits side by side), :func:`audit_trajectory` audits caches into
+one (checked to be one run's, test splits optionally against the training means); :func:`compare` puts two results
+side by side with each metric's direction (:data:`DIRECTIONS`); :func:`parse_checks` and :func:`evaluate` are the
+``--fail-if`` thresholds, absolute or relative to a baseline.
 """
 
-from ncaudit.audit._audit import audit
+from ncaudit.audit._accumulator import AuditAccumulator
+from ncaudit.audit._api import audit_features, audit_model
+from ncaudit.audit._audit import audit, audit_cache, audit_source
 from ncaudit.audit._baseline import baseline_info, check_comparable, load_result, read_report, result_from_json
 from ncaudit.audit._checks import Check, evaluate, parse_checks, require_baseline
 from ncaudit.audit._compare import COMPARE_SCHEMA, Comparison, MetricChange, compare, comparison_to_json, gate
@@ -17,6 +21,7 @@ from ncaudit.audit._directions import DIRECTIONS, verdict
 from ncaudit.audit._means_from import MEANS_FROM_METRICS
 from ncaudit.audit._options import AuditOptions, ProgressTracker
 from ncaudit.audit._result import METRIC_KEYS, REPORT_SCHEMA, AuditResult, json_safe, result_to_json
+from ncaudit.audit._source import ArraySource, BatchSource
 from ncaudit.audit._trajectory import (
     TRAIN_SPLITS,
     TrajectoryRow,
@@ -28,7 +33,9 @@ from ncaudit.audit._trajectory import (
 )
 
 __all__ = ["COMPARE_SCHEMA", "DIRECTIONS", "MEANS_FROM_METRICS", "METRIC_KEYS", "REPORT_SCHEMA", "TRAIN_SPLITS",
-           "AuditOptions", "AuditResult", "Check", "Comparison", "MetricChange", "ProgressTracker", "TrajectoryRow",
-           "audit", "audit_trajectory", "baseline_info", "build_rows", "check_caches", "check_comparable", "compare",
-           "comparison_to_json", "evaluate", "gate", "gate_last_row", "json_safe", "load_result", "parse_checks",
-           "read_report", "require_baseline", "result_from_json", "result_to_json", "training_pairs", "verdict"]
+           "ArraySource", "AuditAccumulator", "AuditOptions", "AuditResult", "BatchSource", "Check", "Comparison",
+           "MetricChange", "ProgressTracker", "TrajectoryRow", "audit", "audit_cache", "audit_features",
+           "audit_model", "audit_source", "audit_trajectory", "baseline_info", "build_rows", "check_caches",
+           "check_comparable", "compare", "comparison_to_json", "evaluate", "gate", "gate_last_row", "json_safe",
+           "load_result", "parse_checks", "read_report", "require_baseline", "result_from_json", "result_to_json",
+           "training_pairs", "verdict"]

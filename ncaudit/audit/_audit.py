@@ -1,16 +1,24 @@
-"""``audit``: the streaming passes over a cache and the assembly of every metric, as named steps.
+"""The audit: the streaming passes over a source and the assembly of every metric, as named steps.
 
 Pass 1 accumulates the class statistics (:class:`~ncaudit.stats.ClassStatistics`, one per layer); the metrics that
 are closed forms of the statistics follow (:mod:`ncaudit.metrics`); pass 2 makes the per-sample decisions
-(:class:`~ncaudit.stats.SampleDecisions`). Memory stays O(p^2 + C p) whatever the number of samples.
+(:class:`~ncaudit.stats.SampleDecisions`); refinement passes of the least-squares classifier follow when its error
+estimate asks for them. Memory stays O(p^2 + C p) whatever the number of samples. :func:`audit_cache` reads a cache
+(``ncaudit report``); :func:`audit_source` reads any :class:`~ncaudit.audit._source.BatchSource` (features in memory,
+a model over a loader) with the same passes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
 
 from ncaudit._device import resolve_device
 from ncaudit.audit._closed import (
@@ -22,62 +30,151 @@ from ncaudit.audit._closed import (
     _run_details,
     _sample_metrics,
 )
-from ncaudit.audit._means_from import against_training_means, training_means
+from ncaudit.audit._means_from import TrainingMeans, against_training_means, training_means
+from ncaudit.audit._ood import _ood_metrics, _ood_pass, _ood_setup
 from ncaudit.audit._options import AuditOptions, ProgressTracker, _NoProgress
-from ncaudit.audit._passes import _decisions_pass, _refine, _select, _setup, _statistics_pass
+from ncaudit.audit._passes import (
+    _DecisionsPass,
+    _refine,
+    _same_samples,
+    _select,
+    _setup,
+    _StatisticsPass,
+    _stream,
+)
 from ncaudit.audit._result import METRIC_KEYS, AuditResult, _finite, json_safe
+from ncaudit.audit._source import BatchSource
+from ncaudit.audit._state import _Closed, _Selection, _Setup
 from ncaudit.audit._warnings import _warnings
-from ncaudit.cache import CacheInfo, FeatureCache
-from ncaudit.distributed import DistContext
+from ncaudit.cache import FeatureCache
+from ncaudit.distributed import DistContext, world_size
 from ncaudit.errors import InputError
+from ncaudit.stats import Decisions
+
+#: Metrics that need the second pass over the samples (None until it has run).
+SAMPLE_METRICS = ("nc4", "accuracy", "ncc_accuracy")
 
 
-def audit(
+def audit_cache(
     path: str | Path,
     options: AuditOptions = AuditOptions(),
     progress: ProgressTracker | None = None,
     group: DistContext | None = None,
+    *,
+    ood: str | Path | None = None,
 ) -> AuditResult:
-    """Compute every metric of the cache at ``path``.
+    """Compute every metric of the cache at ``path`` (``ncaudit report``).
 
     With ``group`` (a torch.distributed process group, :func:`ncaudit.distributed.process_group`), every rank streams
     its contiguous slice of the rows, and the accumulators of each pass merge exactly across the ranks before the
-    next step: every rank returns the same result, which equals the single-process one to rounding.
+    next step: every rank returns the same result, which equals the single-process one to rounding. ``ood``, a cache
+    of out-of-distribution features from the same network, adds NC5 (its labels are not read).
 
     Raises
     ------
     InputError
         Missing or malformed file, labels outside [0, C), NaN / Inf features, a bad classifier shape, an empty class
-        (without ``drop_empty_classes``), an incomplete cache (without ``allow_partial``).
+        (without ``drop_empty_classes``), an incomplete cache (without ``allow_partial``), an OOD cache of another
+        feature width.
     """
     progress = progress or _NoProgress()
     _check_options(options)
     device = group.device if group is not None else resolve_device(options.device)
-    with FeatureCache(path, allow_partial=options.allow_partial, allow_external=options.allow_external) as cache:
+    with FeatureCache(path, allow_partial=options.allow_partial, allow_external=options.allow_external) as cache, \
+            _open_ood(ood, options) as ood_cache:
         setup = _setup(cache, options, group)
-        sel = _select(_statistics_pass(cache, setup, options, device, progress), setup, options)  # frees pass 1
-        train = None if options.means_from is None else \
-            training_means(options.means_from, cache, sel.keep, options, device, progress)
-        closed = _closed_form(sel.stats, sel.weight, sel.bias, options)
-        decisions, layer_decisions, residual, train_decisions = _decisions_pass(cache, setup, sel, closed, options,
-                                                                                device, progress, train)
-        if closed.ls is not None:
-            closed.ls = _refine(cache, setup, sel, closed, residual, options, device, progress)
-        reference = cache.reference_fp32()
+        ood_setup = None if ood_cache is None else _ood_setup(ood_cache, setup, options, group)
+        return _audit(cache, setup, options, device, progress, ood_cache, ood_setup)
+
+
+#: ``ncaudit.audit.audit`` is :func:`audit_cache`.
+audit = audit_cache
+
+
+def audit_source(
+    source: BatchSource,
+    options: AuditOptions = AuditOptions(),
+    progress: ProgressTracker | None = None,
+    *,
+    distributed: bool = False,
+    device: torch.device | None = None,
+    ood: BatchSource | None = None,
+    float64_decisions: bool | None = None,
+) -> AuditResult:
+    """Every metric of a live source (features in memory, a model over a loader): the passes of :func:`audit_cache`.
+
+    The source is this process's shard when ``distributed`` (each rank passes its own rows; every pass merges exactly
+    across the ranks of the default process group). Labels and finiteness are checked on the device and reported once
+    per pass; ``float64_decisions`` (default: on any device but the CPU) decides with float64 products, which need no
+    data-dependent recheck.
+    """
+    progress = progress or _NoProgress()
+    _check_options(options)
+    device = device if device is not None else resolve_device(options.device)
+    exact = device.type != "cpu" if float64_decisions is None else float64_decisions
+    setup = _setup(source, options, None, live=True, distributed=distributed, float64_decisions=exact)
+    ood_setup = None if ood is None else _ood_setup(ood, setup, options, None, live=True)
+    return _audit(source, setup, options, device, progress, ood, ood_setup)
+
+
+def _audit(source: BatchSource, setup: _Setup, options: AuditOptions, device: torch.device,
+           progress: ProgressTracker, ood: BatchSource | None, ood_setup: _Setup | None) -> AuditResult:
+    """The passes, then the assembly."""
+    stats_pass = _StatisticsPass(setup, options, device)
+    sel = _select(_stream(source, setup, options, progress, stats_pass, stats_pass.title), setup, options)
+    del stats_pass  # frees pass 1
+    train = None if options.means_from is None else \
+        training_means(options.means_from, source, sel.keep, options, device, progress)
+    closed = _closed_form(sel.stats, sel.weight, sel.bias, options)
+    decisions_pass = _DecisionsPass(setup, sel, closed, options, device, train)
+    decisions, layer_decisions, residual, train_decisions = _stream(source, setup, options, progress, decisions_pass,
+                                                                    decisions_pass.title)
+    if setup.deferred:
+        _same_samples(sel.stats.counts, decisions, setup.where)
+    if closed.ls is not None:
+        closed.ls = _refine(source, setup, sel, closed, residual, options, device, progress)
+    ood_mean = None
+    if ood is not None and ood_setup is not None:
+        ood_mean = _ood_pass(ood, ood_setup, options, device, progress)
+    result = _assemble(setup, sel, closed, decisions, layer_decisions, source.reference_fp32(), options, device,
+                       ood_mean)
+    if train is not None and train_decisions is not None:
+        _against_training_means(result, train, sel, train_decisions)
+    return result
+
+
+def _against_training_means(result: AuditResult, train: TrainingMeans, sel: _Selection,
+                            decisions: Decisions) -> None:
+    """``--means-from``: NCC accuracy, NC4 and CDNV against the training class means (the set's own beside them)."""
+    m = dict(result.metrics)
+    result.details["means_from"] = json_safe(against_training_means(train, sel.stats, decisions, m))
+    result.metrics = {k: _finite(m.get(k)) for k in METRIC_KEYS}
+    for row, correct, count in zip(result.per_class, decisions.ncc_correct, sel.stats.counts):
+        row["ncc_accuracy"] = float(correct) / count
+
+
+def _assemble(setup: _Setup, sel: _Selection, closed: _Closed, decisions: Decisions | None,
+              layer_decisions: dict[str, Decisions] | None, reference: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+              options: AuditOptions, device: torch.device, ood_mean: Any = None) -> AuditResult:
+    """The result from the statistics, the closed forms and the decisions; before pass 2 (``decisions`` None) the
+    sample-level metrics are None and ``details["pending"]`` names them."""
     m, details = closed.metrics, closed.details
     _least_squares_metrics(closed, sel)
-    _sample_metrics(m, details, decisions, sel.stats.n_samples)
+    if decisions is not None:
+        _sample_metrics(m, details, decisions, sel.stats.n_samples)
+    else:
+        details["pending"] = {"pass": 2, "metrics": [k for k in SAMPLE_METRICS
+                                                     if k == "ncc_accuracy" or sel.weight is not None]}
     m["nc1_precision_floor"] = _precision_floor(reference, closed.basis, options, details)
-    layers = {name: _layer_block(sel.layer_stats[name], sel.layer_bases[name], layer_decisions[name])
+    if ood_mean is not None:
+        _ood_metrics(m, details, sel, ood_mean)
+    layers = {name: _layer_block(sel.layer_stats[name], sel.layer_bases[name],
+                                 None if layer_decisions is None else layer_decisions[name])
               for name in setup.layers}
     details.update(_run_details(setup, sel, options, device, closed))
-    details["world_size"] = group.world_size if group is not None else 1
+    details["world_size"] = setup.group.world_size if setup.group is not None else world_size() if setup.merge else 1
     info = setup.info
     per_class = _per_class(sel.stats, sel.weight, decisions, sel.keep, info.class_names)
-    if train is not None and train_decisions is not None:
-        details["means_from"] = against_training_means(train, sel.stats, train_decisions, m)
-        for row, correct, count in zip(per_class, train_decisions.ncc_correct, sel.stats.counts):
-            row["ncc_accuracy"] = float(correct) / count
     return AuditResult(
         source=_source(info),
         n_samples=sel.stats.n_samples,
@@ -96,9 +193,9 @@ def audit(
 JSON_ATTRIBUTES = ("checkpoint_metadata",)
 
 
-def _source(info: CacheInfo) -> dict[str, Any]:
-    """The cache's path and provenance attributes, JSON objects decoded."""
-    source: dict[str, Any] = {"path": str(info.path)}
+def _source(info: Any) -> dict[str, Any]:
+    """The source's path and provenance attributes (JSON objects decoded), and every file read."""
+    source: dict[str, Any] = {"path": None if info.path is None else str(info.path)}
     for key, value in info.attrs.items():
         if key == "layer_order":
             continue
@@ -108,8 +205,18 @@ def _source(info: CacheInfo) -> dict[str, Any]:
             except json.JSONDecodeError:
                 pass  # kept as written
         source[key] = value
-    source["files"] = [str(info.path), *(str(p) for p in info.sources)]  # every file read (shards, --allow-external)
+    if info.path is not None:  # a cache: every file read (its shards, external files under --allow-external)
+        source["files"] = [str(info.path), *(str(p) for p in getattr(info, "sources", ()))]
     return source
+
+
+@contextlib.contextmanager
+def _open_ood(path: str | Path | None, options: AuditOptions) -> Iterator[FeatureCache | None]:
+    if path is None:
+        yield None
+        return
+    with FeatureCache(path, allow_external=options.allow_external) as cache:
+        yield cache
 
 
 def _check_options(options: AuditOptions) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ncaudit.audit._result import REPORT_SCHEMA, AuditResult
+from ncaudit.audit._result import METRIC_KEYS, REPORT_SCHEMA, AuditResult
 from ncaudit.errors import InputError
 
 #: The largest JSON report read back (a report of 21,843 classes with per-class rows is ~10 MB).
@@ -72,8 +72,16 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not strict JSON")
 
 
-def result_from_json(data: Any, where: str) -> AuditResult:
-    """The inverse of :func:`~ncaudit.audit.result_to_json` (checks and ``passed`` are not read back)."""
+def result_from_json(data: Any, where: str = "the report") -> AuditResult:
+    """The inverse of :func:`~ncaudit.audit.result_to_json`: an :class:`AuditResult` from its JSON report (schema
+    ``ncaudit.report/1``: a saved report, a row of a trajectory file), checked field by field; the checks are read
+    back, ``passed`` follows from them. ``where`` names the report in error messages.
+
+    Raises
+    ------
+    InputError
+        Not a report of this schema, or a field of the wrong type.
+    """
     if not isinstance(data, dict):
         raise InputError(f"{where}: is JSON but not an ncaudit report (not an object); {_SAVE}")
     schema = data.get("schema")
@@ -101,11 +109,13 @@ def result_from_json(data: Any, where: str) -> AuditResult:
         n_features=_count(data, "n_features", where),
         n_classes=_count(data, "n_classes", where),
         class_counts=_field(data, "class_counts", list, where, []),
-        metrics={k: (None if v is None or not math.isfinite(v) else float(v)) for k, v in metrics.items()},
+        metrics={k: (None if v is None or not math.isfinite(v) else float(v))
+                 for k, v in {**dict.fromkeys(METRIC_KEYS), **metrics}.items()},
         details=details,
         per_class=_field(data, "per_class", list, where, []),
         layers=_field(data, "layers", dict, where, {}),
         warnings=_field(data, "warnings", list, where, []),
+        checks=_field(data, "checks", list, where, []),
     )
 
 

@@ -56,7 +56,7 @@ def _run_details(setup: _Setup, sel: _Selection, options: AuditOptions, device: 
     info = setup.info
     ls = closed.ls
     return {
-        "feature_dtype": info.feature_dtype,
+        "feature_dtype": str(info.feature_dtype),
         "gemm_dtype": {
             "statistics": sel.stats.gemm_dtype,
             "decisions": str(setup.gemm).replace("torch.", ""),
@@ -80,7 +80,8 @@ def _closed_form(stats: Statistics, weight: np.ndarray | None, bias: np.ndarray 
     of its error."""
     centred = stats.centred_means
     basis = metrics.means_basis(centred)
-    pairs = metrics.pair_geometry(centred, variances=stats.variances)  # one blocked pass per set of vectors
+    # One blocked pass per set of vectors: cosines, CDNV and the hyperspherical energies from the same Gram blocks.
+    pairs = metrics.pair_geometry(centred, variances=stats.variances, energy=True)
     m: dict[str, float | None] = {
         "nc1": metrics.nc1(stats.sigma_w, basis),
         "cdnv": pairs.cdnv,
@@ -96,6 +97,7 @@ def _closed_form(stats: Statistics, weight: np.ndarray | None, bias: np.ndarray 
         "ridge": options.ridge,
         "rcond": options.rcond,
     }
+    _energy_metrics(m, details, pairs.energy, "means")
     closed = _Closed(m, details, basis)
     # W_LS and term (A) are functions of the features and labels alone: computed with or without a classifier.
     closed.ls = ls = metrics.least_squares(stats, options.ridge, options.rcond, basis)
@@ -106,7 +108,8 @@ def _closed_form(stats: Statistics, weight: np.ndarray | None, bias: np.ndarray 
         loss = metrics.mse_loss(stats, weight, bias)
         m["mse_term_b"] = metrics.mse_term_b(stats, weight, bias, ls, loss=loss)
         closed.estimate = metrics.ls_error_estimate(stats, weight, ls, m["mse_term_a"], m["mse_term_b"])
-        rows = metrics.pair_geometry(weight)
+        rows = metrics.pair_geometry(weight, energy=True)
+        _energy_metrics(m, details, rows.energy, "classifier")
         m.update({
             "nc2_equinorm_classifier": metrics.equinorm(weight),
             "nc2_equiangle_classifier": rows.equiangle,
@@ -116,6 +119,20 @@ def _closed_form(stats: Statistics, weight: np.ndarray | None, bias: np.ndarray 
             "mse_loss": loss,
         })
     return closed
+
+
+def _energy_metrics(m: dict[str, float | None], details: dict[str, Any], energy: metrics.Energy | None,
+                    which: str) -> None:
+    """``energy_log_<which>`` and ``energy_riesz_<which>`` (Liu et al. 2023); their variances, the Riesz energy's
+    logarithm (known where the energy itself is beyond float64) and s = p - 2 under ``details["energy"]``."""
+    if energy is None:
+        return
+    m[f"energy_log_{which}"] = energy.log_mean
+    m[f"energy_riesz_{which}"] = energy.riesz_mean
+    block = details.setdefault("energy", {"riesz_s": energy.s})
+    block[f"energy_log_{which}"] = {"variance": energy.log_variance}
+    block[f"energy_riesz_{which}"] = {"variance": energy.riesz_variance, "log_mean": energy.riesz_log_mean,
+                                      "log_variance": energy.riesz_log_variance}
 
 
 def _least_squares_metrics(closed: _Closed, sel: _Selection) -> None:
@@ -149,12 +166,13 @@ def _least_squares_metrics(closed: _Closed, sel: _Selection) -> None:
     })
 
 
-def _per_class(stats: Statistics, weight: np.ndarray | None, dec: Any, keep: np.ndarray,
+def _per_class(stats: Statistics, weight: np.ndarray | None, dec: Decisions | None, keep: np.ndarray,
                names: Sequence[str] | None) -> list[dict[str, Any]]:
+    """One row per class; the sample-level entries (per-class NC1, accuracies) are None before pass 2."""
     counts = stats.counts
     mean_norm = np.linalg.norm(stats.centred_means, axis=1)
     w_norm = np.linalg.norm(weight, axis=1) if weight is not None else None
-    nc1_c = dec.whitened_scatter / np.maximum(counts, 1)
+    nc1_c = None if dec is None else dec.whitened_scatter / np.maximum(counts, 1)
     rows = []
     for i, c in enumerate(keep):
         row: dict[str, Any] = {"class": int(c)}
@@ -165,15 +183,15 @@ def _per_class(stats: Statistics, weight: np.ndarray | None, dec: Any, keep: np.
             "mean_norm": _finite(mean_norm[i]),
             "classifier_norm": None if w_norm is None else _finite(w_norm[i]),
             "variance": _finite(stats.variances[i]),
-            "nc1": _finite(nc1_c[i]),
-            "accuracy": None if dec.correct is None else float(dec.correct[i]) / counts[i],
-            "ncc_accuracy": float(dec.ncc_correct[i]) / counts[i],
+            "nc1": None if nc1_c is None else _finite(nc1_c[i]),
+            "accuracy": None if dec is None or dec.correct is None else float(dec.correct[i]) / counts[i],
+            "ncc_accuracy": None if dec is None else float(dec.ncc_correct[i]) / counts[i],
         })
         rows.append(row)
     return rows
 
 
-def _layer_block(stats: Statistics, basis: metrics.MeansBasis, dec: Decisions) -> dict[str, Any]:
+def _layer_block(stats: Statistics, basis: metrics.MeansBasis, dec: Decisions | None) -> dict[str, Any]:
     centred = stats.centred_means
     return {
         "n_features": stats.n_features,
@@ -181,6 +199,6 @@ def _layer_block(stats: Statistics, basis: metrics.MeansBasis, dec: Decisions) -
         "cdnv": _finite(metrics.cdnv(stats.variances, stats.means)),
         "nc2_equinorm_means": _finite(metrics.equinorm(centred)),
         "nc2_equiangle_means": _finite(metrics.equiangle(centred)),
-        "ncc_accuracy": float(dec.ncc_correct.sum()) / stats.n_samples,
+        "ncc_accuracy": None if dec is None else float(dec.ncc_correct.sum()) / stats.n_samples,
         "rank_sigma_b": basis.rank,
     }

@@ -34,6 +34,12 @@ DIRECTIONS: dict[str, Direction] = {
     "mse_term_b": "lower",
     "ls_distance": "lower",
     "ls_cosine": "higher",
+    # hyperspherical energy (Liu et al. 2023): the uniformly spread (simplex) arrangement has the least energy
+    "energy_log_means": "lower",
+    "energy_log_classifier": "lower",
+    "energy_riesz_means": "lower",
+    "energy_riesz_classifier": "lower",
+    "nc5": "lower",  # ID/OOD orthogonality (Ammar et al. 2024): -> 0
 }
 
 

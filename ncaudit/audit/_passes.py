@@ -1,18 +1,26 @@
-"""The passes over the cache: statistics (pass 1), decisions (pass 2) and the refinement passes of W_LS."""
+"""The passes over the samples: statistics (pass 1), decisions (pass 2) and the refinement passes of W_LS.
+
+Each pass is an object with ``update(start, features, labels, layers)`` per batch and ``finish()`` (the merge across
+ranks, then the pass's result), so that the same code serves the audit that pulls batches from a source
+(:func:`_stream`: a cache, arrays in memory, a model over a loader) and :class:`~ncaudit.AuditAccumulator`, to which a
+training loop pushes them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from ncaudit import metrics
 from ncaudit._validate import check_classifier, check_finite, check_labels, check_memory, classes_to_keep
+from ncaudit.audit._deferred import DeferredChecks
 from ncaudit.audit._means_from import TrainingMeans
 from ncaudit.audit._options import AuditOptions, ProgressTracker
-from ncaudit.audit._state import _Closed, _Selection, _Setup, _to_tensor, _unit_rows
-from ncaudit.cache import CacheInfo, FeatureCache
+from ncaudit.audit._source import BatchSource, SourceInfo
+from ncaudit.audit._state import _Closed, _labels, _Selection, _Setup, _to_tensor, _unit_rows
 from ncaudit.distributed import DistContext, merge_all, together
 from ncaudit.errors import InputError
 from ncaudit.stats import ClassStatistics, Decisions, LeastSquaresResidual, Residual, SampleDecisions, gemm_dtype_for
@@ -21,68 +29,147 @@ from ncaudit.stats import ClassStatistics, Decisions, LeastSquaresResidual, Resi
 REFINE_ABOVE = 1e-7
 #: Stop refining once a step changes W_LS by less than this (relative): the error left is about its square.
 CONVERGED_BELOW = 1e-5
-#: At most this many refinement steps (the first rides along in pass 2; each further one reads the cache again).
+#: At most this many refinement steps (the first rides along in pass 2; each further one reads the samples again).
 MAX_REFINE_STEPS = 3
 
 
-def _setup(cache: FeatureCache, options: AuditOptions, group: DistContext | None) -> _Setup:
-    info = cache.info
-    where = str(info.path)
+# ---------------------------------------------------------------------------------------------------------------------
+# Set-up
+# ---------------------------------------------------------------------------------------------------------------------
+def _setup(source: BatchSource, options: AuditOptions, group: DistContext | None, *, live: bool = False,
+           distributed: bool = False, float64_decisions: bool = False) -> _Setup:
+    """What the passes need to know before reading a row.
+
+    A cache (``live`` False) is split into contiguous rows per rank when ``group`` is distributed; a live source
+    (arrays in memory, a model over a loader, an accumulator) is already this rank's shard, merged across ranks when
+    ``distributed``, and checked on the device (:class:`DeferredChecks`). ``float64_decisions`` makes the decision
+    GEMM float64 whatever the features' dtype: exact without the float32 path's data-dependent recheck, so that pass
+    2 never waits for the device (the live default on CUDA).
+    """
+    info = source.info
+    where = _where(info)
     if info.n_samples == 0:
-        raise InputError(f"{where}: the cache holds no samples; extract some first")
+        raise InputError(f"{where}: the cache holds no samples; extract some first" if not live
+                         else f"{where}: no samples to audit")
     layers = _select_layers(options.layers, info.layers, where)
     _check_sizes(info, layers, options)
-    classifier = cache.classifier()
+    classifier = source.classifier()
     if classifier is not None:
         check_classifier(*classifier, where)
-    rows = group.rows(info.n_samples) if group is not None and group.distributed else None
-    return _Setup(info, where, layers, gemm_dtype_for(info.feature_dtype), classifier, rows)
+    split = group is not None and group.distributed and not live
+    rows = group.rows(info.n_samples) if split and info.n_samples is not None else None
+    gemm = torch.float64 if float64_decisions else gemm_dtype_for(info.feature_dtype)
+    return _Setup(info, where, layers, gemm, classifier, rows, merge=split or (live and distributed), deferred=live,
+                  group=group)
 
 
-def _check_sizes(info: CacheInfo, layers: list[str], options: AuditOptions) -> None:
+def _where(info: SourceInfo) -> str:
+    return str(info.path) if info.path is not None else str(info.attrs.get("source", "the features"))
+
+
+def _check_sizes(info: SourceInfo, layers: list[str], options: AuditOptions) -> None:
     """Before the accumulators allocate: the statistics fit in memory, and C classes can have samples at all."""
-    check_memory([info.n_features, *(info.layers[name] for name in layers)], info.num_classes, str(info.path))
-    if info.num_classes > info.n_samples and not options.drop_empty_classes:
-        raise InputError(f"{info.path}: num_classes is {info.num_classes} but only {info.n_samples} rows are read, so "
-                         f"at least {info.num_classes - info.n_samples} classes have no samples; pass "
+    check_memory([info.n_features, *(info.layers[name] for name in layers)], info.num_classes, _where(info))
+    n = info.n_samples
+    if n is not None and info.num_classes > n and not options.drop_empty_classes:
+        raise InputError(f"{_where(info)}: num_classes is {info.num_classes} but only {n} rows are read, so "
+                         f"at least {info.num_classes - n} classes have no samples; pass "
                          "--drop-empty-classes to audit the classes present, or fix num_classes")
 
 
-def _statistics_pass(cache: FeatureCache, setup: _Setup, options: AuditOptions, device: torch.device,
-                     progress: ProgressTracker) -> dict[str | None, ClassStatistics]:
-    """Pass 1: one class-statistics accumulator for the final features (key None) and one per requested layer,
-    merged across ranks when distributed."""
-    info, where = setup.info, setup.where
-    widths = {None: info.n_features, **{name: info.layers[name] for name in setup.layers}}
-    accs = {name: ClassStatistics(info.num_classes, width, device=device, normalize=options.normalize)
-            for name, width in widths.items()}
-
-    def stream() -> None:
-        with progress.task("pass 1/2: class statistics", _n_rows(setup)) as advance:
-            for start, x, y, extra in cache.iter_batches(options.batch_size, layers=setup.layers, rows=setup.rows):
-                h, labels = _to_tensor(x), torch.from_numpy(y)
-                check_labels(labels, info.num_classes, start, where)
-                check_finite(h, start, where)
-                accs[None].update(h, labels)
-                for name in setup.layers:
-                    hl = _to_tensor(extra[name])
-                    check_finite(hl, start, where, f"/layers/{name}/features")
-                    accs[name].update(hl, labels)
-                advance(len(y))
-
-    together(stream)
-    merge_all(accs.values())
-    return accs
+def _select_layers(requested: Sequence[str] | None, available: Mapping[str, int], where: str) -> list[str]:
+    if requested is None:
+        return []
+    if not requested:
+        if not available:
+            raise InputError(f"{where}: the cache has no /layers; extract with --layers NAME[,NAME...] first")
+        return list(available)
+    missing = [name for name in requested if name not in available]
+    if missing:
+        have = ", ".join(available) or "none"
+        raise InputError(f"{where}: no layer {missing[0]!r} in the cache (it has: {have}); pick from those")
+    return [name for name in available if name in requested]
 
 
-def _n_rows(setup: _Setup) -> int:
+# ---------------------------------------------------------------------------------------------------------------------
+# Streaming a source through a pass
+# ---------------------------------------------------------------------------------------------------------------------
+def _n_rows(setup: _Setup) -> int | None:
     return setup.info.n_samples if setup.rows is None else len(setup.rows)
+
+
+def _together(setup: _Setup, step: Callable[[], Any]) -> Any:
+    """Run ``step``; when the ranks merge, an error on one rank stops every rank (:func:`together`)."""
+    return together(step) if setup.merge else step()
+
+
+def _stream(source: BatchSource, setup: _Setup, options: AuditOptions, progress: ProgressTracker, step: Any,
+            title: str, *, layers: bool = True) -> Any:
+    """Feed every batch of ``source`` (this rank's rows) to the pass ``step``; its ``finish()``."""
+    def run() -> None:
+        with progress.task(title, _n_rows(setup)) as advance:  # type: ignore[arg-type]
+            for start, x, y, extra in source.iter_batches(options.batch_size, layers=setup.layers if layers else (),
+                                                          rows=setup.rows):
+                step.update(start, x, y, extra)
+                advance(len(y))
+            step.check()
+
+    _together(setup, run)
+    return step.finish()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pass 1: class statistics
+# ---------------------------------------------------------------------------------------------------------------------
+class _StatisticsPass:
+    """Pass 1: one class-statistics accumulator for the final features (key None) and one per requested layer."""
+
+    title = "pass 1/2: class statistics"
+
+    def __init__(self, setup: _Setup, options: AuditOptions, device: torch.device) -> None:
+        info = setup.info
+        self.setup = setup
+        widths = {None: info.n_features, **{name: info.layers[name] for name in setup.layers}}
+        self.accs = {name: ClassStatistics(info.num_classes, width, device=device, normalize=options.normalize)
+                     for name, width in widths.items()}
+        self.checks = DeferredChecks(info.num_classes, device) if setup.deferred else None
+
+    def update(self, start: int, x: Any, y: Any, extra: Mapping[str, Any]) -> None:
+        setup = self.setup
+        h, labels = _to_tensor(x), _labels(y)
+        if self.checks is not None:  # on the device, reported once by check(): no synchronisation per batch
+            labels = self.checks.labels(labels, start)
+            self.checks.features(h, start)
+        else:
+            check_labels(labels, setup.info.num_classes, start, setup.where)
+            check_finite(h, start, setup.where)
+        self.accs[None].update(h, labels)
+        for name in setup.layers:
+            hl = _to_tensor(extra[name])
+            if self.checks is not None:
+                self.checks.features(hl, start, f"layers/{name}")
+            else:
+                check_finite(hl, start, setup.where, f"/layers/{name}/features")
+            self.accs[name].update(hl, labels)
+
+    def check(self) -> None:
+        """Raise the first bad label or feature row found on the device (one synchronisation per pass)."""
+        if self.checks is not None:
+            self.checks.raise_first(self.setup.where)
+
+    def finish(self) -> dict[str | None, ClassStatistics]:
+        if self.setup.merge:
+            merge_all(self.accs.values())
+        return self.accs
 
 
 def _select(accs: dict[str | None, ClassStatistics], setup: _Setup, options: AuditOptions) -> _Selection:
     """The classes to audit and their statistics; the classifier restricted (and normalised) accordingly."""
     c_all = setup.info.num_classes
-    full_stats = accs[None].compute()
+    try:
+        full_stats = accs[None].compute()
+    except ValueError:
+        raise InputError(f"{setup.where}: no samples to audit (the data yielded no rows)") from None
     keep = classes_to_keep(full_stats.counts, options.drop_empty_classes, setup.where, setup.info.class_names)
     dropped = [int(c) for c in np.setdiff1d(np.arange(c_all), keep)]
     weight = bias = None
@@ -100,85 +187,121 @@ def _select(accs: dict[str | None, ClassStatistics], setup: _Setup, options: Aud
     return _Selection(keep, dropped, full_stats.select(keep), layer_stats, layer_bases, weight, bias, remap)
 
 
-def _decisions_pass(cache: FeatureCache, setup: _Setup, sel: _Selection, closed: _Closed, options: AuditOptions,
-                    device: torch.device, progress: ProgressTracker, train: TrainingMeans | None = None,
-                    ) -> tuple[Decisions, dict[str, Decisions], Residual | None, Decisions | None]:
+# ---------------------------------------------------------------------------------------------------------------------
+# Pass 2: decisions
+# ---------------------------------------------------------------------------------------------------------------------
+class _DecisionsPass:
     """Pass 2: classifier and nearest-class-mean decisions, per-class NC1 and the direct MSE (NCC per layer), the
-    first refinement sums of W_LS when its error estimate asks for them, and with ``train`` the decisions against the
-    training class means."""
-    stats = sel.stats
-    common = dict(device=device, gemm_dtype=setup.gemm, normalize=options.normalize)
-    dec = SampleDecisions(stats.means, stats.global_mean, sel.weight, sel.bias, closed.basis.whitener,
-                          anchors=stats.anchors, **common)
-    setup.gemm = dec.gemm_dtype  # float64 when the classifier's scale needs it (reported in the details)
-    train_dec = None if train is None else SampleDecisions(
-        train.means, train.global_mean, sel.weight, sel.bias, closed.basis.whitener, anchors=stats.anchors,
-        per_class=False, **common)
-    layer_dec = {
-        name: SampleDecisions(s.means, s.global_mean, None, None, sel.layer_bases[name].whitener,
-                              anchors=s.anchors, per_class=False, **common)
-        for name, s in sel.layer_stats.items()
-    }
-    residual = None
-    if closed.ls is not None and closed.estimate > REFINE_ABOVE:
-        residual = LeastSquaresResidual(closed.ls.weight, stats.global_mean, stats.priors, device=device,
+    first refinement sums of W_LS when its error estimate asks for them, and with ``train`` (``--means-from``) the
+    decisions against the training class means."""
+
+    title = "pass 2/2: decisions"
+
+    def __init__(self, setup: _Setup, sel: _Selection, closed: _Closed, options: AuditOptions,
+                 device: torch.device, train: TrainingMeans | None = None) -> None:
+        self.setup, self.device = setup, device
+        stats = sel.stats
+        common = dict(device=device, gemm_dtype=setup.gemm, normalize=options.normalize)
+        self.dec = SampleDecisions(stats.means, stats.global_mean, sel.weight, sel.bias, closed.basis.whitener,
+                                   anchors=stats.anchors, **common)
+        setup.gemm = self.dec.gemm_dtype  # float64 when the classifier's scale needs it (reported in the details)
+        # --means-from: the same decisions against the training class means (NCC accuracy, NC4)
+        self.train_dec = None if train is None else SampleDecisions(
+            train.means, train.global_mean, sel.weight, sel.bias, closed.basis.whitener, anchors=stats.anchors,
+            per_class=False, **common)
+        self.layer_dec = {
+            name: SampleDecisions(s.means, s.global_mean, None, None, sel.layer_bases[name].whitener,
+                                  anchors=s.anchors, per_class=False, **common)
+            for name, s in sel.layer_stats.items()
+        }
+        self.residual = None
+        if closed.ls is not None and closed.estimate > REFINE_ABOVE:
+            self.residual = LeastSquaresResidual(closed.ls.weight, stats.global_mean, stats.priors, device=device,
+                                                 normalize=options.normalize)
+        self.remap = sel.remap.to(device)
+        self.last = len(sel.remap) - 1
+
+    def update(self, start: int, x: Any, y: Any, extra: Mapping[str, Any]) -> None:
+        labels = _labels(y).to(self.device, non_blocking=True)
+        if self.setup.deferred:  # labels were checked in pass 1; a loader that changed them shows in the counts
+            labels = labels.clamp(0, self.last)
+        labels = self.remap[labels]
+        h = _to_tensor(x)
+        self.dec.update(h, labels)
+        if self.train_dec is not None:
+            self.train_dec.update(h, labels)
+        if self.residual is not None:
+            self.residual.update(h, labels)
+        for name in self.setup.layers:
+            self.layer_dec[name].update(_to_tensor(extra[name]), labels)
+
+    def check(self) -> None:
+        pass
+
+    def finish(self) -> tuple[Decisions, dict[str, Decisions], Residual | None, Decisions | None]:
+        if self.setup.merge:
+            merge_all([self.dec, *self.layer_dec.values(), self.residual, self.train_dec])
+        return self.dec.compute(), {name: d.compute() for name, d in self.layer_dec.items()}, \
+            None if self.residual is None else self.residual.compute(), \
+            None if self.train_dec is None else self.train_dec.compute()
+
+
+def _same_samples(stats_counts: np.ndarray, decisions: Decisions, where: str) -> None:
+    """A live source must yield the same samples on every pass: pass 2's class counts must be pass 1's."""
+    if not np.array_equal(decisions.counts, stats_counts):
+        raise InputError(f"{where}: the second pass saw {int(decisions.counts.sum())} samples, the first "
+                         f"{int(stats_counts.sum())} (or another class mix); every pass must iterate the same samples "
+                         "(no random subset, drop_last=False, no sampler that changes between iterations)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Refinement of W_LS
+# ---------------------------------------------------------------------------------------------------------------------
+class _ResidualPass:
+    """One refinement pass: the sums of the normal equations' residual of the current W_LS on the samples."""
+
+    def __init__(self, setup: _Setup, sel: _Selection, ls: metrics.LeastSquares, options: AuditOptions,
+                 device: torch.device) -> None:
+        self.setup, self.device = setup, device
+        self.title = f"refinement {ls.steps + 1}: least squares"
+        stats = sel.stats
+        self.acc = LeastSquaresResidual(ls.weight, stats.global_mean, stats.priors, device=device,
                                         normalize=options.normalize)
+        self.remap = sel.remap.to(device)
+        self.last = len(sel.remap) - 1
 
-    def stream() -> None:
-        with progress.task("pass 2/2: decisions", _n_rows(setup)) as advance:
-            for _, x, y, extra in cache.iter_batches(options.batch_size, layers=setup.layers, rows=setup.rows):
-                labels = sel.remap[torch.from_numpy(y)]
-                h = _to_tensor(x)
-                dec.update(h, labels)
-                if train_dec is not None:
-                    train_dec.update(h, labels)
-                if residual is not None:
-                    residual.update(h, labels)
-                for name in setup.layers:
-                    layer_dec[name].update(_to_tensor(extra[name]), labels)
-                advance(len(y))
+    def update(self, start: int, x: Any, y: Any, extra: Mapping[str, Any]) -> None:
+        labels = _labels(y).to(self.device, non_blocking=True)
+        if self.setup.deferred:
+            labels = labels.clamp(0, self.last)
+        self.acc.update(_to_tensor(x), self.remap[labels])
 
-    together(stream)
-    merge_all([dec, *layer_dec.values(), residual, train_dec])
-    return dec.compute(), {name: d.compute() for name, d in layer_dec.items()}, \
-        None if residual is None else residual.compute(), None if train_dec is None else train_dec.compute()
+    def check(self) -> None:
+        pass
+
+    def finish(self) -> Residual:
+        if self.setup.merge:
+            merge_all([self.acc])
+        return self.acc.compute()
 
 
-def _refine(cache: FeatureCache, setup: _Setup, sel: _Selection, closed: _Closed, residual: Residual | None,
+def _refine_step(sel: _Selection, ls: metrics.LeastSquares, residual: Residual) -> tuple[metrics.LeastSquares, bool]:
+    """One refinement step from the residual measured on the samples; whether another pass is wanted."""
+    ls = metrics.refine(sel.stats, ls, residual)
+    more = ls.steps < MAX_REFINE_STEPS and (ls.correction or 0.0) > CONVERGED_BELOW
+    return ls, more
+
+
+def _refine(source: BatchSource, setup: _Setup, sel: _Selection, closed: _Closed, residual: Residual | None,
             options: AuditOptions, device: torch.device, progress: ProgressTracker) -> metrics.LeastSquares:
     """Iterative refinement of W_LS on the samples: the step measured in pass 2, then further passes (at most
     ``MAX_REFINE_STEPS`` in all) while the last correction is above ``CONVERGED_BELOW``."""
     ls = closed.ls
     assert ls is not None
-    stats = sel.stats
     while residual is not None:
-        ls = metrics.refine(stats, ls, residual)
-        if ls.steps >= MAX_REFINE_STEPS or (ls.correction or 0.0) <= CONVERGED_BELOW:
+        ls, more = _refine_step(sel, ls, residual)
+        if not more:
             break
-        acc = LeastSquaresResidual(ls.weight, stats.global_mean, stats.priors, device=device,
-                                   normalize=options.normalize)
-
-        def stream() -> None:
-            with progress.task(f"refinement {ls.steps + 1}: least squares", _n_rows(setup)) as advance:
-                for _, x, y, _ in cache.iter_batches(options.batch_size, rows=setup.rows):
-                    acc.update(_to_tensor(x), sel.remap[torch.from_numpy(y)])
-                    advance(len(y))
-
-        together(stream)
-        merge_all([acc])
-        residual = acc.compute()
+        step = _ResidualPass(setup, sel, ls, options, device)
+        residual = _stream(source, setup, options, progress, step, step.title, layers=False)
     return ls
-
-
-def _select_layers(requested: Sequence[str] | None, available: dict[str, int], where: str) -> list[str]:
-    if requested is None:
-        return []
-    if not requested:
-        if not available:
-            raise InputError(f"{where}: the cache has no /layers; extract with --layers NAME[,NAME...] first")
-        return list(available)
-    missing = [name for name in requested if name not in available]
-    if missing:
-        have = ", ".join(available) or "none"
-        raise InputError(f"{where}: no layer {missing[0]!r} in the cache (it has: {have}); pick from those")
-    return [name for name in available if name in requested]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,8 @@ METRIC_KEYS: tuple[str, ...] = (
     "nc2_maxangle_means", "nc2_maxangle_classifier", "nc2_orthogonality_means", "nc2_orthogonality_classifier",
     "nc3", "nc4", "accuracy", "ncc_accuracy",
     "mse_loss", "mse_term_a", "mse_term_b", "ls_distance", "ls_cosine",
+    "energy_log_means", "energy_log_classifier", "energy_riesz_means", "energy_riesz_classifier",
+    "nc5",
 )
 
 
@@ -41,6 +44,24 @@ class AuditResult:
     @property
     def passed(self) -> bool:
         return all(check["passed"] for check in self.checks)
+
+    def check(self, expressions: Sequence[str]) -> bool:
+        """Evaluate ``--fail-if`` thresholds (``"nc1>0.1"``, ``"accuracy<0.99"``: a check *fails* when its expression
+        holds) on this result; they are kept in :attr:`checks` (and the JSON). Whether every check passed.
+
+        Raises
+        ------
+        InputError
+            An expression that does not parse, or names no metric.
+        """
+        from ncaudit.audit._checks import evaluate, parse_checks
+
+        self.checks = evaluate(parse_checks(expressions, METRIC_KEYS), self.metrics)
+        return self.passed
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON report (schema ``ncaudit.report/1``) as a plain dict; :func:`result_to_json`."""
+        return result_to_json(self)
 
 
 def _finite(value: float | None) -> float | None:

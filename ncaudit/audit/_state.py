@@ -1,4 +1,4 @@
-"""What the steps of an audit hand each other: the cache set-up, the classes selected with their statistics,
+"""What the steps of an audit hand each other: the source's set-up, the classes selected with their statistics,
 and the closed forms computed so far."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from ncaudit import metrics
-from ncaudit.cache import CacheInfo
+from ncaudit.audit._source import SourceInfo
+from ncaudit.distributed import DistContext
 from ncaudit.stats import Statistics
 
 
@@ -19,21 +20,32 @@ def _unit_rows(a: np.ndarray) -> np.ndarray:
     return a / np.where(n > 0, n, 1.0)
 
 
-def _to_tensor(x: np.ndarray) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(x))
-    return t.to(torch.float32) if t.dtype == torch.float16 else t
+def _to_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Features as a tensor where they are (no copy of a float32 / float64 batch); half precision widened to float32,
+    which is exact."""
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    return t.to(torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _labels(y: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Labels as an int64 tensor where they are."""
+    t = y if isinstance(y, torch.Tensor) else torch.from_numpy(np.asarray(y))
+    return t.to(torch.int64)
 
 
 @dataclass
 class _Setup:
-    """What the passes need to know about the cache before reading a row."""
+    """What the passes need to know about the source before reading a row."""
 
-    info: CacheInfo
+    info: SourceInfo
     where: str
     layers: list[str]
     gemm: torch.dtype
     classifier: tuple[np.ndarray, np.ndarray | None] | None
-    rows: range | None = None  # this rank's contiguous rows (None: all of them, one process)
+    rows: range | None = None  # this rank's contiguous rows of a cache (None: all of them, or a live source)
+    merge: bool = False  # merge the passes' states across the ranks of the default process group
+    deferred: bool = False  # check labels and finiteness on the device, once per pass (live sources)
+    group: DistContext | None = None
 
 
 @dataclass

@@ -7,8 +7,8 @@ from typing import Any
 
 from ncaudit.audit._closed import _rel
 from ncaudit.audit._passes import CONVERGED_BELOW
+from ncaudit.audit._source import SourceInfo
 from ncaudit.audit._state import _Closed, _Selection
-from ncaudit.cache import CacheInfo
 
 #: A measured nc1 within this factor of the precision floor measures rounding, not collapse.
 FLOOR_WARNING_FACTOR = 3.0
@@ -18,7 +18,7 @@ FLOOR_WARNING_FACTOR = 3.0
 SELF_CHECK_RTOL = 1e-6
 
 
-def _warnings(closed: _Closed, sel: _Selection, info: CacheInfo, per_class: list[dict[str, Any]]) -> list[str]:
+def _warnings(closed: _Closed, sel: _Selection, info: SourceInfo, per_class: list[dict[str, Any]]) -> list[str]:
     """What the reader must know: a partial read or single-sample classes, rounding-dominated NC1, rank deficiency,
     dropped classes, and every internal identity that does not hold to SELF_CHECK_RTOL (with its likely cause)."""
     m, basis, p = closed.metrics, closed.basis, info.n_features
@@ -38,7 +38,7 @@ def _warnings(closed: _Closed, sel: _Selection, info: CacheInfo, per_class: list
     return warnings
 
 
-def _coverage_warnings(sel: _Selection, info: CacheInfo) -> list[str]:
+def _coverage_warnings(sel: _Selection, info: SourceInfo) -> list[str]:
     """What the rows cannot show: a partial read (maybe only the first classes), classes of a single sample."""
     warnings: list[str] = []
     if not info.complete:
@@ -79,7 +79,7 @@ def _self_check_warnings(closed: _Closed, sel: _Selection, per_class: list[dict[
                    f"refinement step ({ls.steps} steps): terms A and B, ls_distance and ls_cosine are uncertain to "
                    "about that level (Sigma_T is nearly singular; a --ridge would stabilise it)")
     nc1 = m.get("nc1")
-    if nc1 is not None and math.isfinite(nc1) and nc1 > 0 and per_class:
+    if nc1 is not None and math.isfinite(nc1) and nc1 > 0 and per_class and per_class[0]["nc1"] is not None:
         weighted = float(sum(p * (row["nc1"] or 0.0) for p, row in zip(sel.stats.priors, per_class)))
         if _rel(weighted, nc1) > SELF_CHECK_RTOL:
             out.append(f"self-check: the pi-weighted per-class NC1 ({weighted:.10g}) differs from NC1 ({nc1:.10g}) by "

@@ -78,16 +78,17 @@ def write_junit(path: Path | None, suite: str, checks: list[dict[str, Any]], *, 
 
 
 @contextlib.contextmanager
-def auditor(options: Any, quiet: bool) -> Iterator[tuple[Callable[[Path], Any], bool]]:
+def auditor(options: Any, quiet: bool) -> Iterator[tuple[Callable[..., Any], bool]]:
     """``(audit one cache, is this the rank that reports)``: one process, or every rank of a torchrun launch in one
-    process group (each rank audits its rows of each cache; rank 0 reports)."""
+    process group (each rank audits its rows of each cache; rank 0 reports). Keywords go to
+    :func:`ncaudit.audit.audit_cache` (``ood=``)."""
     from ncaudit._progress import RichProgress
     from ncaudit.audit import audit
 
     with _ranks(options.device) as group:
         main = group is None or group.is_main
         progress = RichProgress(stderr, enabled=False if quiet or not main else None)
-        yield (lambda path: audit(path, options, progress, group)), main
+        yield (lambda path, **kwargs: audit(path, options, progress, group, **kwargs)), main
 
 
 def exit_on_checks(checks: Sequence[dict[str, Any]]) -> None:

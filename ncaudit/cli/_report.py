@@ -61,6 +61,8 @@ def report(
                                               "collapse measures them (the table and the JSON say so)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Also write the JSON report to this file "
                                           "(written only once every metric is computed)."),
+    ood: Path | None = typer.Option(None, "--ood", metavar="OOD.h5", help="A cache of out-of-distribution features "
+                                    "from the same network (labels not read): adds NC5, mean |cos(μ_c, μ_G^OOD)|."),
     quiet: bool = typer.Option(False, "--quiet", "-q",
                                help="No progress bars (they are drawn only when stderr is a terminal)."),
 ) -> None:
@@ -87,7 +89,8 @@ def report(
         checks = parse_checks(fail_if, METRIC_KEYS)
         require_baseline(checks, baseline is not None)
         check_outputs({"--output": output, "--junit": junit},
-                      [cache, *([baseline] if baseline else []), *([means_from] if means_from is not None else [])])
+                      [cache, *([baseline] if baseline else []), *([means_from] if means_from is not None else []),
+                       *([ood] if ood is not None else [])])
         options = AuditOptions(
             batch_size=batch_size, device=device, ridge=ridge, rcond=rcond, allow_partial=allow_partial,
             allow_external=allow_external,
@@ -97,7 +100,7 @@ def report(
         start = time.perf_counter()
         with auditor(options, quiet) as (run, main):
             old = None if baseline is None else load_result(baseline, run)  # first: a bad baseline fails at once
-            result = run(cache)
+            result = run(cache, ood=ood)
         seconds = time.perf_counter() - start
         if not main:  # a rank other than 0 under torchrun: rank 0 reports
             return

@@ -20,6 +20,7 @@ from ncaudit.cli._output import (
     pick_format,
     write_junit,
 )
+from ncaudit.errors import InputError
 
 
 def _print_trajectory(rows: list, outcome: list[dict], *, output_format: str = "table", layers: bool = False,
@@ -56,8 +57,10 @@ def say_written(result: Any, out: Path) -> None:
 
 @command()
 def trajectory(
-    caches: list[Path] = typer.Argument(..., metavar="CACHE.h5...", help="Caches in training order (e.g. one per "
-                                        "checkpoint and split).", show_default=False),
+    caches: list[Path] = typer.Argument(..., metavar="CACHE.h5... | RUN.jsonl", help="Caches in training order "
+                                        "(e.g. one per checkpoint and split), or trajectory files written during "
+                                        "training by ncaudit.TrajectoryWriter (one row per epoch).",
+                                        show_default=False),
     output_format: OutputFormat = format_option("every metric, schema ncaudit.trajectory/1."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     wide: bool = typer.Option(False, "--wide", help="Every column in the table (NC2 of the classifier, NC4 of each "
@@ -87,10 +90,12 @@ def trajectory(
     """Follow collapse across checkpoints: one row per checkpoint, train and test side by side.
 
     Rows keep the order given; each is labelled by the checkpoint's epoch when its provenance records one. The
-    caches must be one run's (same classes, feature width and model) unless --mixed.
+    caches must be one run's (same classes, feature width and model) unless --mixed. A trajectory file (.jsonl)
+    gives its rows as written during training (a torn last line from a crash is ignored with a warning).
     """
     from ncaudit._progress import RichProgress
     from ncaudit.audit import AuditOptions, audit_trajectory, gate_last_row
+    from ncaudit.report import is_trajectory_file
 
     with _command("nothing was written"):
         form = pick_format(output_format, json_out)
@@ -100,13 +105,20 @@ def trajectory(
             plot = plot_path(plot)  # the file written; a bad suffix is refused before any audit
         check_outputs({"--plot": plot, "--junit": junit}, list(caches))
         start = time.perf_counter()
-        progress = RichProgress(stderr, enabled=False if quiet else None)
-        options = AuditOptions(batch_size=batch_size, device=device, normalize=normalize,
-                               allow_external=allow_external)
-        rows, warnings = audit_trajectory(caches, options, progress, mixed=mixed, train_means=train_means,
-                                          layers=layers)
-        for warning in warnings:
-            stderr.print(f"[yellow]warning:[/] {shown(warning)}", soft_wrap=True)
+        files = [path for path in caches if is_trajectory_file(path)]
+        if files and len(files) != len(caches):
+            raise InputError("give either feature caches (.h5) or trajectory files (.jsonl), not both; audit the "
+                             "caches with ncaudit report and compare them separately")
+        if files:
+            rows = _rows_from_files(files)
+        else:
+            progress = RichProgress(stderr, enabled=False if quiet else None)
+            options = AuditOptions(batch_size=batch_size, device=device, normalize=normalize,
+                                   allow_external=allow_external)
+            rows, warnings = audit_trajectory(caches, options, progress, mixed=mixed, train_means=train_means,
+                                              layers=layers)
+            for warning in warnings:
+                stderr.print(f"[yellow]warning:[/] {shown(warning)}", soft_wrap=True)
         outcome = gate_last_row(rows, fail_if)
         if plot is not None:
             from ncaudit.report import plot_trajectory, provenance_title
@@ -118,3 +130,16 @@ def trajectory(
                     properties={"last": rows[-1].label, "caches": " ".join(map(str, caches))})
     _print_trajectory(rows, outcome, output_format=form, layers=layers, wide=wide)
     exit_on_checks(outcome)
+
+
+def _rows_from_files(files: list[Path]) -> list:
+    """The rows of trajectory files, in the order given; a torn last line is a warning on stderr."""
+    from ncaudit.report import read_trajectory
+
+    def warn(message: str) -> None:
+        stderr.print(f"[yellow]warning:[/] {shown(message)}", soft_wrap=True)
+
+    rows = [row for path in files for row in read_trajectory(path, on_warning=warn)]
+    if not rows:
+        raise InputError(f"{files[0]}: the trajectory has no complete row yet; write one with TrajectoryWriter.write")
+    return rows

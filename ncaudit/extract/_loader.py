@@ -67,26 +67,6 @@ def _worker_died(exc: RuntimeError, out: Path) -> InputError | None:
                       f"--batch-size help). {out} keeps the rows written so far: rerun with --resume")
 
 
-def _full_batch(x: torch.Tensor, size: int) -> torch.Tensor:
-    """``x`` padded to ``size`` rows with copies of its last row (the caller keeps the first ``len(x)`` outputs).
-
-    Every forward then sees a whole batch, so the features of a row do not depend on the size of the batch it falls
-    in: some CPU kernels split a small batch by the number of threads (measured: test_resnet on 7 rows differs by an
-    ulp between 1 and 2 threads, on 64 rows it does not), and a rank of a torchrun launch (OMP_NUM_THREADS=1) ends its
-    slice on another partial batch than one process would. The rows of a batch never mix, so the padding changes no
-    real row.
-    """
-    n = int(x.shape[0])
-    if n == 0 or n >= size:
-        return x
-    return torch.cat([x, x[-1:].expand(size - n, *x.shape[1:])])
-
-
-def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = x.to(device, non_blocking=device.type == "cuda")
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
-
-
 def _progress(enabled: bool, total: int, done: int) -> Any:
     from rich.console import Console
     from rich.progress import (

@@ -3,7 +3,6 @@ then joined by rank 0."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -11,7 +10,6 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from ncaudit.cache import CacheWriter, join_shards
 from ncaudit.cache._shards import (
@@ -27,11 +25,9 @@ from ncaudit.cache._shards import plan as shard_plan
 from ncaudit.distributed import DistContext, GlobalProgress, barrier, broadcast_ints, together
 from ncaudit.errors import InputError
 from ncaudit.extract._job import _Job
-from ncaudit.extract._loader import _full_batch, _progress, _to_device
+from ncaudit.extract._loader import _progress
 from ncaudit.extract._resume import _check_same_job, _existing_state
-from ncaudit.extract._runtime import autocast_context
-from ncaudit.extract._single import _probe_batch, _reference_features, _run
-from ncaudit.stats import full_precision_matmul
+from ncaudit.extract._single import _probe_batch, _reference_features, _run, _runner
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -92,10 +88,9 @@ def _verify_head(job: _Job) -> None:
     if job.pm.weight is not None:
         return
     probe = _probe_batch(job)
-    autocast = autocast_context(job.precision, job.device)
-    with full_precision_matmul() if job.precision == "fp32" else contextlib.nullcontext(), torch.inference_mode():
-        job.pm.verify(_to_device(_full_batch(probe[0], job.batch_size), job.device, job.channels_last),
-                      job.precision, autocast)
+    runner = _runner(job)
+    with runner.running():
+        runner.first(probe[0])
 
 
 def _join(job: _Job, precision_check: int) -> int:

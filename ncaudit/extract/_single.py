@@ -3,7 +3,6 @@ float32 reference rows."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import shutil
 import time
@@ -19,10 +18,13 @@ from ncaudit.data import DataSource
 from ncaudit.errors import CacheWriteError, InputError
 from ncaudit.extract._async_writer import _AsyncWriter
 from ncaudit.extract._job import _Job
-from ncaudit.extract._loader import _full_batch, _loader, _progress, _to_device, _worker_errors
-from ncaudit.extract._runtime import autocast_context
-from ncaudit.models import PenultimateModel
-from ncaudit.stats import full_precision_matmul
+from ncaudit.extract._loader import _loader, _progress, _worker_errors
+from ncaudit.models import FeatureRunner, PenultimateModel
+
+
+def _runner(job: _Job, precision: str | None = None) -> FeatureRunner:
+    """The shared definition of how the job's batches become features (:class:`ncaudit.models.FeatureRunner`)."""
+    return FeatureRunner(job.pm, job.device, precision or job.precision, job.channels_last, pad_to=job.batch_size)
 
 
 def _reference_features(pm: PenultimateModel, data: DataSource, k: int, batch_size: int, workers: int,
@@ -30,10 +32,9 @@ def _reference_features(pm: PenultimateModel, data: DataSource, k: int, batch_si
     """The first ``k`` samples' features in float32, no autocast, TF32 off."""
     out = []
     loader = _loader(data.dataset, range(k), batch_size, workers, device.type == "cuda")
-    with full_precision_matmul(), torch.inference_mode():
-        for x, _ in loader:
-            feats, _ = pm(_to_device(_full_batch(x, batch_size), device, channels_last))
-            out.append(feats[:len(x)].float().cpu().numpy())
+    runner = FeatureRunner(pm, device, "fp32", channels_last, pad_to=batch_size)
+    for x, _ in loader:
+        out.append(runner.reference(x).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, pm.n_features), np.float32)
 
 
@@ -80,7 +81,7 @@ def _open_writer(job: _Job, p: int, layer_widths: dict[str, int]) -> CacheWriter
 
 
 def _stream(job: _Job, writer: CacheWriter, batches: Any, first: Any, head: tuple[torch.Tensor, torch.Tensor],
-            autocast: Any, progress: bool) -> None:
+            runner: FeatureRunner, progress: bool) -> None:
     """Run every remaining batch through the model and hand the rows to a writer thread (first batch included)."""
     dev, pm = job.device, job.pm
     sink = _AsyncWriter(writer, job.chunk_rows)
@@ -90,7 +91,7 @@ def _stream(job: _Job, writer: CacheWriter, batches: Any, first: Any, head: tupl
 
         def emit(feats: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, extra: dict[str, torch.Tensor]) -> None:
             nonlocal done
-            n = len(y)  # the batch was padded to a whole one (_full_batch): keep its own rows
+            n = len(y)  # the layers' outputs are of the padded batch (FeatureRunner pad_to): keep its own rows
             feats, logits, extra = feats[:n], logits[:n], {name: v[:n] for name, v in extra.items()}
             if dev.type == "cuda":
                 f = feats.float().to("cpu", non_blocking=True)
@@ -111,8 +112,7 @@ def _stream(job: _Job, writer: CacheWriter, batches: Any, first: Any, head: tupl
                 if first is not None:
                     emit(*head, first[1], pm.layer_features)
                     for x, y in batches:
-                        with autocast:
-                            feats, logits = pm(_to_device(_full_batch(x, job.batch_size), dev, job.channels_last))
+                        feats, logits = runner(x)
                         emit(feats, logits, y, pm.layer_features)
         finally:
             sink.close()
@@ -136,20 +136,18 @@ def _run(job: _Job, *, progress: bool, precision_check: int) -> tuple[float, int
     Returns ``(seconds spent on the rows, reference rows)``. A failure after the file is open leaves it partial
     and resumable.
     """
-    autocast = autocast_context(job.precision, job.device)
-    fp32_ctx = full_precision_matmul() if job.precision == "fp32" else contextlib.nullcontext()
+    runner = _runner(job)
     t0 = time.perf_counter()
     writer: CacheWriter | None = None
     try:
-        with fp32_ctx, torch.inference_mode():
+        with runner.running():
             batches, first, probe = _first_batch(job)
-            head = job.pm.verify(_to_device(_full_batch(probe[0], job.batch_size), job.device, job.channels_last),
-                                 job.precision, autocast)
+            head = runner.first(probe[0])
             layer_widths = {name: int(v.shape[1]) for name, v in job.pm.layer_features.items()}
             job.attrs["classifier_source"] = job.pm.source
             job.attrs["logit_check_max_rel_error"] = job.pm.max_logit_error
             writer = _open_writer(job, int(head[0].shape[1]), layer_widths)
-            _stream(job, writer, batches, first, head, autocast, progress)
+            _stream(job, writer, batches, first, head, runner, progress)
             seconds = time.perf_counter() - t0
             n_ref = _reference_rows(job, writer, precision_check)
             writer.finish()

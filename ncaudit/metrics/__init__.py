@@ -11,9 +11,12 @@ Papyan, Han & Donoho, "Prevalence of neural collapse during the terminal phase o
 PNAS 2020. Han, Papyan & Donoho, "Neural collapse under MSE loss: proximity to and dynamics on the central path",
 ICLR 2022. Galanti, Gyorgy & Hutter, "On the role of neural collapse in transfer learning", ICLR 2022.
 Webb & Lowe, "The optimised internal representation of multilayer classifier networks performs nonlinear
-discriminant analysis", Neural Networks 1990.
+discriminant analysis", Neural Networks 1990. Liu et al., "Generalizing and Decoupling Neural Collapse via
+Hyperspherical Uniformity Gap", ICLR 2023 (hyperspherical energy). Ammar et al., "NECO: NEural Collapse Based
+Out-of-distribution Detection", ICLR 2024 (NC5).
 """
 
+from ncaudit.metrics._energy import Energy, hyperspherical_energy
 from ncaudit.metrics._least_squares import (
            LeastSquares,
            TotalPinv,
@@ -29,6 +32,7 @@ from ncaudit.metrics._least_squares import (
 )
 from ncaudit.metrics._nc1 import MeansBasis, means_basis, nc1, nc1_of_deviations
 from ncaudit.metrics._nc3 import nc3
+from ncaudit.metrics._nc5 import nc5
 from ncaudit.metrics._numeric import EPS, PAIR_BLOCK_BYTES, TINY, block_rows
 from ncaudit.metrics._pairs import (
            PairGeometry,
@@ -41,7 +45,8 @@ from ncaudit.metrics._pairs import (
            pair_geometry,
 )
 
-__all__ = ["EPS", "LeastSquares", "MeansBasis", "PAIR_BLOCK_BYTES", "PairGeometry", "TINY", "TotalPinv", "block_rows",
-           "cdnv", "equiangle", "equinorm", "least_squares", "ls_cosine", "ls_distance", "ls_error_estimate", "ls_loss",
-           "maxangle", "means_basis", "mse_loss", "mse_term_b", "nc1", "nc1_of_deviations", "nc3", "orthogonality",
-           "pair_block_rows", "pair_geometry", "refine", "total_pinv"]
+__all__ = ["EPS", "Energy", "LeastSquares", "MeansBasis", "PAIR_BLOCK_BYTES", "PairGeometry", "TINY", "TotalPinv",
+           "block_rows", "cdnv", "equiangle", "equinorm", "hyperspherical_energy", "least_squares", "ls_cosine",
+           "ls_distance", "ls_error_estimate", "ls_loss", "maxangle", "means_basis", "mse_loss", "mse_term_b", "nc1",
+           "nc1_of_deviations", "nc3", "nc5", "orthogonality", "pair_block_rows", "pair_geometry", "refine",
+           "total_pinv"]

@@ -1,5 +1,5 @@
-"""Pairwise geometry, blocked over classes (never a C x C array): CDNV, NC2 equinorm, equiangle, maxangle and
-orthogonality."""
+"""Pairwise geometry, blocked over classes (never a C x C array): CDNV, NC2 equinorm, equiangle, maxangle,
+orthogonality, and the hyperspherical energies (:mod:`ncaudit.metrics._energy`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ncaudit.metrics._energy import Energy, EnergyAccumulator, unit_distances
 from ncaudit.metrics._numeric import PAIR_BLOCK_BYTES, block_rows
 
 
@@ -152,16 +153,19 @@ class PairGeometry:
     cdnv : float or None
         mean over pairs of (Var_c + Var_c') / (2 ||v_c - v_c'||^2) when variances were given (inf when two vectors
         coincide), else None.
+    energy : Energy or None
+        The hyperspherical energies of the normalised rows, when asked for.
     """
 
     equiangle: float
     maxangle: float
     orthogonality: float
     cdnv: float | None = None
+    energy: Energy | None = None
 
 
 def pair_geometry(vectors: np.ndarray, *, variances: np.ndarray | None = None,
-                  block_rows: int | None = None) -> PairGeometry:
+                  block_rows: int | None = None, energy: bool = False) -> PairGeometry:
     """Every pairwise statistic of the rows of ``vectors`` (C, p) in one pass over blocks of classes.
 
     Parameters
@@ -172,6 +176,9 @@ def pair_geometry(vectors: np.ndarray, *, variances: np.ndarray | None = None,
         Var_c: also compute the CDNV of the rows (only differences of rows enter it).
     block_rows
         Classes per block (default :func:`pair_block_rows`, a 64 MiB float64 slab).
+    energy
+        Also compute the hyperspherical energies of the rows normalised to the unit sphere
+        (:class:`~ncaudit.metrics._energy.Energy`, from the same Gram blocks).
 
     Notes
     -----
@@ -188,6 +195,8 @@ def pair_geometry(vectors: np.ndarray, *, variances: np.ndarray | None = None,
         inv = 1.0 / np.sqrt(sq)  # inf for a zero row: its cosines come out NaN
     cos_m, max_m, orth_m, cdnv_m = _Moments(), _Moments(), _Moments(), _Moments()
     shift = 1.0 / (c - 1) if c > 1 else math.nan
+    energies = EnergyAccumulator(x.shape[1]) if energy else None
+    norms = np.sqrt(sq)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for part in _upper_blocks(x, block_rows):
             rows, cols, g, mask = part
@@ -200,6 +209,8 @@ def pair_geometry(vectors: np.ndarray, *, variances: np.ndarray | None = None,
             g *= inv[None, cols]
             cos = _pick(g, mask)
             cos_m.add(cos)
+            if energies is not None:  # ||u_c - u_c'||^2 = 2 - 2 cos, close pairs from the vectors
+                energies.add(_pick(unit_distances(x, norms, rows, cols, g, mask), mask))
             tmp = np.add(cos, shift)
             max_m.add(np.abs(tmp, out=tmp), second=False)
             orth_m.add(np.abs(cos, out=tmp), second=False)
@@ -207,7 +218,8 @@ def pair_geometry(vectors: np.ndarray, *, variances: np.ndarray | None = None,
     if variances is not None:
         value = cdnv_m.result()  # NaN without pairs; an infinite or undefined ratio (coinciding means) gives inf
         value = math.inf if cdnv_m.n and not math.isfinite(value) else value
-    return PairGeometry(cos_m.ordered_std(), max_m.result(), orth_m.result(), value)
+    return PairGeometry(cos_m.ordered_std(), max_m.result(), orth_m.result(), value,
+                        None if energies is None else energies.result())
 
 
 def equinorm(vectors: np.ndarray) -> float:

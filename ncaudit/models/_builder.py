@@ -4,6 +4,7 @@ loaded result (:class:`LoadedModel`)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,3 +151,62 @@ def _finish(model: nn.Module, name: str, library: str, checkpoint: Checkpoint | 
     num_classes = _num_classes_from(model.state_dict(), *heads[0])
     return LoadedModel(model=model, name=name, library=library, num_classes=num_classes, checkpoint=checkpoint,
                        heads=heads, **extra)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The network inside DistributedDataParallel / DataParallel and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+def from_module(model: nn.Module, classifier: str | nn.Module | Sequence[str | nn.Module] | None = None, *,
+                name: str | None = None) -> LoadedModel:
+    """A network already in memory (a training loop's model) as a :class:`LoadedModel`, its mode left as it is.
+
+    Parameters
+    ----------
+    model
+        A timm or torchvision network, or any ``nn.Module`` whose logits come from a final linear layer (wrappers of
+        DistributedDataParallel, DataParallel and ``torch.compile`` are looked through).
+    classifier
+        The classifier module(s), by name or as modules; default: found as ``extract`` finds it (timm
+        ``get_classifier()``, otherwise the last ``nn.Linear``).
+    name
+        A name for messages and provenance (default: the class name).
+
+    Raises
+    ------
+    InputError
+        No classifier module, or a named one that the model does not have.
+    """
+    net = _unwrap(model)
+    library = "timm" if all(callable(getattr(net, attr, None)) for attr in
+                            ("get_classifier", "forward_head", "forward_features")) else "torchvision"
+    label = name or type(net).__name__
+    modules = dict(net.named_modules())
+    if classifier is None:
+        try:
+            heads = head_modules(net, library)
+        except InputError as exc:
+            raise InputError(f"{label}: {exc}; or pass classifier=") from None
+    else:
+        heads = []
+        for item in [classifier] if isinstance(classifier, (str, nn.Module)) else list(classifier):
+            if isinstance(item, str):
+                if item not in modules:
+                    raise InputError(f"{label}: no module named {item!r}; pass the classifier's name as in "
+                                     "model.named_modules()")
+                heads.append((item, modules[item]))
+            else:
+                found = [n for n, m in modules.items() if m is item]
+                if not found:
+                    raise InputError(f"{label}: the classifier module given is not part of the model")
+                heads.append((found[0], item))
+    num_classes = _num_classes_from(net.state_dict(), *heads[0])
+    return LoadedModel(model=net, name=label, library=library, num_classes=num_classes, checkpoint=None, heads=heads,
+                       weights="in-memory", source="the model in memory")

@@ -47,9 +47,20 @@ GROUPS: list[tuple[str, list[tuple[str, str]]]] = [
         ("ls_distance", "‖W − W_LS‖/‖W_LS‖ → 0 (central path)"),
         ("ls_cosine", "cos(W, W_LS) → 1"),
     ]),
+    ("GNC  hyperspherical energy, Liu et al. 2023", [
+        ("energy_log_means", "mean log(1/‖u_c − u_c'‖), unit centred μ"),
+        ("energy_log_classifier", "mean log(1/‖u_c − u_c'‖), unit rows of W"),
+        ("energy_riesz_means", "mean ‖u_c − u_c'‖^−(p−2), unit centred μ"),
+        ("energy_riesz_classifier", "mean ‖u_c − u_c'‖^−(p−2), unit rows of W"),
+    ]),
+    ("NC5  orthogonality to out-of-distribution data", [
+        ("nc5", "mean |cos(μ_c, μ_G of the OOD data)| → 0"),
+    ]),
 ]
 
 _ORTHOGONALITY = {"nc2_orthogonality_means", "nc2_orthogonality_classifier"}
+#: Rows shown only when they have a value (they need input the audit may not have).
+_ONLY_WITH_A_VALUE = {"nc1_precision_floor", "nc5"}
 
 
 #: Below this width the meanings go on a line of their own under each metric, so the values keep their room.
@@ -70,7 +81,7 @@ def _metric_rows(result: AuditResult) -> list[tuple[str, str, list[tuple[str, st
     groups = []
     for title, rows in GROUPS:
         shown = [(k, text) for k, text in rows
-                 if m.get(k) is not None or (k not in _ORTHOGONALITY and k != "nc1_precision_floor")]
+                 if m.get(k) is not None or (k not in _ORTHOGONALITY and k not in _ONLY_WITH_A_VALUE)]
         if not show_orth:
             shown = [(k, t) for k, t in shown if k not in _ORTHOGONALITY]
         shown = [(k, f"{t} (training means)" if k in means_from else t) for k, t in shown]
@@ -159,7 +170,7 @@ def render_table(result: AuditResult, console: Console, *, per_class: bool = Fal
     """Print the human-readable report: header, metric groups, optional per-class and per-layer tables, checks."""
     src = result.source
     header = Text.assemble(
-        ("ncaudit report  ", "bold"), (printable(src.get("path", "")), "cyan"),
+        ("ncaudit report  ", "bold"), (printable(src.get("path") or src.get("source") or ""), "cyan"),
         f"\nN = {result.n_samples}   p = {result.n_features}   C = {result.n_classes}",
     )
     extras = [printable(src[k]) for k in ("model", "dataset", "split") if src.get(k)]

@@ -99,6 +99,10 @@ class SampleDecisions(_Sums):
     A float32-scored row whose top-two margin is within the GEMM's worst-case rounding bound is decided again in
     float64, so every decision equals the float64 one. A classifier (or class means) so large that float32 scores
     could overflow for features within the first pass's bound is scored in float64 throughout (decided once, here).
+
+    With float64 GEMMs the update never waits for the device (counts are scatter-adds, no boolean indexing); the
+    float32 path's close-call recheck gathers a data-dependent set of rows, a host synchronisation per batch (and the
+    large-C anchored path a ``unique`` of the labels), which is why the in-memory audit decides in float64 on CUDA.
     """
 
     #: The tensors that make up the state (all sums: merging adds them).
@@ -232,11 +236,12 @@ class SampleDecisions(_Sums):
             return
         scores, h, row_norm = self._scores(h, y)
         ncc_pred = self._argmax(scores, h, row_norm, slice(0, c))
-        self.count += torch.bincount(y, minlength=c)
-        self.ncc_correct += torch.bincount(y[ncc_pred == y], minlength=c)
+        # Counts by scatter-adds of 0/1 per row (no bincount, no boolean indexing: nothing waits for the device).
+        self.count.index_add_(0, y, torch.ones((), dtype=torch.int64, device=self.device).expand(b))
+        self.ncc_correct.index_add_(0, y, (ncc_pred == y).to(torch.int64))
         if self.has_classifier:
             pred = self._argmax(scores, h, row_norm, slice(c, 2 * c))
-            self.correct += torch.bincount(y[pred == y], minlength=c)
+            self.correct.index_add_(0, y, (pred == y).to(torch.int64))
             self.disagree += (pred != ncc_pred).sum()
             logits = scores[:, c:]
             logits[torch.arange(b, device=self.device), y] -= 1.0
@@ -246,12 +251,12 @@ class SampleDecisions(_Sums):
 
     def _per_class(self, h: torch.Tensor, y: torch.Tensor) -> None:
         """Accumulate ||S^-1 U^T (h - mu_y)||^2 per class, in float64 (see the class notes)."""
-        b, p, c = h.shape[0], self.num_features, self.num_classes
+        b, p = h.shape[0], self.num_features
         ws = self._workspace
         within = torch.index_select(self.means, 0, y, out=ws.get("within", b, p, torch.float64))
         within.neg_().add_(h)  # h - mu_y in one (B, p) float64 buffer
         z = mm(within, self._white, ws.get("z", b, self._white.shape[1], torch.float64))
-        self.whitened_scatter += torch.bincount(y, weights=torch.linalg.vector_norm(z, dim=1).square(), minlength=c)
+        self.whitened_scatter.index_add_(0, y, torch.linalg.vector_norm(z, dim=1).square())
 
     def compute(self) -> Decisions:
         as_np = lambda t: t.detach().cpu().numpy()  # noqa: E731

@@ -3,28 +3,10 @@ decision GEMM's dtype and the unit roundoff; reusable scratch buffers."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 
-
-@contextlib.contextmanager
-def full_precision_matmul() -> Iterator[None]:
-    """Disable TF32 and reduced-precision float32 matmuls inside the block, restoring the settings after."""
-    cuda_tf32 = torch.backends.cuda.matmul.allow_tf32
-    cudnn_tf32 = torch.backends.cudnn.allow_tf32
-    precision = torch.get_float32_matmul_precision()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = cuda_tf32
-        torch.backends.cudnn.allow_tf32 = cudnn_tf32
-        torch.set_float32_matmul_precision(precision)
+from ncaudit._device import full_precision_matmul
 
 
 def gemm_dtype_for(feature_dtype: str | torch.dtype | np.dtype) -> torch.dtype:

@@ -30,8 +30,13 @@ direction, and real penultimate features have spectra that decay over ten or mor
 product resolves (its error is ~1e-7 of the largest eigenvalue in every direction). On the CPU the product is a
 symmetric rank-k update (BLAS ``syrk``, half the flops of a general X^T X); ``gemm_dtype=float32`` is kept for
 comparison only and reports an error bound to match. Every accumulator is float64; the update costs one p x p
-product per batch whatever the class mix (caches in dataset order often hold one class per batch); when a batch holds
-few classes, their sums u_c come out of the same product through k one-hot columns appended to the rows.
+product per batch whatever the class mix (caches in dataset order often hold one class per batch); with few classes
+(C <= p/16) their sums u_c come out of the same product through C one-hot columns appended to the rows.
+
+No host synchronisation per batch: on CUDA the update queues kernels only (no ``.item()``, ``nonzero``, boolean
+indexing, ``bincount`` or data-dependent shape; the first-row shifts are claimed with masked writes), so it can ride
+along a training or evaluation loop without stalling it. On the CPU the element-wise work runs in NumPy over blocks of
+rows that stay in cache, around the same BLAS product.
 
 :meth:`merge` re-expresses the other state's sums around this state's shifts (exact algebra:
 S += sum_c [n_c D_c D_c^T + u_c D_c^T + D_c u_c^T] with D_c = s_c^{other} - s_c), so the result does not depend on
@@ -52,6 +57,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ncaudit import _device
 from ncaudit.stats._gemm import Workspace, gram, unit_roundoff
 from ncaudit.stats._state import _State
 
@@ -208,12 +214,15 @@ class ClassStatistics(_State):
         self.max_rows = torch.zeros((), dtype=f64, device=dev)  # rows of the largest product (error bound)
         self.products = torch.zeros((), dtype=f64, device=dev)  # products added into the scatter (error bound)
         self._workspace = Workspace(dev)
+        self._host = dev.type == "cpu" and _device.HOST_NUMPY  # NumPy on the CPU; the sync-free path elsewhere
 
     @torch.no_grad()
     def update(self, features: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
         """Accumulate one batch: ``features`` (B, p), any float dtype; ``labels`` (B,) integers in [0, C).
 
-        Shapes are checked here; label range and finiteness are the caller's checks (:mod:`ncaudit._validate`).
+        Shapes are checked here; label range and finiteness are the caller's checks (:mod:`ncaudit._validate`, or
+        the deferred device-side checks of :mod:`ncaudit.audit`). No host synchronisation on any device: no
+        ``.item()``, no data-dependent shape, no Python branch on a tensor's value (see :meth:`_prepare_device`).
         """
         h = torch.as_tensor(features)
         y = torch.as_tensor(labels)
@@ -224,57 +233,100 @@ class ClassStatistics(_State):
         if h.shape[0] == 0:
             return
         y = y.to(self.device, dtype=torch.int64, non_blocking=True)
+        h = h.to(self.device, non_blocking=True)
         b, p, c = h.shape[0], self.num_features, self.num_classes
-        batch_counts = torch.bincount(y, minlength=c)
-        present = batch_counts.nonzero().squeeze(1)
-        k = int(present.numel())
-        # Few classes in the batch (dataset order is often sorted by class): their row sums ride along in the
-        # scatter product as k one-hot columns, [X | Y]^T [X | Y], for 2k/p more flops. Many classes: index_put_.
-        # The width is padded with zero columns to a multiple of 16: BLAS is up to 40% slower on odd widths.
-        onehot = k <= p // 16
-        width = -(-(p + k) // 16) * 16 if onehot else p
+        # Few classes (C <= p/16, a static choice: no look at the labels): the per-class row sums ride along in the
+        # scatter product as C one-hot columns, [X | Y]^T [X | Y], for 2C/p more flops; otherwise index_put_. The
+        # width is padded with zero columns to a multiple of 16: BLAS is up to 40% slower on odd widths.
+        onehot = c <= p // 16
+        width = -(-(p + c) // 16) * 16 if onehot else p
         ws = self._workspace
         wide = ws.get("wide", b, width, torch.float64)
         x = wide[:, :p]
-        x.copy_(h.to(self.device, non_blocking=True))  # float16 / float32 -> float64 is exact
-        if self.normalize:
-            x /= torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-        self._claim_shifts(x, y)
-        # Rows minus their class's shift, in float64: exact for float16 / float32 features (both are samples).
-        x -= torch.index_select(self.shift, 0, y, out=ws.get("gathered", b, p, torch.float64))
+        # x = h - s_y in float64 (exact for float16 / float32 features: both are samples), ||x_i||^2 per row.
+        sqnorm = self._prepare_host(h, y, x) if self._host else self._prepare_device(h, y, x)
         if onehot:
-            column = torch.full((c,), -1, dtype=torch.int64, device=self.device)
-            column[present] = torch.arange(k, device=self.device)
             wide[:, p:].zero_()
-            wide[torch.arange(b, device=self.device), p + column[y]] = 1.0
+            wide[torch.arange(b, device=self.device), p + y] = 1.0
         if self.gemm_dtype == torch.float64:
             product = gram(wide, ws.get("gram", width, width, torch.float64))
         else:
             low = ws.get("wide_low", b, width, self.gemm_dtype).copy_(wide)
             product = ws.get("gram", width, width, torch.float64).copy_(
                 gram(low, ws.get("gram_low", width, width, self.gemm_dtype)))
-        self.scatter += product[:p, :p]
-        self.count += batch_counts.to(torch.float64)
+        if self._host:  # NumPy's add, as the BLAS product's own buffers: no thread-pool round trip on a busy CPU
+            np.add(self.scatter.numpy(), product.numpy()[:p, :p], out=self.scatter.numpy())
+        else:
+            self.scatter += product[:p, :p]
+        ones = torch.ones((), dtype=torch.float64, device=self.device).expand(b)
+        self.count.index_add_(0, y, ones)
         if onehot:
-            self.shifted_sum[present] += product[p:p + k, :p]
+            self.shifted_sum += product[p:p + c, :p]
         else:
             # index_put_ with accumulate, not index_add_, which serialises when a batch holds one class.
             self.shifted_sum.index_put_((y,), x, accumulate=True)
-        sqnorm = torch.linalg.vector_norm(x, dim=1).square()  # positive terms: no cancellation
-        self.shifted_sqnorm += torch.bincount(y, weights=sqnorm, minlength=c)
+        self.shifted_sqnorm.index_add_(0, y, sqnorm)  # positive terms: no cancellation
         self.max_rows.clamp_(min=float(b))
         self.products += 1.0
 
+    #: Rows per block of the host path: a block of float64 rows and its gathered shifts stay in cache.
+    HOST_BLOCK_BYTES = 1 << 20
+
+    def _prepare_host(self, h: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """CPU: shifts claimed, ``x = h - s_y`` and the squared row norms, in NumPy over blocks of rows that stay in
+        cache (one pass over the batch from memory instead of four)."""
+        hn, yn, xn, shift, seen = h.numpy(), y.numpy(), x.numpy(), self.shift.numpy(), self.seen.numpy()
+        sq = np.empty(len(yn))
+        step = max(16, self.HOST_BLOCK_BYTES // (16 * self.num_features))
+        gathered = self._workspace.get("gathered", min(step, len(yn)), self.num_features, torch.float64).numpy()
+        for a in range(0, len(yn), step):
+            rows, labels = xn[a:a + step], yn[a:a + step]
+            rows[...] = hn[a:a + step]  # float16 / float32 -> float64 is exact
+            if self.normalize:
+                norms = np.sqrt(np.einsum("bp,bp->b", rows, rows))
+                rows /= np.maximum(norms, np.finfo(np.float64).tiny)[:, None]
+            if not seen.all():  # host memory: no synchronisation to speak of
+                classes, first = np.unique(labels, return_index=True)
+                new = ~seen[classes]
+                shift[classes[new]] = rows[first[new]]
+                seen[classes[new]] = True
+            g = gathered[:len(labels)]
+            np.take(shift, labels, axis=0, out=g)
+            rows -= g
+            np.einsum("bp,bp->b", rows, rows, out=sq[a:a + step])
+        return torch.from_numpy(sq)
+
+    def _prepare_device(self, h: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Any device, without host synchronisation: shifts claimed with masked writes (no ``nonzero``, no Python
+        branch on a tensor), ``x = h - s_y``, the squared row norms."""
+        x.copy_(h)  # float16 / float32 -> float64 is exact
+        if self.normalize:
+            x /= torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        self._claim_shifts(x, y)
+        x -= torch.index_select(self.shift, 0, y, out=self._workspace.get("gathered", x.shape[0], x.shape[1],
+                                                                          torch.float64))
+        return torch.linalg.vector_norm(x, dim=1).square()
+
     def _claim_shifts(self, h: torch.Tensor, y: torch.Tensor) -> None:
-        """Fix the shift of every class seen for the first time to its first row in this batch."""
-        b = y.shape[0]
-        first = torch.full((self.num_classes,), b, dtype=torch.int64, device=self.device)
-        first.scatter_reduce_(0, y, torch.arange(b, device=self.device), reduce="amin")
+        """Fix the shift of every class seen for the first time to its first row in this batch (sync-free).
+
+        Every class's first row in the batch is found with a scatter-min; a class not seen before takes it through a
+        masked write over C rows (or, when C exceeds the batch, an accumulating write of the B rows masked to the
+        claiming ones onto the class's zero shift). Shapes depend on C and B only, never on the labels' values.
+        """
+        b, c = y.shape[0], self.num_classes
+        dev = self.device
+        first = torch.full((c,), b, dtype=torch.int64, device=dev)
+        first.scatter_reduce_(0, y, torch.arange(b, device=dev), reduce="amin")
         new = (first < b) & ~self.seen
-        if bool(new.any()):
-            classes = new.nonzero().squeeze(1)
-            self.shift[classes] = h[first[classes]]
-            self.seen |= new
+        if c <= b:
+            rows = torch.index_select(h, 0, first.clamp(max=b - 1))
+            torch.where(new[:, None], rows, self.shift, out=self.shift)
+        else:
+            claim = new[y] & (first[y] == torch.arange(b, device=dev))
+            self.shift.index_put_((y,), torch.where(claim[:, None], h, torch.zeros((), dtype=h.dtype, device=dev)),
+                                  accumulate=True)
+        self.seen |= new
 
     @torch.no_grad()
     def merge(self, other: ClassStatistics) -> ClassStatistics:
