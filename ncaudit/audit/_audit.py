@@ -23,6 +23,7 @@ from ncaudit.audit._closed import (
 from ncaudit.audit._options import AuditOptions, ProgressTracker, _NoProgress
 from ncaudit.audit._passes import _decisions_pass, _refine, _select, _setup, _statistics_pass
 from ncaudit.audit._result import METRIC_KEYS, AuditResult, _finite, json_safe
+from ncaudit.audit._uncertainty import _uncertainty, _uncertainty_warnings
 from ncaudit.audit._warnings import _warnings
 from ncaudit.cache import FeatureCache
 from ncaudit.distributed import DistContext
@@ -60,6 +61,7 @@ def audit(
         reference = cache.reference_fp32()
     m, details = closed.metrics, closed.details
     _least_squares_metrics(closed, sel)
+    _uncertainty(closed, sel, setup.info)
     _sample_metrics(m, details, decisions, sel.stats.n_samples)
     m["nc1_precision_floor"] = _precision_floor(reference, closed.basis, options, details)
     layers = {name: _layer_block(sel.layer_stats[name], sel.layer_bases[name], layer_decisions[name])
@@ -77,7 +79,7 @@ def audit(
         details=json_safe(details),
         per_class=per_class,
         layers=layers,
-        warnings=_warnings(closed, sel, info, per_class),
+        warnings=_warnings(closed, sel, info, per_class) + _uncertainty_warnings(closed, sel, info),
     )
 
 

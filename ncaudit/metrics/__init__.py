@@ -20,7 +20,6 @@ from ncaudit.metrics._least_squares import (
            least_squares,
            ls_cosine,
            ls_distance,
-           ls_error_estimate,
            ls_loss,
            mse_loss,
            mse_term_b,
@@ -40,8 +39,23 @@ from ncaudit.metrics._pairs import (
            pair_block_rows,
            pair_geometry,
 )
+from ncaudit.metrics._uncertainty import (
+           LS_KEYS,
+           LeastSquaresUncertainty,
+           Rounding,
+           cdnv_uncertainty,
+           ls_arithmetic,
+           ls_error_estimate,
+           ls_uncertainty,
+           nc1_uncertainty,
+           nc3_uncertainty,
+           rounding,
+           rounding_unit,
+)
 
-__all__ = ["EPS", "LeastSquares", "MeansBasis", "PAIR_BLOCK_BYTES", "PairGeometry", "TINY", "TotalPinv", "block_rows",
-           "cdnv", "equiangle", "equinorm", "least_squares", "ls_cosine", "ls_distance", "ls_error_estimate", "ls_loss",
-           "maxangle", "means_basis", "mse_loss", "mse_term_b", "nc1", "nc1_of_deviations", "nc3", "orthogonality",
-           "pair_block_rows", "pair_geometry", "refine", "total_pinv"]
+__all__ = ["EPS", "LS_KEYS", "LeastSquares", "LeastSquaresUncertainty", "MeansBasis", "PAIR_BLOCK_BYTES", "PairGeometry",
+           "Rounding", "TINY", "TotalPinv", "block_rows", "cdnv", "cdnv_uncertainty", "equiangle", "equinorm",
+           "least_squares", "ls_arithmetic", "ls_cosine", "ls_distance", "ls_error_estimate", "ls_loss",
+           "ls_uncertainty", "maxangle", "means_basis", "mse_loss", "mse_term_b", "nc1", "nc1_of_deviations",
+           "nc1_uncertainty", "nc3", "nc3_uncertainty", "orthogonality", "pair_block_rows", "pair_geometry", "refine",
+           "rounding", "rounding_unit", "total_pinv"]
