@@ -24,7 +24,7 @@ def _uncertainty(closed: _Closed, sel: _Selection, info: CacheInfo) -> None:
     unit = metrics.rounding_unit(info.feature_dtype, info.attrs.get("precision"))
     noise = metrics.rounding(stats, unit)
     out: dict[str, float] = {}
-    model: dict[str, Any] = {"rounding_unit": unit, "probes": metrics._uncertainty.PROBES}
+    model: dict[str, Any] = {"rounding_unit": unit, "probes": metrics.UNCERTAINTY_PROBES}
     nc1 = m.get("nc1")
     if nc1 is not None and math.isfinite(nc1):
         out["nc1"], rank_b = metrics.nc1_uncertainty(stats, closed.basis, noise, nc1)
@@ -56,9 +56,10 @@ def _finite(values: Any) -> list[float]:
     return [v for v in values if math.isfinite(v)]
 
 
-def _describe(value: float | None, uncertainty: float) -> str:
-    size = "undetermined (100 % or more)" if uncertainty >= 1 else f"uncertain by {uncertainty:.2g} (relative)"
-    return f"{'null' if value is None else format(value, '.4g')} is {size}"
+def _describe(key: str, value: float | None, uncertainty: float) -> str:
+    if uncertainty >= 1:
+        return f"{key} = {'null' if value is None else format(value, '.4g')} (undetermined)"
+    return f"{key} = {'null' if value is None else format(value, '.4g')} (±{100 * uncertainty:.2g}%)"
 
 
 def _uncertainty_warnings(closed: _Closed, sel: _Selection, info: CacheInfo) -> list[str]:
@@ -67,13 +68,13 @@ def _uncertainty_warnings(closed: _Closed, sel: _Selection, info: CacheInfo) -> 
     unc = closed.details.get("uncertainty") or {}
     model = closed.details.get("uncertainty_model") or {}
     m, out = closed.metrics, []
-    above = metrics._uncertainty.WARN_ABOVE
+    above = metrics.UNCERTAINTY_WARN_ABOVE
     unit = model.get("rounding_unit", 2.0**-24)
     low = unit > 2.0**-24
     ls_bad = {k: v for k, v in unc.items() if k in metrics.LS_KEYS and v is not None and v > above}
     if ls_bad:
         value = closed.details.get("w_ls_norm") if "w_ls_norm" in ls_bad else None
-        named = "; ".join(f"{k} = {_describe(value if k == 'w_ls_norm' else m.get(k), v)}" for k, v in ls_bad.items())
+        named = ", ".join(_describe(k, value if k == "w_ls_norm" else m.get(k), v) for k, v in ls_bad.items())
         causes, fixes = [], []
         rank = closed.details.get("rank_sigma_t")
         lo, hi = model.get("rank_sigma_t_range", [rank, rank])
@@ -94,16 +95,16 @@ def _uncertainty_warnings(closed: _Closed, sel: _Selection, info: CacheInfo) -> 
             fixes.append("more samples")
         if low:
             fixes.append("a float32 cache (extract with --precision fp32)")
-        out.append(f"least squares not determined by these features: {named}; cause: {', '.join(causes)}; "
-                   f"fix: {' or '.join(fixes) or 'more samples'}")
+        out.append(f"the features' rounding leaves the least-squares family uncertain: {named}; cause: "
+                   f"{', '.join(causes)}; fix: {' or '.join(fixes) or 'more samples'}")
     other = {k: v for k, v in unc.items() if k in ("nc1", "cdnv", "nc3") and v is not None and v > above}
     if other:
-        named = "; ".join(f"{k} = {_describe(m.get(k), v)}" for k, v in other.items())
+        named = ", ".join(_describe(k, m.get(k), v) for k, v in other.items())
         lo, hi = model.get("rank_sigma_b_range", [None, None])
         cause = (f"Sigma_B's rank is not determined ({lo}..{hi}: some class means coincide up to rounding)"
                  if lo != hi else f"the features carry {_precision_name(unit)} rounding" if low
                  else "the class means are within rounding of each other")
-        out.append(f"{named} by the features' rounding; cause: {cause}")
+        out.append(f"the features' rounding leaves {named}; cause: {cause}")
     return out
 
 

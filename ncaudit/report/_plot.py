@@ -21,6 +21,8 @@ PANELS: list[tuple[str, list[tuple[str, str]], bool, str]] = [
      True, "std of the pairwise cosines"),
     ("NC3: ‖W/‖W‖ − M/‖M‖‖²", [("nc3", "NC3")], True, "squared distance"),
     ("NC4: classifier ≠ nearest class mean", [("nc4", "NC4")], False, "fraction of samples"),
+    ("LS: ‖W − W_LS‖/‖W_LS‖", [("ls_distance", "distance")], True, "distance from the least-squares classifier"),
+    ("LS: cos(W, W_LS)", [("ls_cosine", "cosine")], False, "cosine with the least-squares classifier"),
 ]
 
 
@@ -71,8 +73,22 @@ def _log_y(ax: Any, values: list[float]) -> None:
         ax.yaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(3, 3)))
 
 
+def _shade(ax: Any, uncertainty: list[tuple[float, float | None]], pts: list[tuple[float, float]], log: bool,
+           color: str) -> None:
+    """Shade value ± its relative uncertainty (``details.uncertainty``) around a series, where one is stated and
+    visible (above 1e-3); on a log axis the band is [v / (1 + u), v (1 + u)]."""
+    stated = dict(uncertainty)
+    band = [(x, v, stated.get(x)) for x, v in pts]
+    if not any(u is not None and u > 1e-3 for _, _, u in band):
+        return
+    lo = [v / (1 + (u or 0.0)) if log else v - abs(v) * (u or 0.0) for _, v, u in band]
+    hi = [v * (1 + (u or 0.0)) if log else v + abs(v) * (u or 0.0) for _, v, u in band]
+    ax.fill_between([x for x, _, _ in band], lo, hi, color=color, alpha=0.2, linewidth=0)
+
+
 def trajectory_figure(rows: Sequence[TrajectoryRow], title: str | None = None) -> Any:
-    """The figure: one panel per NC property against the epoch (or checkpoint); train solid, other splits dashed.
+    """The figure: one panel per NC property and two for the least-squares classifier against the epoch (or
+    checkpoint); train solid, other splits dashed; each value's uncertainty shaded where it is visible.
 
     Raises
     ------
@@ -83,7 +99,7 @@ def trajectory_figure(rows: Sequence[TrajectoryRow], title: str | None = None) -
     use_epochs = all(r.epoch is not None for r in rows) and len({r.epoch for r in rows}) == len(rows)
     xs = [float(r.epoch) if use_epochs else float(i) for i, r in enumerate(rows)]  # type: ignore[arg-type]
     splits = split_order(rows)
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7), constrained_layout=True)
     for ax, (panel_title, series, log, ylabel) in zip(axes.flat, PANELS):
         plotted: list[float] = []
         for key, legend in series:
@@ -95,7 +111,10 @@ def trajectory_figure(rows: Sequence[TrajectoryRow], title: str | None = None) -
                     continue
                 style = "-" if split in TRAIN_SPLITS or len(splits) == 1 else "--"
                 label = f"{legend} ({split})" if len(splits) > 1 and not key.endswith("_classifier") else legend
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", markersize=4, label=label)
+                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", markersize=4,
+                                label=label)
+                _shade(ax, [(x, r.uncertainty(f"{split}.{key}")) for x, r in zip(xs, rows) if split in r.splits],
+                       pts, log, line.get_color())
                 plotted += [p[1] for p in pts]
         ax.set_title(panel_title, fontsize=10)
         ax.set_ylabel(ylabel, fontsize=9)

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ncaudit.audit import AuditResult
-from ncaudit.report._format import column_format, fmt
+from ncaudit.report._format import column_format, fmt, fmt_uncertain
 
 #: (group title, [(metric key, one-line meaning)]) in table order.
 GROUPS: list[tuple[str, list[tuple[str, str]]]] = [
@@ -50,8 +50,10 @@ _ORTHOGONALITY = {"nc2_orthogonality_means", "nc2_orthogonality_classifier"}
 
 
 def metrics_table(result: AuditResult) -> Table:
-    """The grouped metric table (NC1 / NC2 / NC3 / NC4 / least squares), each value with its meaning."""
+    """The grouped metric table (NC1 / NC2 / NC3 / NC4 / least squares), each value with its meaning and with the
+    digits its uncertainty (``details.uncertainty``) leaves."""
     m = result.metrics
+    uncertainty = result.details.get("uncertainty") or {}
     show_orth = not result.details.get("has_bias", True)
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=False)
     table.add_column("metric", style="bold", no_wrap=True)
@@ -67,7 +69,7 @@ def metrics_table(result: AuditResult) -> Table:
         short, _, long = title.partition("  ")
         table.add_row(Text(short, style="bold cyan"), "", Text(long, style="bold cyan"))
         for key, text in shown:
-            table.add_row(f"  {key}", fmt(m.get(key)), text)
+            table.add_row(f"  {key}", fmt_uncertain(m.get(key), uncertainty.get(key)), text)
         table.add_section()
     return table
 

@@ -13,7 +13,7 @@ from rich.text import Text
 from ncaudit.audit import TrajectoryRow
 from ncaudit.audit._trajectory import COLUMNS as TRAJECTORY_COLUMNS
 from ncaudit.audit._trajectory import NARROW_COLUMNS, PER_SPLIT, split_order
-from ncaudit.report._format import fmt_compact
+from ncaudit.report._format import fmt_uncertain
 from ncaudit.report._table import layers_table
 
 
@@ -48,7 +48,9 @@ def trajectory_table(rows: Sequence[TrajectoryRow], *, layers: bool = False, wid
         columns.append((key, split))
         table.add_column(header, justify="right", no_wrap=True)
     for r in rows:
-        table.add_row(Text(r.label), *(fmt_compact(r.value(f"{s}.{k}" if s else k)) for k, s in columns))
+        table.add_row(Text(r.label), *(fmt_uncertain(r.value(f"{s}.{k}" if s else k),
+                                                     r.uncertainty(f"{s}.{k}" if s else k), compact=True)
+                                       for k, s in columns))
     parts: list[Any] = [table]
     if layers and rows and rows[-1].primary.layers:
         last = rows[-1]
