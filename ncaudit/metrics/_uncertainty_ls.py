@@ -47,7 +47,8 @@ class _Whitening:
         return x, pinv.perp.T @ v - pinv.coupling.T @ (pinv.k_inv @ x)
 
     def coords(self, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(U_t^T v, c) with c_j = g_j^T v / tau_j^(1/2) (kept directions): <a, Sigma_T^+ b> = x_a^T K^-1 x_b + c_a.c_b."""
+        """(U_t^T v, c) with c_j = g_j^T v / tau_j^(1/2) (kept directions), so that <a, Sigma_T^+ b> =
+        x_a^T K^-1 x_b + c_a . c_b."""
         x, y = self.split(v)
         return x, (self.pinv.vectors.T @ y) / self.root[:, None]
 
