@@ -94,7 +94,8 @@ def _uncertainty_warnings(closed: _Closed, sel: _Selection, info: CacheInfo) -> 
         if n <= p or lo != hi:
             fixes.append("more samples")
         if low:
-            fixes.append("a float32 cache (extract with --precision fp32)")
+            fixes.append("a float32 cache (extract with " + ("--store-dtype float32)" if info.feature_dtype == "float16"
+                                                             else "--precision fp32)"))
         out.append(f"the features' rounding leaves the least-squares family uncertain: {named}; cause: "
                    f"{', '.join(causes)}; fix: {' or '.join(fixes) or 'more samples'}")
     other = {k: v for k, v in unc.items() if k in ("nc1", "cdnv", "nc3") and v is not None and v > above}
