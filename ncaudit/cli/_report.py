@@ -43,7 +43,11 @@ def report(
     """Compute every Neural Collapse metric of a feature cache and gate on thresholds.
 
     Two streaming passes over the file (statistics, then per-sample decisions); memory does not grow with the
-    number of samples. Exit codes: 0 every check passed, 1 a --fail-if check failed, 2 bad input.
+    number of samples. Every value is printed with the digits its features determine: how far it moves when each
+    stored feature is perturbed by one rounding unit of its dtype (float32, float16, bfloat16), the float64
+    arithmetic and an undetermined rank included, is the JSON's details.uncertainty (relative, by metric key),
+    shown as '-0.016 ±31%' or '~2e-2 (undetermined)', with a warning naming the cause and the fix above 1e-3.
+    Exit codes: 0 every check passed, 1 a --fail-if check failed, 2 bad input.
     """
     from ncaudit.audit import METRIC_KEYS, AuditOptions, evaluate, parse_checks
     from ncaudit.report import check_output, render_json, render_table, write_text_atomic
