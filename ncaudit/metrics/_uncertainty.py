@@ -20,9 +20,11 @@ need: the second-order bias (the noise adds sigma^2 D, D = diag(m2), to every co
 Least squares (Wedin 1973; the errors-in-variables bias of Fuller 1987)
     With X the centred rows, R = Y - X W_LS^T the residual and Sigma_RR = R^T R / N, a perturbation E moves W_LS by
     dW^T = Sigma_T^+ (E^T R - X^T E W^T) / N + P_perp E^T X Sigma_T^+ W^T / N (P_perp: the directions the cut-off
-    dropped). For a scalar q(W_LS) with gradient G, Var(dq) = (sigma^2 / N) [tr(Sigma_RR G S D S G^T) +
-    tr(V D V^T)] with S the (damped) pseudo-inverse and V = S G^T W - W^T G P_perp, evaluated with random probes
-    s (E[s s^T] = I): tr(A D A^T) = E ||A D^(1/2) s||^2. The bias is the response of W_LS to the deterministic part
+    dropped). For a scalar q(W_LS) with gradient G (a combination of W and W_LS for the distance, the cosine and
+    the norm), independence of R and X (X^T R = 0) gives Var(dq) = (sigma^2 / N) [tr(Sigma_RR G S D S G^T) +
+    tr(V^T S V)], V = (G^T W_LS - W_LS^T G P_perp) D^(1/2), S = Sigma_T^+ (damped, see below), both traced with
+    random probes s (E[s s^T] = I: tr(A D A^T) = E ||A D^(1/2) s||^2). The bias is the response of W_LS to the
+    deterministic part
     sigma^2 D of the noise, direction by direction in the basis that whitens Sigma_T: the eigenvalue tau_j of a
     direction g_j grows by sigma^2 g_j^T D g_j (1 - r / (N - 1)) + sigma^2 tr(P_perp D) / (N - 1) (the repulsion of
     the r directions above it and of the null space), i.e. by the factor 1 + rho_j, and its component of W_LS
@@ -44,8 +46,9 @@ CDNV and NC3
 
 Rank
     The eigenvalues of the Schur complement T (which decide the rank of Sigma_T^+, see :class:`TotalPinv`) move by
-    standard deviation 2 (tau_j sigma^2 nu_j / N)^(1/2), nu_j = g_j^T D g_j, plus the arithmetic error
-    ARITHMETIC_EIGEN eps lambda_max; every eigenvalue within Z of those of the cut-off is a candidate, and the metric
+    standard deviation 2 (tau_j sigma^2 nu_j / N)^(1/2), nu_j = g_j^T D g_j, up by the noise's bias, and by the
+    arithmetic error ARITHMETIC_EIGEN eps lambda_max; every eigenvalue that Z standard deviations, the bias and the
+    arithmetic error can carry across the cut-off is a candidate (at most min(N - 1, p) directions), and the metric
     is recomputed at each candidate rank (W_LS changes by the rank-one term c_j g_j^T / tau_j of each direction, c_j =
     Sigma_YH g_j: exact for the truncated pseudo-inverse because the g_j are Sigma_T-conjugate). The singular values
     of M likewise for NC1.
