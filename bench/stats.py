@@ -37,7 +37,8 @@ digits, builds planted twelve-decade spectra, and prints each least-squares quan
 (float64 scatter + refinement when the error estimate asks for it).
 
 ``--uncertainty`` calibrates ``details.uncertainty`` (spec rule 7): on planted features (ill-posed: a spectrum
-decaying smoothly through the cut-off with N < p; well-posed; two classes with one mean) and on real ones (the bundled
+decaying smoothly through the cut-off with N < p; well-posed; two classes with one mean; within-class spectra over
+twelve decades) and on real ones (the bundled
 network at epochs 0, 1 and 200 and random-init timm resnet18 / convnext_atto, ``ncaudit extract --random-init``, on
 both digit splits; float32, ``--precision bf16`` and ``--store-dtype float16`` caches) it prints, per metric, the
 stated relative uncertainty, the measured spread (``tests/reference.py``: the largest relative deviation of an SVD
@@ -346,6 +347,12 @@ def uncertainty_cases(directory: Path, quick: bool = False) -> list[tuple[str, P
         path = directory / f"{make.__name__}.h5"
         write_cache(path, h, y, weight=w, bias=b, overwrite=True)
         cases.append((label, path, _U32))
+    from test_exact_ls import planted_decades
+    for placement, radius, seed in (("random", 1.0, 0), ("top", 1.0, 1)):
+        h, y, w, b = planted_decades(placement, radius, seed)
+        path = directory / f"planted_decades_{placement}.h5"
+        write_cache(path, h, y, weight=w, bias=b, overwrite=True)
+        cases.append((f"planted twelve decades ({placement} means)", path, _U32))
     digits = ROOT / "fixtures" / "digits"
     ckpts = ROOT / "fixtures" / "checkpoints"
     for epoch in (0, 1, 200):

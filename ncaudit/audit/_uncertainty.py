@@ -39,9 +39,12 @@ def _uncertainty(closed: _Closed, sel: _Selection, info: CacheInfo) -> None:
             out["nc3"] = metrics.nc3_uncertainty(stats, weight, noise, nc3)
         loss, term_a = m["mse_loss"], m["mse_term_a"]
         fixed, spread = metrics.ls_arithmetic(stats, weight, ls, loss=loss, term_a=term_a)
-        if ls.steps:  # refinement on the samples left about its last correction of what the closed form had
-            shrink = min(1.0, (ls.correction or 0.0) / max(closed.estimate, metrics.TINY))
-            fixed = {k: v * shrink for k, v in fixed.items()}
+        if ls.steps:
+            # Refinement measured the error on the samples: W_LS is now within its last correction (relative) of the
+            # exact solve, which each quantity feels as the first-order model's ratio of its error to ||W_LS||'s.
+            norm = fixed["w_ls_norm"]
+            scale = (ls.correction or 0.0) / norm if 0 < norm < math.inf else None
+            fixed = {k: v * scale if scale is not None else (ls.correction or 0.0) for k, v in fixed.items()}
         arithmetic = {k: fixed[k] + spread[k] for k in metrics.LS_KEYS}
         res = metrics.ls_uncertainty(stats, weight, bias, ls, noise, loss=loss, term_a=term_a, arithmetic=arithmetic)
         out.update(res.relative)

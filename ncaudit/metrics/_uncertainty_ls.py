@@ -232,7 +232,8 @@ def ls_uncertainty(stats: Statistics, weight: np.ndarray, bias: np.ndarray, ls: 
     band = Z * 2.0 * np.sqrt(np.maximum(tau, 0.0) * s2 * nu / n) - rho_w * tau
     spread, rank_range = _rank_spread(stats, wh, q, noise, band, refit, x)
     arithmetic = arithmetic or {}
-    relative = {key: out.get(key, math.inf) + spread.get(key, 0.0) + arithmetic.get(key, 0.0) for key in LS_KEYS}
+    relative = {key: out.get(key, math.inf) + spread.get(key, 0.0) + arithmetic.get(key, 0.0) + 4.0 * EPS
+                for key in LS_KEYS}  # 4 eps: the rounding of the value itself and of its last operations
     relative = {k: (v if math.isfinite(values[k]) else math.nan) for k, v in relative.items()}
     return LeastSquaresUncertainty(relative, rank_range, float(rho_a.max()) if rho_a.size else 0.0,
                                    _ridge(tau, s2 * nu, n, pinv.cutoff, rank_range != (rank, rank)))
