@@ -413,7 +413,8 @@ def uncertainty_table(directory: Path, quick: bool = False) -> list[dict[str, ob
             ok = calibrated(s_, m_)
             row["metrics"][key] = {"value": ours[key], "stated": s_, "measured": m_, "report_vs_svd": off, "ok": ok}
             ratio = s_ / m_ if m_ > 0 else math.inf
-            print(f"  {key:12s} {ours[key]:11.4g} {s_:9.2e} {m_:9.2e} {ratio:8.2f} {off:10.1e}  {'yes' if ok else 'NO'}")
+            verdict = "yes" if ok else "NO"
+            print(f"  {key:12s} {ours[key]:11.4g} {s_:9.2e} {m_:9.2e} {ratio:8.2f} {off:10.1e}  {verdict}")
         rows.append(row)
     bad = [(r["case"], k) for r in rows for k, v in r["metrics"].items() if not v["ok"]]  # type: ignore[union-attr]
     print(f"\n{sum(len(r['metrics']) for r in rows) - len(bad)} of {sum(len(r['metrics']) for r in rows)} "

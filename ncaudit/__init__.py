@@ -57,9 +57,17 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS})
 
 
-if TYPE_CHECKING:
-    from ncaudit.audit import AuditOptions, AuditResult, result_to_json
-    from ncaudit.audit import audit as audit_cache
-    from ncaudit.cache import CacheInfo, CacheWriter, FeatureCache, join_shards, write_cache
-    from ncaudit.errors import CacheWriteError, InputError
-    from ncaudit.stats import ClassStatistics, Statistics
+if TYPE_CHECKING:  # the names of _EXPORTS for type checkers (re-exported: `X as X`)
+    from ncaudit.audit import AuditOptions as AuditOptions
+    from ncaudit.audit import AuditResult as AuditResult
+    from ncaudit.audit import audit as audit_cache  # noqa: F401
+    from ncaudit.audit import result_to_json as result_to_json
+    from ncaudit.cache import CacheInfo as CacheInfo
+    from ncaudit.cache import CacheWriter as CacheWriter
+    from ncaudit.cache import FeatureCache as FeatureCache
+    from ncaudit.cache import join_shards as join_shards
+    from ncaudit.cache import write_cache as write_cache
+    from ncaudit.errors import CacheWriteError as CacheWriteError
+    from ncaudit.errors import InputError as InputError
+    from ncaudit.stats import ClassStatistics as ClassStatistics
+    from ncaudit.stats import Statistics as Statistics

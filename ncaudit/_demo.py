@@ -3,7 +3,8 @@
 ``fixtures/checkpoints/manifest.json`` lists checkpoints of timm ``test_resnet`` trained on scikit-learn's real 8x8
 handwritten digits (``fixtures/digits/{train,test}``) into the terminal phase of training, with the transform they
 were trained with. :func:`run_demo` extracts every checkpoint on both splits, audits each cache and groups the
-results into a trajectory: the collapse of the PNAS paper, happening on a laptop.
+results into a trajectory (the machinery of ``ncaudit run``, :mod:`ncaudit._run`): the collapse of the PNAS paper,
+happening on a laptop.
 """
 
 from __future__ import annotations
@@ -11,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ncaudit.audit import AuditOptions, AuditResult, TrajectoryRow, audit, build_rows
+from ncaudit._run import RunCheckpoint, RunResult, audit_run
+from ncaudit.audit import AuditOptions
 from ncaudit.errors import InputError
-from ncaudit.report import render_json, write_text_atomic
 
 SPLITS = ("train", "test")
 
@@ -31,7 +31,11 @@ EXPLANATION = (
     "NC1 (within-class spread over between-class spread) falls by orders of magnitude; the class means and "
     "classifier rows approach an equinorm, equiangular simplex (NC2 -> 0) and each other (NC3 -> 0); the "
     "classifier's decisions become the nearest class mean's (NC4 -> 0). Test NC1 stays above train NC1: collapse is "
-    "a property of the training data first."
+    "a property of the training data first.\n\n"
+    "The second table asks the same of the test images the way the literature on test-set collapse does (Hui et al. "
+    "2022, Galanti et al. 2022): nearest-class-mean accuracy, NC4 and CDNV against the class means of the training "
+    "images (train μ), next to the same quantities against the test images' own means (own μ), which read the test "
+    "labels."
 )
 
 
@@ -41,15 +45,8 @@ def default_fixtures() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[1] / "fixtures"
 
 
-@dataclass
-class DemoResult:
-    """The trajectory rows, the audits behind them and the files written under ``out``."""
-
-    rows: list[TrajectoryRow]
-    results: list[AuditResult]
-    caches: list[Path]
-    reports: list[Path] = field(default_factory=list)
-    plot: Path | None = None
+#: What :func:`run_demo` returns: the trajectory, the audits and the files written (:class:`ncaudit._run.RunResult`).
+DemoResult = RunResult
 
 
 def load_manifest(fixtures: Path) -> dict[str, Any]:
@@ -75,13 +72,16 @@ def run_demo(
     epochs: list[int] | None = None,
     plot: bool = True,
     progress: Callable[[str], None] | None = None,
-) -> DemoResult:
-    """Extract every bundled checkpoint on the train and test digits into ``out``, audit each, build the trajectory.
+    fail_if: list[str] | None = None,
+) -> RunResult:
+    """Extract every bundled checkpoint on the train and test digits into ``out``, audit each, build the trajectory:
+    :func:`ncaudit._run.audit_run` on the bundled run, every cache extracted afresh, the test split audited against
+    both its own and the training class means.
 
     Parameters
     ----------
     out
-        Directory for ``caches/``, ``reports/`` and ``trajectory.png``.
+        Directory for ``caches/``, ``reports/``, ``trajectory.json``, ``trajectory.csv`` and ``trajectory.png``.
     fixtures
         Fixtures directory (default :func:`default_fixtures`).
     device
@@ -92,46 +92,21 @@ def run_demo(
         Draw ``trajectory.png`` when matplotlib is installed.
     progress
         Called with a line of text before each step.
+    fail_if
+        ``--fail-if`` expressions, evaluated on the last checkpoint (``RunResult.checks``).
     """
-    from ncaudit.extract import extract
-
     fixtures = fixtures or default_fixtures()
     manifest = load_manifest(fixtures)
-    checkpoints = sorted(manifest["checkpoints"], key=lambda c: c["epoch"])
+    chosen = sorted(manifest["checkpoints"], key=lambda c: c["epoch"])
     if epochs is not None:
-        checkpoints = [c for c in checkpoints if c["epoch"] in set(epochs)]
-        if not checkpoints:
+        chosen = [c for c in chosen if c["epoch"] in set(epochs)]
+        if not chosen:
             have = ", ".join(str(c["epoch"]) for c in manifest["checkpoints"])
             raise InputError(f"no bundled checkpoint at epochs {epochs}; the fixtures have epochs {have}")
-    say = progress or (lambda line: None)
-    (out / "caches").mkdir(parents=True, exist_ok=True)
-    (out / "reports").mkdir(parents=True, exist_ok=True)
-    caches, results, reports = [], [], []
-    steps = len(checkpoints) * len(SPLITS)
-    for i, ckpt in enumerate(checkpoints):
-        for j, split in enumerate(SPLITS):
-            step = i * len(SPLITS) + j + 1
-            cache = out / "caches" / f"e{ckpt['epoch']:03d}_{split}.h5"
-            say(f"[{step}/{steps}] epoch {ckpt['epoch']:>3}, {split}: extract + report")
-            extract(  # the transform comes from each checkpoint's own metadata
-                manifest.get("model", "test_resnet"), fixtures / "checkpoints" / ckpt["file"],
-                fixtures / "digits", cache, split=split, device=device, precision="fp32", batch_size=256,
-                workers=0, overwrite=True, progress=False,
-            )
-            result = audit(cache, AuditOptions(device=device))
-            report = out / "reports" / f"e{ckpt['epoch']:03d}_{split}.json"
-            write_text_atomic(report, render_json(result) + "\n")
-            caches.append(cache)
-            results.append(result)
-            reports.append(report)
-    rows = build_rows(results)
-    plot_path = None
-    if plot:
-        try:
-            from ncaudit.report import plot_trajectory
-
-            plot_path = plot_trajectory(rows, out / "trajectory.png",
-                                        title="test_resnet on the digits: Neural Collapse across training")
-        except InputError:
-            plot_path = None  # matplotlib missing: the caller says so
-    return DemoResult(rows=rows, results=results, caches=caches, reports=reports, plot=plot_path)
+    checkpoints = [RunCheckpoint(f"e{c['epoch']:03d}", fixtures / "checkpoints" / c["file"]) for c in chosen]
+    # The transform comes from each checkpoint's own metadata.
+    return audit_run(manifest.get("model", "test_resnet"), checkpoints, fixtures / "digits", out, splits=SPLITS,
+                     extract_options={"device": device, "precision": "fp32", "batch_size": 256, "workers": 0,
+                                      "progress": False},
+                     audit_options=AuditOptions(device=device), overwrite=True, plot=plot, fail_if=fail_if,
+                     title="test_resnet on the digits: Neural Collapse across training", progress=progress)

@@ -80,6 +80,25 @@ def reference_metrics(h, y, W=None, b=None, ridge=0.0, reference_rows=None):
         sigma_d = delta.T @ delta / len(index)
         out["nc1_precision_floor"] = float(np.trace(sigma_d @ sigma_b_pinv) / C)
 
+    # Least squares on the centred samples (the bias absorbs the means): features and labels alone, no classifier.
+    Y = np.zeros((n_samples, C))
+    Y[np.arange(n_samples), np.searchsorted(classes, y)] = 1.0
+    hc = h - mu_g
+    yc = Y - Y.mean(axis=0)
+    if ridge == 0:
+        # The spec's cut-off: eigenvalues of Sigma_T at or below p * eps * lambda_max are dropped, i.e. singular
+        # values of the centred rows at or below sqrt(p * eps) * s_max.
+        w_ls = np.linalg.lstsq(hc, yc, rcond=np.sqrt(p * np.finfo(float).eps))[0].T
+    else:
+        A = np.vstack([hc, np.sqrt(ridge * n_samples) * np.eye(p)])
+        B = np.vstack([yc, np.zeros((p, C))])
+        w_ls = np.linalg.lstsq(A, B, rcond=None)[0].T
+    b_ls = Y.mean(axis=0) - w_ls @ mu_g
+    resid = hc @ w_ls.T - yc  # = h W_LS^T + b_LS - Y, without the offset
+    out["mse_term_a"] = float(0.5 * np.mean(np.sum(resid**2, axis=1)))
+    out["w_ls"], out["b_ls"] = w_ls, b_ls
+    out["w_ls_norm"] = float(np.linalg.norm(w_ls))
+
     if W is None:
         return out
     W = np.asarray(W, dtype=np.float64)
@@ -97,28 +116,33 @@ def reference_metrics(h, y, W=None, b=None, ridge=0.0, reference_rows=None):
     out["nc4"] = float(np.mean(pred != ncc))
     out["per_class"]["accuracy"] = np.array([np.mean(pred[y == c] == c) for c in classes])
     out["per_class"]["classifier_norm"] = wn
-    Y = np.zeros((n_samples, C))
-    Y[np.arange(n_samples), np.searchsorted(classes, y)] = 1.0
     out["mse_loss"] = float(0.5 * np.mean(np.sum((h @ W.T + b - Y) ** 2, axis=1)))
-
-    # Least squares on the centred samples (the bias absorbs the means).
-    hc = h - mu_g
-    yc = Y - Y.mean(axis=0)
-    if ridge == 0:
-        # The spec's cut-off: eigenvalues of Sigma_T at or below p * eps * lambda_max are dropped, i.e. singular
-        # values of the centred rows at or below sqrt(p * eps) * s_max.
-        w_ls = np.linalg.lstsq(hc, yc, rcond=np.sqrt(p * np.finfo(float).eps))[0].T
-    else:
-        A = np.vstack([hc, np.sqrt(ridge * n_samples) * np.eye(p)])
-        B = np.vstack([yc, np.zeros((p, C))])
-        w_ls = np.linalg.lstsq(A, B, rcond=None)[0].T
-    b_ls = Y.mean(axis=0) - w_ls @ mu_g
-    resid = hc @ w_ls.T - yc  # = h W_LS^T + b_LS - Y, without the offset
-    out["mse_term_a"] = float(0.5 * np.mean(np.sum(resid**2, axis=1)))
     out["mse_term_b"] = out["mse_loss"] - out["mse_term_a"]
     out["ls_distance"] = float(np.linalg.norm(W - w_ls) / np.linalg.norm(w_ls))
     out["ls_cosine"] = float(np.sum(W * w_ls) / (np.linalg.norm(W) * np.linalg.norm(w_ls)))
-    out["w_ls"], out["b_ls"] = w_ls, b_ls
+    return out
+
+
+def reference_against_means(h, y, means, W=None, b=None):
+    """NCC accuracy, NC4 and CDNV of features ``h`` (N, p), labels ``y`` against given class ``means`` (C, p) -- the
+    training set's (Hui et al. 2022; Galanti et al. 2022): nearest mean by explicit distances, each class's variance
+    taken around the given mean, distances between the given means."""
+    h = np.asarray(h, dtype=np.float64)
+    means = np.asarray(means, dtype=np.float64)
+    C = len(means)
+    dist = np.stack([np.sum((h - means[k]) ** 2, axis=1) for k in range(C)], axis=1)
+    ncc = np.argmin(dist, axis=1)
+    var = np.array([np.mean(np.sum((h[y == c] - means[c]) ** 2, axis=1)) for c in range(C)])
+    pairs = [(i, j) for i in range(C) for j in range(C) if i != j]
+    out = {
+        "ncc_accuracy": float(np.mean(ncc == y)),
+        "cdnv": float(np.mean([(var[i] + var[j]) / (2 * np.sum((means[i] - means[j]) ** 2)) for i, j in pairs])),
+        "per_class_ncc_accuracy": np.array([np.mean(ncc[y == c] == c) for c in range(C)]),
+    }
+    if W is not None:
+        b = np.zeros(C) if b is None else np.asarray(b, dtype=np.float64)
+        pred = np.argmax(h @ np.asarray(W, dtype=np.float64).T + b, axis=1)
+        out["nc4"] = float(np.mean(pred != ncc))
     return out
 
 

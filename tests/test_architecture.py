@@ -17,9 +17,10 @@ LAYERS = {
     "metrics": 3, "distributed": 3,
     "extract": 4, "audit": 4,
     "report": 5, "_progress": 5,
-    "_demo": 6,
-    "cli": 7,
-    "__main__": 8,
+    "_run": 6,
+    "_demo": 7,
+    "cli": 8,
+    "__main__": 9,
 }
 
 

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from ncaudit.audit import METRIC_KEYS
 from ncaudit.cache import write_cache
 from ncaudit.cli import app
+from ncaudit.report import fmt
 
 runner = CliRunner()
 
@@ -58,6 +59,12 @@ def test_gating_exit_codes(good, tmp_path):
     report = json.loads(bad.stdout)  # the report is still printed
     assert report["passed"] is False and report["checks"][0]["outcome"] == "failed"
     assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
+    # A failed check is one line on stderr in every mode (the JSON on stdout says it too).
+    for mode in (["--json"], []):
+        failed = invoke("report", good, "-q", *mode, "--fail-if", "nc1>1e-9", "--fail-if", "accuracy<0.5")
+        assert failed.exit_code == 1
+        value = fmt(report["metrics"]["nc1"])
+        assert failed.stderr.strip().splitlines() == [f"check failed: nc1 > 1e-09 (value: {value})"]
     table = invoke("report", good, "-q", "--fail-if", "nc1>1e-9")
     assert table.exit_code == 1 and "nc1 > 1e-09" in table.stdout
     null_metric = invoke("report", good, "--json", "-q", "--fail-if", "nc1_precision_floor>1")
@@ -79,6 +86,7 @@ def one_line_error(res, *needles):
     for needle in needles:
         assert needle in err, err
     assert res.stdout == ""
+    return err
 
 
 def write_raw(path, **datasets):
@@ -127,7 +135,11 @@ def test_bad_inputs(tmp_path, good):
     allowed = invoke("report", partial, "--json", "-q", "--allow-partial", "--drop-empty-classes")
     assert allowed.exit_code == 0 and json.loads(allowed.stdout)["n_samples"] == 12
     one_line_error(invoke("report", good, "--fail-if", "nc1 ~ 3"), "METRIC OP NUMBER")
-    one_line_error(invoke("report", good, "--fail-if", "nc9>3"), "unknown metric")
+    one_line_error(invoke("report", good, "--fail-if", "nc9>3"), "unknown metric 'nc9'; did you mean 'nc")
+    nearest = one_line_error(invoke("report", good, "--fail-if", "acuracy<3"), "did you mean 'accuracy'?")
+    assert "cdnv" not in nearest  # the nearest key, not the whole list
+    cased = invoke("report", good, "--json", "-q", "--fail-if", "NC1>0.5", "--fail-if", "Accuracy<0.5")
+    assert cased.exit_code == 0 and [c["metric"] for c in json.loads(cased.stdout)["checks"]] == ["nc1", "accuracy"]
     one_line_error(invoke("report", good, "--ridge", "-1"), "--ridge")
 
 

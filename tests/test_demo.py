@@ -40,6 +40,8 @@ def test_demo_writes_caches_reports_and_plot(demo_run):
     assert len(caches) == len(reports) == 2 * len(json.loads(res.stdout)["trajectory"])
     report = json.loads(reports[-1].read_text())
     assert report["schema"] == "ncaudit.report/1" and report["source"]["model"] == "test_resnet"
+    # The checkpoint's metadata is embedded as an object, not as a string of JSON; the ranks are recorded.
+    assert report["source"]["checkpoint_metadata"]["epoch"] == "200" and report["details"]["world_size"] == 1
     pytest.importorskip("matplotlib")
     png = (out / "trajectory.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
@@ -74,3 +76,23 @@ def test_demo_output_fits_80_columns(demo_run):
         for key in ("accuracy", "test.accuracy", "nc1", "test.nc1", "nc2_equinorm_means", "nc2_equiangle_means",
                     "nc3", "nc4"):
             assert fmt_compact(row.value(key)) in text, (row.label, key)
+
+
+def test_demo_out_that_is_a_file_is_one_line(tmp_path):
+    target = tmp_path / "README.md"
+    target.write_text("keep me")
+    res = runner.invoke(app, ["demo", "--out", str(target), "-q"])
+    assert res.exit_code == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [f"error: --out {target}: is a file; give a directory (created when "
+                                               "missing) for the caches, reports and plot"]
+    assert target.read_text() == "keep me"
+
+
+def test_demo_writes_the_trajectory_files(demo_run):
+    res, out = demo_run
+    rows = json.loads(res.stdout)["trajectory"]
+    assert json.loads((out / "trajectory.json").read_text())["trajectory"] == rows
+    lines = (out / "trajectory.csv").read_text().splitlines()
+    assert lines[0].startswith("label,epoch,checkpoint,split,cache,n_samples,means_from,nc1,")
+    assert len(lines) == 1 + 2 * len(rows)
+    assert "trajectory in" in res.stderr and "trajectory.csv" in res.stderr

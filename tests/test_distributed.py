@@ -244,6 +244,7 @@ def test_torchrun_report_equals_one_process(tmp_path, dtype, tol):
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = json.loads(one.stdout), json.loads(two.stdout)  # rank 0 alone prints
     assert a["class_counts"] == b["class_counts"]
+    assert (a["details"]["world_size"], b["details"]["world_size"]) == (1, 2)
     for key, value in a["metrics"].items():
         if value is None:
             assert b["metrics"][key] is None

@@ -88,6 +88,27 @@ def test_random_init_timm_networks(digits_extract, arch):
     assert sigma[0] < 1e-10 * sigma[-1]  # the case the float32 scheme got wrong: a spectrum over ten decades
 
 
+def assert_without_classifier(path, h, y, tmp, rtol=RTOL):
+    """The same features without their classifier: term (A) and ||W_LS|| unchanged and exact; term (B) and ls_*
+    null (they compare W with W_LS)."""
+    bare = write_cache(tmp, h, y, num_classes=int(y.max()) + 1)
+    result = audit(bare, AuditOptions(device="cpu", batch_size=512))
+    ref = reference_metrics(h.astype(np.float64), y)
+    assert result.metrics["mse_term_a"] == pytest.approx(ref["mse_term_a"], rel=rtol)
+    assert result.details["w_ls_norm"] == pytest.approx(ref["w_ls_norm"], rel=rtol)
+    assert all(result.metrics[k] is None for k in ("mse_loss", "mse_term_b", "ls_distance", "ls_cosine"))
+    full = audit(path, AuditOptions(device="cpu", batch_size=512))
+    assert result.metrics["mse_term_a"] == pytest.approx(full.metrics["mse_term_a"], rel=rtol)
+    return result
+
+
+def test_least_squares_without_a_classifier_on_real_features(digits_extract, cache_path):
+    fixtures, _, run = digits_extract
+    path = run("test_resnet", fixtures / "checkpoints" / "test_resnet_digits_e200.safetensors", "e200_bare")
+    h, y, _, _ = read_cache(path)
+    assert_without_classifier(path, h, y, cache_path())
+
+
 def planted_decades(placement, radius, seed, decades=12, p=128, C=10, n=200):
     """Class means on a simplex ETF (random directions, or the top eigen-directions of Sigma_W) plus within-class
     noise whose covariance has eigenvalues from 1 down to 10^-decades, stored as float32 with a common offset."""
@@ -114,6 +135,14 @@ def test_planted_twelve_decades(cache_path, placement, radius, seed):
     _, ls = assert_least_squares_exact(result, h, y, w, b)
     assert ls["refinement_steps"] >= 1 and ls["error_estimate"] > 1e-7
     assert result.details["gemm_dtype"]["refinement"] == "float64"
+
+
+def test_least_squares_without_a_classifier_on_twelve_decades(cache_path):
+    """The refinement of W_LS on the samples works without a classifier too."""
+    h, y, w, b = planted_decades("random", 0.1, 1)
+    path = write_cache(cache_path(), h, y, weight=w, bias=b)
+    result = assert_without_classifier(path, h, y, cache_path())
+    assert result.details["least_squares"]["refinement_steps"] >= 1
 
 
 def test_closed_form_alone_misses_the_planted_decades(cache_path, monkeypatch):

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from ncaudit import cache as store
 from ncaudit.cache import FeatureCache
 from ncaudit.cli import app
+from ncaudit.data import open_samples, stratified_order
 from ncaudit.errors import InputError
 from ncaudit.extract import extract
 from ncaudit.models import Weights
@@ -92,12 +93,40 @@ def test_ema_picks_the_right_weights(images: Path, tmp_path: Path) -> None:
     np.testing.assert_allclose(w, ema["fc.weight"].numpy())
 
 
+def _limited(reference: Path, n: int) -> np.ndarray:
+    """The rows of the full extraction ``reference`` that ``--limit n`` keeps, in the order it keeps them."""
+    return stratified_order(_read(reference)["labels"])[:n]
+
+
 def test_limit_and_float16_storage(images: Path, ckpt: Path, reference: Path, tmp_path: Path) -> None:
     s = extract("test_resnet", ckpt, images, tmp_path / "l.h5", limit=5, store_dtype="float16", **FAST)
     assert s.n_samples == 5
     got = _read(tmp_path / "l.h5")
     assert got["features"].dtype == np.float16 and got["features"].shape == (5, 96)
-    np.testing.assert_allclose(got["features"], _read(reference)["features"][:5], rtol=2e-3, atol=1e-3)
+    rows = _limited(reference, 5)
+    np.testing.assert_allclose(got["features"], _read(reference)["features"][rows], rtol=2e-3, atol=1e-3)
+    np.testing.assert_array_equal(got["labels"], _read(reference)["labels"][rows])
+
+
+def test_limit_is_a_stratified_seeded_sample(images: Path, ckpt: Path, reference: Path, tmp_path: Path) -> None:
+    """--limit N draws classes in proportion (every class once N >= C), the same rows on every run, and a larger N
+    keeps the rows of a smaller one; the first N files in class order (one class only) are not what it takes."""
+    labels = _read(reference)["labels"]
+    for n in (3, 4, 9, 17):
+        rows = stratified_order(labels)[:n]
+        counts = np.bincount(labels[rows], minlength=3)
+        assert counts.min() >= 1 and np.abs(counts - n * np.bincount(labels) / len(labels)).max() <= 1.0, (n, counts)
+    assert np.array_equal(stratified_order(labels), stratified_order(labels.copy()))
+    assert len(set(labels[stratified_order(labels)[:2]].tolist())) == 2  # fewer rows than classes: distinct classes
+    a = extract("test_resnet", ckpt, images, tmp_path / "a.h5", limit=9, **FAST)
+    b = extract("test_resnet", ckpt, images, tmp_path / "b.h5", limit=9, **FAST)
+    assert a.n_samples == b.n_samples == 9
+    np.testing.assert_array_equal(_read(tmp_path / "a.h5")["features"], _read(tmp_path / "b.h5")["features"])
+    # Other batch companions than in the full run: equal to float32 rounding of the convolutions.
+    np.testing.assert_allclose(_read(tmp_path / "a.h5")["features"],
+                               _read(reference)["features"][_limited(reference, 9)], rtol=1e-4, atol=1e-6)
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "a.h5"), "--json", "-q"])  # every class has samples
+    assert res.exit_code == 0, res.stderr
 
 
 def test_resume_after_interruption_equals_uninterrupted(images: Path, ckpt: Path, tmp_path: Path,
@@ -173,6 +202,23 @@ def test_precision_floor_zero_for_fp32_positive_for_bf16(images: Path, ckpt: Pat
     assert _nc1_floor(out) > 0
 
 
+def test_no_preprocessing_warning_names_what_came_from_defaults(images: Path, ckpt: Path, tmp_path: Path) -> None:
+    """A checkpoint that records no preprocessing: the warning names the values taken from the model's defaults, and
+    is not given when a flag sets every one of them."""
+    from ncaudit.data import TransformOverrides
+
+    fast = {k: v for k, v in FAST.items() if k != "transform"}
+    notes: list[str] = []
+    extract("test_resnet", ckpt, images, tmp_path / "a.h5", limit=3, log=notes.append, **FAST)
+    (warning,) = [n for n in notes if "records no preprocessing" in n]
+    assert "interpolation, mean, std, crop_pct, crop_mode from the" in warning and "input_size" not in warning
+    every = TransformOverrides(img_size=32, mean="0.5,0.5,0.5", std="0.25,0.25,0.25", crop_pct=1.0,
+                               interpolation="bilinear", crop_mode="center")
+    notes.clear()
+    extract("test_resnet", ckpt, images, tmp_path / "b.h5", limit=3, log=notes.append, transform=every, **fast)
+    assert not [n for n in notes if "records no preprocessing" in n], notes
+
+
 def test_torchvision_models_and_class_map(images: Path, tmp_path: Path) -> None:
     for name in ("resnet18", "mobilenet_v3_small"):
         model = torchvision_model(name)
@@ -186,7 +232,9 @@ def test_torchvision_models_and_class_map(images: Path, tmp_path: Path) -> None:
     (tmp_path / "map.json").write_text(json.dumps(["c_eel", "b_cat", "a_dog"]))
     extract("torchvision:resnet18", tmp_path / "resnet18.pth", images, tmp_path / "m.h5", limit=6,
             class_map=tmp_path / "map.json", **FAST)
-    assert list(_read(tmp_path / "m.h5")["labels"]) == [2] * 6
+    dataset_labels = open_samples(images).labels  # a_dog, b_cat, c_eel = 0, 1, 2; the map reverses them
+    np.testing.assert_array_equal(_read(tmp_path / "m.h5")["labels"], 2 - dataset_labels[stratified_order(
+        dataset_labels)[:6]])
     with FeatureCache(tmp_path / "m.h5") as cache:
         assert cache.info.class_names == ["c_eel", "b_cat", "a_dog"]
 
@@ -195,8 +243,10 @@ def test_layers_are_pooled_and_refused_when_too_big(images: Path, ckpt: Path, tm
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "layers.h5"
     notes: list[str] = []
-    extract("test_resnet", ckpt, images, out, layers="layer4,1", limit=10, log=notes.append, **FAST)
-    assert any("projected cache size" in n for n in notes)
+    said: list[str] = []
+    extract("test_resnet", ckpt, images, out, layers="layer4,1", limit=10, log=notes.append, info=said.append, **FAST)
+    assert any("projected cache size" in n for n in said)  # information, not a warning
+    assert not any("projected cache size" in n for n in notes)
     with FeatureCache(out) as cache:
         assert cache.info.layers == {"layer1": 32, "layer4": 96}  # network order, feature_info index 1 = layer1
         (_, f, _, extra), = cache.iter_batches(100, layers=["layer1", "layer4"])
@@ -319,7 +369,8 @@ def test_extract_takes_its_arguments_by_keyword(images: Path, ckpt: Path, refere
     out = tmp_path / "kw.h5"
     s = extract("test_resnet", weights=ckpt, data=images, out=out, limit=4, **FAST)
     assert s.out == out and s.n_samples == 4
-    np.testing.assert_array_equal(_read(out)["features"], _read(reference)["features"][:4])
+    np.testing.assert_allclose(_read(out)["features"], _read(reference)["features"][_limited(reference, 4)],
+                               rtol=1e-4, atol=1e-6)
     with pytest.raises(InputError, match="is a directory"):
         extract(model_name="test_resnet", weights=ckpt, data=images, out=tmp_path, **FAST)
 
@@ -344,7 +395,8 @@ def test_refused_sharded_resume_leaves_the_single_file_untouched(images: Path, c
     assert s.resumed_from == 8
     with FeatureCache(out) as cache:
         assert cache.info.complete and cache.info.n_samples == 16
-    np.testing.assert_array_equal(_read(out)["features"], _read(reference)["features"][:16])
+    np.testing.assert_allclose(_read(out)["features"], _read(reference)["features"][_limited(reference, 16)],
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_overwrite_removes_a_damaged_shard(images: Path, ckpt: Path, tmp_path: Path) -> None:

@@ -111,6 +111,13 @@ def test_help_is_readable() -> None:
     trajectory = runner.invoke(app, ["trajectory", "--help"], env=wide).stdout
     assert "pip install 'ncaudit[plot]'" in trajectory and "CACHE.h5..." in trajectory
     assert "--pretrained" in extract and "ncaudit[wds]" in extract and "INTEGER" in extract
+    # Grouped, the common path first: weights, data, output; then preprocessing and how it runs.
+    panels = ["Model and weights", "─ Data ─", "─ Output ─", "─ Preprocessing", "─ How it runs ─"]
+    places = [extract.index(p) for p in panels]
+    assert places == sorted(places)
+    assert extract.index("--model") < extract.index("--data") < extract.index("--out") < extract.index("--device")
+    run = runner.invoke(app, ["run", "--help"], env=wide).stdout
+    assert "--checkpoints" in run and "'runs/r50/epoch_*.pth'" in run and "--title" in run
 
 
 def test_split_comes_from_the_dataset_not_the_file_name() -> None:

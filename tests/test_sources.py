@@ -16,7 +16,7 @@ import torch
 from extract_fixtures import make_image_folder, make_synset_folder, timm_model
 
 from ncaudit.cache import FeatureCache
-from ncaudit.data import dataset_family, map_labels, open_samples
+from ncaudit.data import dataset_family, map_labels, open_samples, stratified_order
 from ncaudit.errors import InputError
 from ncaudit.extract import extract
 from ncaudit.models import imagenet_classes
@@ -115,8 +115,13 @@ def test_webdataset_shards(digits: Path, reference: dict[str, np.ndarray], tmp_p
     extract("test_resnet", CHECKPOINT, tmp_path, tmp_path / "wds2.h5", dataset="wds/digits",
             split="digits-test-{0000..0002}.tar", **RUN)
     _same_as_reference(reference, tmp_path / "wds2.h5")
-    with pytest.raises(InputError, match="shard pattern"):
+    with pytest.raises(InputError, match="no split 'validation': there is no _info.json .*shard pattern") as err:
         open_samples(tmp_path, dataset="wds/digits", split="validation")
+    assert "dict_keys" not in str(err.value)
+    (tmp_path / "_info.json").write_text(json.dumps({"name": "digits", "splits": {"test": {
+        "name": "test", "num_samples": sum(lengths), "filenames": names, "shard_lengths": lengths}}}))
+    with pytest.raises(InputError, match="no split 'val': the info file lists test;"):
+        open_samples(tmp_path, dataset="wds/digits", split="val")
 
 
 def _hf_dataset(digits: Path):  # type: ignore[no-untyped-def]
@@ -191,7 +196,9 @@ def test_dataset_names_and_text_class_map(digits: Path, tmp_path: Path) -> None:
     (tmp_path / "map.txt").write_text("\n".join(str(c) for c in reversed(range(10))) + "\n")
     extract("test_resnet", CHECKPOINT, digits, tmp_path / "m.h5", class_map=tmp_path / "map.txt", limit=PER_CLASS,
             **RUN)
-    assert list(_read(tmp_path / "m.h5")["labels"]) == [9] * PER_CLASS  # class "0" is output 9 in this map
+    dataset_labels = open_samples(digits).labels
+    expected = 9 - dataset_labels[stratified_order(dataset_labels)[:PER_CLASS]]  # class "0" is output 9 in this map
+    np.testing.assert_array_equal(_read(tmp_path / "m.h5")["labels"], expected)
 
 
 def test_natural_and_plain_order_differ_is_said(tmp_path: Path) -> None:
@@ -200,3 +207,29 @@ def test_natural_and_plain_order_differ_is_said(tmp_path: Path) -> None:
         (tmp_path / "d" / old).rename(tmp_path / "d" / new)
     src = open_samples(tmp_path / "d")
     assert src.dataset_classes == ["class10", "class2", "class3"] and "natural order" in src.notes[0]
+
+
+def test_a_root_of_split_folders_needs_a_split_that_it_has(digits: Path, tmp_path: Path) -> None:
+    """train/ and test/ are splits, not two classes: no --split, or one the root lacks, is one line naming them."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from ncaudit.cli import app
+
+    root = tmp_path / "ds"
+    for split in ("train", "test"):
+        shutil.copytree(digits, root / split)
+    with pytest.raises(InputError, match=r"holds the split folders test, train, not class folders; pass --split test "
+                                         r"or --split train"):
+        open_samples(root)
+    with pytest.raises(InputError, match=r"--split val: .* has no such split folder \(it has test, train\)"):
+        open_samples(root, split="val")
+    with pytest.raises(InputError, match="--split test: .* has no split folder 'test'"):
+        open_samples(root / "train", split="test")
+    assert open_samples(root, split="train").split == "train" and len(open_samples(root, split="test")) == 60
+    assert open_samples(root / "train", split="training").root == root / "train"  # the folder is that split
+    res = CliRunner().invoke(app, ["extract", "-m", "test_resnet", "--random-init", "-d", str(root), "-o",
+                                   str(tmp_path / "x.h5")])
+    assert res.exit_code == 2 and "pass --split test or --split train" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "x.h5").exists()

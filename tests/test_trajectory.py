@@ -90,3 +90,71 @@ def test_plot_without_matplotlib_is_a_clear_error(run_caches, tmp_path, monkeypa
     res = runner.invoke(app, ["trajectory", str(run_caches[(0, "train")]), "-q", "--plot", str(tmp_path / "x.png")])
     assert res.exit_code == 2
     assert "pip install 'ncaudit[plot]'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_caches_of_other_runs_are_refused_unless_mixed(run_caches, tmp_path):
+    h, y, etf = planted(C=2, p=6, n=20, sigma=0.3, offset=0.0, seed=9)
+    other = write_cache(tmp_path / "init.h5", h, y, weight=etf, bias=np.zeros(2),
+                        attrs={"weights": "random-init", "model": "planted", "split": "train"})
+    paths = [str(run_caches[(100, "train")]), str(other)]
+    res = runner.invoke(app, ["trajectory", *paths, "-q"])
+    assert res.exit_code == 2 and "has 2 classes" in res.stderr and "--mixed" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    mixed = runner.invoke(app, ["trajectory", *paths, "-q", "--mixed"])
+    assert mixed.exit_code == 0 and "warning: --mixed" in mixed.stderr
+    h2, y2, etf2 = planted(C=4, p=6, n=20, sigma=0.3, offset=0.0, seed=9)
+    model = write_cache(tmp_path / "m.h5", h2, y2, weight=etf2, bias=np.zeros(4), attrs={"model": "resnet18"})
+    res = runner.invoke(app, ["trajectory", str(run_caches[(0, "train")]), str(model), "-q"])
+    assert res.exit_code == 2 and "from model 'resnet18'" in res.stderr
+
+
+def test_a_repeated_file_is_said(run_caches):
+    path = str(run_caches[(0, "train")])
+    res = runner.invoke(app, ["trajectory", path, str(run_caches[(10, "train")]), path, "-q", "--json"])
+    assert res.exit_code == 0
+    assert "given twice (caches 1 and 3)" in res.stderr
+    assert len(json.loads(res.stdout)["trajectory"]) == 3  # kept as given
+
+
+def test_a_failed_check_is_one_line_on_stderr_in_json_mode(run_caches):
+    paths = [str(run_caches[(e, "train")]) for e in (100, 0)]
+    res = runner.invoke(app, ["trajectory", *paths, "-q", "--json", "--fail-if", "NC1>0.01"])
+    assert res.exit_code == 1 and json.loads(res.stdout)["passed"] is False
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("check failed: nc1 > 0.01 (value: ")
+
+
+def test_plot_goes_where_it_says(run_caches, tmp_path):
+    pytest.importorskip("matplotlib")
+    paths = [str(run_caches[(e, s)]) for e in (0, 100) for s in ("train", "test")]
+    (tmp_path / "plots").mkdir()
+    res = runner.invoke(app, ["trajectory", *paths, "-q", "--plot", str(tmp_path / "plots")])
+    assert res.exit_code == 0, res.stderr
+    written = tmp_path / "plots" / "trajectory.png"
+    assert written.read_bytes()[:4] == b"\x89PNG" and f"plot written to {written}" in " ".join(res.stderr.split())
+    res = runner.invoke(app, ["trajectory", *paths, "-q", "--plot", str(tmp_path / "curves")])
+    assert (tmp_path / "curves.png").is_file() and "curves.png" in res.stderr
+    res = runner.invoke(app, ["trajectory", *paths, "-q", "--plot", str(tmp_path / "x.jpg")])
+    assert res.exit_code == 2 and ".png, .pdf, .svg" in res.stderr and not (tmp_path / "x.jpg").exists()
+
+
+def test_plot_title_and_central_path_panel(run_caches):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from ncaudit.audit import AuditOptions, audit_trajectory
+    from ncaudit.report import provenance_title, trajectory_figure
+
+    rows, _ = audit_trajectory([run_caches[(e, s)] for e in (0, 100) for s in ("train", "test")],
+                               AuditOptions(device="cpu"))
+    title = provenance_title(rows)
+    assert title == "planted: Neural Collapse across training (train, test)"
+    fig = trajectory_figure(rows, title)
+    try:
+        panels = {ax.get_title(): ax for ax in fig.axes}
+        assert fig._suptitle.get_text() == title
+        ls = panels["central path: ‖W − W_LS‖/‖W_LS‖"]
+        assert len(ls.get_lines()) == 2 and "MSE term (B) = L(W, b) − L(W_LS, b_LS)" in panels
+        np.testing.assert_allclose(ls.get_lines()[0].get_ydata(), [r.value("ls_distance") for r in rows])
+    finally:
+        plt.close(fig)

@@ -234,10 +234,10 @@ def test_plot_shades_the_least_squares_uncertainty(cache_path):
     fig = trajectory_figure(build_rows(results))
     try:
         axes = {ax.get_title(): ax for ax in fig.axes}
-        cosine = axes["LS: cos(W, W_LS)"]
-        assert cosine.collections, "no uncertainty band on the cosine panel"
-        band = cosine.collections[0].get_paths()[0].vertices[:, 1]
-        values = [r.metrics["ls_cosine"] for r in results]
+        panel = axes["central path: ‖W − W_LS‖/‖W_LS‖"]
+        assert panel.collections, "no uncertainty band on the least-squares distance"
+        band = panel.collections[0].get_paths()[0].vertices[:, 1]
+        values = [r.metrics["ls_distance"] for r in results]
         assert band.min() < min(values) and band.max() > max(values)
     finally:
         plt.close(fig)
@@ -272,3 +272,32 @@ def test_arithmetic_error_estimate_covers_the_closed_form(cache_path):
         assert abs(value - ref[key]) / abs(ref[key]) <= fixed[key] + spread[key], key
     assert math.isclose(metrics.ls_error_estimate(stats, w, ls, a, loss - a),
                         max(fixed[k] + spread[k] for k in metrics.LS_KEYS))
+
+
+def test_a_gate_cannot_pass_on_noise(cache_path):
+    """End to end: ``--fail-if`` on a value whose threshold lies within value ± details.uncertainty fails as
+    undetermined (exit 1); the same threshold on a determined value, or one outside the band, decides."""
+    from typer.testing import CliRunner
+
+    from ncaudit.cli import app
+
+    h, y, w, b = planted_ill_posed()
+    path = write_cache(cache_path(), h, y, weight=w, bias=b)
+    result = audit(path, AuditOptions(device="cpu"))
+    value, u = result.metrics["ls_cosine"], result.details["uncertainty"]["ls_cosine"]
+    assert u > 1e-3
+    runner = CliRunner()
+    inside = value * (1 + u / 2)  # within the band: value < inside, yet the check may not pass
+    res = runner.invoke(app, ["report", str(path), "--json", "-q", "--fail-if", f"ls_cosine > {inside!r}"])
+    check = json.loads(res.stdout)["checks"][0]
+    assert res.exit_code == 1 and check["outcome"] == "undetermined"
+    assert check["uncertainty"] == pytest.approx(abs(value) * u)
+    outside = value * (1 + 2 * u)
+    res = runner.invoke(app, ["report", str(path), "--json", "-q", "--fail-if", f"ls_cosine > {outside!r}"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["checks"][0]["outcome"] == "passed"
+    # well posed: the same relative distance from the value decides
+    h, y, w, b = planted_well_posed()
+    path = write_cache(cache_path(), h, y, weight=w, bias=b)
+    value = audit(path, AuditOptions(device="cpu")).metrics["ls_cosine"]
+    res = runner.invoke(app, ["report", str(path), "--json", "-q", "--fail-if", f"ls_cosine > {value * (1 + 1e-3)!r}"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["checks"][0]["outcome"] == "passed"

@@ -1,17 +1,34 @@
-"""Auditing feature caches: the passes, every metric, the result and its JSON, trajectories and threshold checks.
+"""Auditing feature caches: the passes, every metric, the result and its JSON, trajectories, comparisons and checks.
 
 :func:`audit` computes the report of one cache (``ncaudit report``); :class:`AuditResult` holds it and
-:func:`result_to_json` gives its JSON (schema ``ncaudit.report/1``). :func:`build_rows` lines several results up as a
-trajectory (one row per checkpoint, splits side by side); :func:`parse_checks` and :func:`evaluate` are the
-``--fail-if`` thresholds.
+:func:`result_to_json` gives its JSON (schema ``ncaudit.report/1``); :func:`load_result` reads a saved report back (or
+audits a cache) as a baseline. :func:`build_rows` lines several results up as a trajectory (one row per checkpoint,
+splits side by side), :func:`audit_trajectory` audits caches into one (checked to be one run's, test splits optionally
+against the training means); :func:`compare` puts two results side by side with each metric's direction
+(:data:`DIRECTIONS`); :func:`parse_checks` and :func:`evaluate` are the ``--fail-if`` thresholds, absolute or relative
+to a baseline.
 """
 
 from ncaudit.audit._audit import audit
-from ncaudit.audit._checks import Check, evaluate, parse_checks
+from ncaudit.audit._baseline import baseline_info, check_comparable, load_result, read_report, result_from_json
+from ncaudit.audit._checks import Check, evaluate, parse_checks, require_baseline
+from ncaudit.audit._compare import COMPARE_SCHEMA, Comparison, MetricChange, compare, comparison_to_json, gate
+from ncaudit.audit._directions import DIRECTIONS, verdict
+from ncaudit.audit._means_from import MEANS_FROM_METRICS
 from ncaudit.audit._options import AuditOptions, ProgressTracker
 from ncaudit.audit._result import METRIC_KEYS, REPORT_SCHEMA, AuditResult, json_safe, result_to_json
-from ncaudit.audit._trajectory import TrajectoryRow, build_rows, gate_last_row
+from ncaudit.audit._trajectory import (
+    TRAIN_SPLITS,
+    TrajectoryRow,
+    audit_trajectory,
+    build_rows,
+    check_caches,
+    gate_last_row,
+    training_pairs,
+)
 
-__all__ = ["METRIC_KEYS", "REPORT_SCHEMA", "AuditOptions", "AuditResult", "Check", "ProgressTracker",
-           "TrajectoryRow", "audit", "build_rows", "evaluate", "gate_last_row", "json_safe", "parse_checks",
-           "result_to_json"]
+__all__ = ["COMPARE_SCHEMA", "DIRECTIONS", "MEANS_FROM_METRICS", "METRIC_KEYS", "REPORT_SCHEMA", "TRAIN_SPLITS",
+           "AuditOptions", "AuditResult", "Check", "Comparison", "MetricChange", "ProgressTracker", "TrajectoryRow",
+           "audit", "audit_trajectory", "baseline_info", "build_rows", "check_caches", "check_comparable", "compare",
+           "comparison_to_json", "evaluate", "gate", "gate_last_row", "json_safe", "load_result", "parse_checks",
+           "read_report", "require_baseline", "result_from_json", "result_to_json", "training_pairs", "verdict"]

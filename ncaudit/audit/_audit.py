@@ -7,8 +7,10 @@ are closed forms of the statistics follow (:mod:`ncaudit.metrics`); pass 2 makes
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
+from typing import Any
 
 from ncaudit._device import resolve_device
 from ncaudit.audit._closed import (
@@ -20,12 +22,13 @@ from ncaudit.audit._closed import (
     _run_details,
     _sample_metrics,
 )
+from ncaudit.audit._means_from import against_training_means, training_means
 from ncaudit.audit._options import AuditOptions, ProgressTracker, _NoProgress
 from ncaudit.audit._passes import _decisions_pass, _refine, _select, _setup, _statistics_pass
 from ncaudit.audit._result import METRIC_KEYS, AuditResult, _finite, json_safe
 from ncaudit.audit._uncertainty import _uncertainty, _uncertainty_warnings
 from ncaudit.audit._warnings import _warnings
-from ncaudit.cache import FeatureCache
+from ncaudit.cache import CacheInfo, FeatureCache
 from ncaudit.distributed import DistContext
 from ncaudit.errors import InputError
 
@@ -54,8 +57,11 @@ def audit(
     with FeatureCache(path, allow_partial=options.allow_partial) as cache:
         setup = _setup(cache, options, group)
         sel = _select(_statistics_pass(cache, setup, options, device, progress), setup, options)  # frees pass 1
+        train = None if options.means_from is None else \
+            training_means(options.means_from, cache, sel.keep, options, device, progress)
         closed = _closed_form(sel.stats, sel.weight, sel.bias, options)
-        decisions, layer_decisions, residual = _decisions_pass(cache, setup, sel, closed, options, device, progress)
+        decisions, layer_decisions, residual, train_decisions = _decisions_pass(cache, setup, sel, closed, options,
+                                                                                device, progress, train)
         if closed.ls is not None:
             closed.ls = _refine(cache, setup, sel, closed, residual, options, device, progress)
         reference = cache.reference_fp32()
@@ -67,10 +73,16 @@ def audit(
     layers = {name: _layer_block(sel.layer_stats[name], sel.layer_bases[name], layer_decisions[name])
               for name in setup.layers}
     details.update(_run_details(setup, sel, options, device, closed))
+    details["world_size"] = group.world_size if group is not None else 1
     info = setup.info
     per_class = _per_class(sel.stats, sel.weight, decisions, sel.keep, info.class_names)
+    if train is not None and train_decisions is not None:
+        details["means_from"] = against_training_means(train, sel.stats, train_decisions, m)
+        details["uncertainty"].pop("cdnv", None)  # stated for the set's own means, not the training means
+        for row, correct, count in zip(per_class, train_decisions.ncc_correct, sel.stats.counts):
+            row["ncc_accuracy"] = float(correct) / count
     return AuditResult(
-        source={"path": str(info.path), **{k: v for k, v in info.attrs.items() if k != "layer_order"}},
+        source=_source(info),
         n_samples=sel.stats.n_samples,
         n_features=info.n_features,
         n_classes=len(sel.keep),
@@ -81,6 +93,25 @@ def audit(
         layers=layers,
         warnings=_warnings(closed, sel, info, per_class) + _uncertainty_warnings(closed, sel, info),
     )
+
+
+#: Provenance attributes that hold a JSON object: the report embeds them as objects, not as strings of JSON.
+JSON_ATTRIBUTES = ("checkpoint_metadata",)
+
+
+def _source(info: CacheInfo) -> dict[str, Any]:
+    """The cache's path and provenance attributes, JSON objects decoded."""
+    source: dict[str, Any] = {"path": str(info.path)}
+    for key, value in info.attrs.items():
+        if key == "layer_order":
+            continue
+        if key in JSON_ATTRIBUTES and isinstance(value, str) and value.startswith("{"):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass  # kept as written
+        source[key] = value
+    return source
 
 
 def _check_options(options: AuditOptions) -> None:

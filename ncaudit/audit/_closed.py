@@ -97,11 +97,13 @@ def _closed_form(stats: Statistics, weight: np.ndarray | None, bias: np.ndarray 
         "rcond": options.rcond,
     }
     closed = _Closed(m, details, basis)
+    # W_LS and term (A) are functions of the features and labels alone: computed with or without a classifier.
+    closed.ls = ls = metrics.least_squares(stats, options.ridge, options.rcond, basis)
+    closed.basis = dataclasses.replace(basis, vt=None)  # V^T (r x C) served the solve; keep U and S only
+    m["mse_term_a"] = metrics.ls_loss(stats, ls)
+    closed.estimate = metrics.ls_error_estimate(stats, None, ls, m["mse_term_a"], None)
     if weight is not None and bias is not None:
-        closed.ls = ls = metrics.least_squares(stats, options.ridge, options.rcond, basis)
-        closed.basis = dataclasses.replace(basis, vt=None)  # V^T (r x C) served the solve; keep U and S only
         loss = metrics.mse_loss(stats, weight, bias)
-        m["mse_term_a"] = metrics.ls_loss(stats, ls)
         m["mse_term_b"] = metrics.mse_term_b(stats, weight, bias, ls, loss=loss)
         closed.estimate = metrics.ls_error_estimate(stats, weight, ls, m["mse_term_a"], m["mse_term_b"])
         rows = metrics.pair_geometry(weight)
@@ -119,15 +121,18 @@ def _closed_form(stats: Statistics, weight: np.ndarray | None, bias: np.ndarray 
 def _least_squares_metrics(closed: _Closed, sel: _Selection) -> None:
     """Terms A and B once refinement has moved W_LS, distance and cosine to W_LS, and the least-squares details."""
     ls, stats, m, details = closed.ls, sel.stats, closed.metrics, closed.details
-    if ls is None or sel.weight is None or sel.bias is None:
+    if ls is None:
         return
+    has_classifier = sel.weight is not None and sel.bias is not None
     if ls.steps:  # refinement measured L(W_LS) on the samples: the closed-form terms gave way to the measured ones
         m["mse_term_a"] = metrics.ls_loss(stats, ls)
-        m["mse_term_b"] = metrics.mse_term_b(stats, sel.weight, sel.bias, ls, loss=m["mse_loss"])
-    m.update({
-        "ls_distance": metrics.ls_distance(sel.weight, ls),
-        "ls_cosine": metrics.ls_cosine(sel.weight, ls),
-    })
+        if has_classifier:
+            m["mse_term_b"] = metrics.mse_term_b(stats, sel.weight, sel.bias, ls, loss=m["mse_loss"])
+    if has_classifier:  # term (B), the distance and the cosine compare W with W_LS
+        m.update({
+            "ls_distance": metrics.ls_distance(sel.weight, ls),
+            "ls_cosine": metrics.ls_cosine(sel.weight, ls),
+        })
     details.update({
         "rank_sigma_t": ls.rank,
         "sigma_t_cutoff": ls.cutoff,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 
@@ -34,6 +35,8 @@ class AuditOptions:
     drop_empty_classes : leave out classes without samples (and their classifier rows).
     normalize : audit h / ||h|| and w_c / ||w_c|| with b = 0.
     layers : also audit the cache's ``/layers`` (None: none; empty: all; else these names).
+    means_from : a training cache of the same network: NCC accuracy, NC4 and CDNV against its class means
+        (test-set collapse, Hui et al. 2022; Galanti et al. 2022) instead of the audited set's own.
     """
 
     batch_size: int = 4096
@@ -44,3 +47,4 @@ class AuditOptions:
     drop_empty_classes: bool = False
     normalize: bool = False
     layers: Sequence[str] | None = None
+    means_from: str | Path | None = None

@@ -9,6 +9,7 @@ import torch
 
 from ncaudit import metrics
 from ncaudit._validate import check_classifier, check_finite, check_labels, check_memory, classes_to_keep
+from ncaudit.audit._means_from import TrainingMeans
 from ncaudit.audit._options import AuditOptions, ProgressTracker
 from ncaudit.audit._state import _Closed, _Selection, _Setup, _to_tensor, _unit_rows
 from ncaudit.cache import CacheInfo, FeatureCache
@@ -100,14 +101,18 @@ def _select(accs: dict[str | None, ClassStatistics], setup: _Setup, options: Aud
 
 
 def _decisions_pass(cache: FeatureCache, setup: _Setup, sel: _Selection, closed: _Closed, options: AuditOptions,
-                    device: torch.device, progress: ProgressTracker,
-                    ) -> tuple[Decisions, dict[str, Decisions], Residual | None]:
-    """Pass 2: classifier and nearest-class-mean decisions, per-class NC1 and the direct MSE (NCC per layer), and the
-    first refinement sums of W_LS when its error estimate asks for them."""
+                    device: torch.device, progress: ProgressTracker, train: TrainingMeans | None = None,
+                    ) -> tuple[Decisions, dict[str, Decisions], Residual | None, Decisions | None]:
+    """Pass 2: classifier and nearest-class-mean decisions, per-class NC1 and the direct MSE (NCC per layer), the
+    first refinement sums of W_LS when its error estimate asks for them, and with ``train`` the decisions against the
+    training class means."""
     stats = sel.stats
     common = dict(device=device, gemm_dtype=setup.gemm, normalize=options.normalize)
     dec = SampleDecisions(stats.means, stats.global_mean, sel.weight, sel.bias, closed.basis.whitener,
                           anchors=stats.anchors, **common)
+    train_dec = None if train is None else SampleDecisions(
+        train.means, train.global_mean, sel.weight, sel.bias, closed.basis.whitener, anchors=stats.anchors,
+        per_class=False, **common)
     layer_dec = {
         name: SampleDecisions(s.means, s.global_mean, None, None, sel.layer_bases[name].whitener,
                               anchors=s.anchors, per_class=False, **common)
@@ -124,6 +129,8 @@ def _decisions_pass(cache: FeatureCache, setup: _Setup, sel: _Selection, closed:
                 labels = sel.remap[torch.from_numpy(y)]
                 h = _to_tensor(x)
                 dec.update(h, labels)
+                if train_dec is not None:
+                    train_dec.update(h, labels)
                 if residual is not None:
                     residual.update(h, labels)
                 for name in setup.layers:
@@ -131,9 +138,9 @@ def _decisions_pass(cache: FeatureCache, setup: _Setup, sel: _Selection, closed:
                 advance(len(y))
 
     together(stream)
-    merge_all([dec, *layer_dec.values(), residual])
+    merge_all([dec, *layer_dec.values(), residual, train_dec])
     return dec.compute(), {name: d.compute() for name, d in layer_dec.items()}, \
-        None if residual is None else residual.compute()
+        None if residual is None else residual.compute(), None if train_dec is None else train_dec.compute()
 
 
 def _refine(cache: FeatureCache, setup: _Setup, sel: _Selection, closed: _Closed, residual: Residual | None,

@@ -35,6 +35,8 @@ class AuditResult:
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     checks: list[dict[str, Any]] = field(default_factory=list)
+    #: What baseline checks compared with (``report --baseline``): its path and provenance; None without one.
+    baseline: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -80,6 +82,7 @@ def result_to_json(result: AuditResult) -> dict[str, Any]:
         "per_class": result.per_class,
         "layers": result.layers,
         "warnings": result.warnings,
+        **({"baseline": result.baseline} if result.baseline is not None else {}),
         "checks": result.checks,
         "passed": result.passed,
     })

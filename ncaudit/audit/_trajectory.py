@@ -9,14 +9,19 @@ pattern in its file name), else by the checkpoint's or the cache's file name.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ncaudit.audit._checks import evaluate, parse_checks
+from ncaudit.audit._audit import audit
+from ncaudit.audit._checks import evaluate, parse_checks, require_baseline
+from ncaudit.audit._options import AuditOptions, ProgressTracker
 from ncaudit.audit._result import METRIC_KEYS, AuditResult
+from ncaudit.cache import CacheInfo, FeatureCache
+from ncaudit.errors import InputError
 
 #: Columns of the trajectory table, in order: (metric key, header). Accuracy, NC1 and NC4 get one column per split.
 COLUMNS: list[tuple[str, str]] = [
@@ -71,8 +76,8 @@ class TrajectoryRow:
             return None if result is None else result.metrics.get(metric)
         return self.primary.metrics.get(key)
 
-    def uncertainty(self, key: str) -> float | None:
-        """The relative uncertainty of :meth:`value` (``details.uncertainty``), None where none is stated."""
+    def uncertainty(self, key: str) -> Any:
+        """The relative uncertainty of :meth:`value` (``details.uncertainty`` of its split; None when not stated)."""
         split, _, metric = key.rpartition(".")
         result = self.splits.get(split) if split else self.primary
         return None if result is None else (result.details.get("uncertainty") or {}).get(metric)
@@ -111,14 +116,33 @@ def split_of(source: dict[str, Any]) -> str:
     return SPLIT_NAMES.get(Path(str(source.get("data") or "")).name.lower(), "data")
 
 
+def dataset_of(source: dict[str, Any]) -> str:
+    """The dataset a cache was extracted from, by name: a ``torch/``, ``hfds/`` or ``wds/`` name, else its data
+    directory (the parent of a split directory such as ``.../digits/train``); "" when the cache does not say."""
+    kind = str(source.get("dataset") or "")
+    if "/" in kind:
+        return kind.split("/", 1)[1]
+    data = str(source.get("data") or "")
+    if not data:
+        return ""
+    from ncaudit.data._source import SPLIT_NAMES
+    path = Path(data)
+    return path.parent.name if path.name.lower() in SPLIT_NAMES and path.parent.name else path.name
+
+
+def checkpoint_key(source: dict[str, Any]) -> str:
+    """What identifies a cache's checkpoint: its sha256, else its path, else the random init, else the cache."""
+    init = f"{source.get('model')} {source.get('weights_source')}" if source.get("weights") == "random-init" else ""
+    return str(source.get("checkpoint_sha256") or source.get("checkpoint") or init or source.get("path"))
+
+
 def build_rows(results: Sequence[AuditResult]) -> list[TrajectoryRow]:
     """Group audits by checkpoint (in the given order) with their splits side by side."""
     rows: dict[str, TrajectoryRow] = {}
     for result in results:
         src = result.source
         checkpoint = src.get("checkpoint") or None
-        init = f"{src.get('model')} {src.get('weights_source')}" if src.get("weights") == "random-init" else ""
-        key = str(src.get("checkpoint_sha256") or checkpoint or init or src.get("path"))
+        key = checkpoint_key(src)
         split = split_of(src)
         row = rows.get(key)
         if row is None or split in row.splits:
@@ -136,6 +160,100 @@ def build_rows(results: Sequence[AuditResult]) -> list[TrajectoryRow]:
     return list(rows.values())
 
 
+def check_caches(infos: Sequence[CacheInfo], *, mixed: bool = False) -> list[str]:
+    """Refuse caches that cannot be rows of one run (another number of classes, feature width or model) unless
+    ``mixed``; return warnings: a file given twice, and with ``mixed`` the differences let through.
+
+    Raises
+    ------
+    InputError
+        Caches of different class counts, feature widths or models without ``mixed``.
+    """
+    warnings = []
+    first = infos[0] if infos else None
+    seen: dict[str, int] = {}
+    for i, info in enumerate(infos):
+        real = os.path.realpath(info.path)
+        if real in seen:
+            warnings.append(f"{info.path} is given twice (caches {seen[real] + 1} and {i + 1}): its rows appear twice")
+        seen.setdefault(real, i)
+        if first is None or i == 0:
+            continue
+        clash = _run_clash(first, info)
+        if clash is None:
+            continue
+        if not mixed:
+            raise InputError(f"trajectory: {clash}: not one run's checkpoints; pass --mixed to line them up anyway")
+        warnings.append(f"--mixed: {clash}")
+    return warnings
+
+
+def _run_clash(first: CacheInfo, info: CacheInfo) -> str | None:
+    if info.num_classes != first.num_classes:
+        return f"{info.path} has {info.num_classes} classes, {first.path} {first.num_classes}"
+    if info.n_features != first.n_features:
+        return f"{info.path} holds {info.n_features} features per sample, {first.path} {first.n_features}"
+    a, b = first.attrs.get("model"), info.attrs.get("model")
+    if a and b and a != b:
+        return f"{info.path} comes from model {b!r}, {first.path} from {a!r}"
+    return None
+
+
+def training_pairs(infos: Sequence[CacheInfo]) -> list[Path | None]:
+    """For each cache, the training cache of the same checkpoint whose class means it is audited against (None for a
+    training split itself).
+
+    Raises
+    ------
+    InputError
+        A cache of another split whose checkpoint has no training cache among ``infos``.
+    """
+    train: dict[str, Path] = {}
+    for info in infos:
+        source = {"path": str(info.path), **info.attrs}
+        if split_of(source) in TRAIN_SPLITS:
+            train.setdefault(checkpoint_key(source), info.path)
+    pairs: list[Path | None] = []
+    for info in infos:
+        source = {"path": str(info.path), **info.attrs}
+        if split_of(source) in TRAIN_SPLITS:
+            pairs.append(None)
+            continue
+        match = train.get(checkpoint_key(source))
+        if match is None:
+            raise InputError(f"--train-means: no training cache of the checkpoint of {info.path} (split "
+                             f"{split_of(source)}) among the caches given; add it, or drop --train-means")
+        pairs.append(match)
+    return pairs
+
+
+def audit_trajectory(paths: Sequence[str | Path], options: AuditOptions = AuditOptions(),
+                     progress: ProgressTracker | None = None, *, mixed: bool = False, train_means: bool = False,
+                     layers: bool = False) -> tuple[list[TrajectoryRow], list[str]]:
+    """Audit caches as the rows of a trajectory (:func:`build_rows`) and return them with the warnings to show.
+
+    The caches are first checked to be one run's (:func:`check_caches`); a file given twice is audited once. With
+    ``train_means`` every cache of another split is audited against the class means of the training cache of its
+    checkpoint (:func:`training_pairs`, ``AuditOptions.means_from``). With ``layers`` the last cache's ``/layers``
+    are audited too.
+    """
+    infos = []
+    for path in paths:
+        with FeatureCache(path) as cache:
+            infos.append(cache.info)
+    warnings = check_caches(infos, mixed=mixed)
+    pairs = training_pairs(infos) if train_means else [None] * len(infos)
+    done: dict[tuple[str, str | None], AuditResult] = {}
+    results = []
+    for i, (path, pair) in enumerate(zip(paths, pairs)):
+        last = layers and i == len(paths) - 1
+        key = (os.path.realpath(path), None if pair is None else os.path.realpath(pair))
+        if key not in done or last:
+            done[key] = audit(path, replace(options, layers=[] if last else None, means_from=pair), progress)
+        results.append(done[key])
+    return build_rows(results), warnings
+
+
 def split_order(rows: Sequence[TrajectoryRow]) -> list[str]:
     """Every split of the rows, training splits first, then in order of appearance."""
     seen = list(dict.fromkeys(s for row in rows for s in row.splits))
@@ -151,7 +269,12 @@ def known_keys(rows: Sequence[TrajectoryRow]) -> list[str]:
 def gate_last_row(rows: Sequence[TrajectoryRow], fail_if: Sequence[str] | None) -> list[dict[str, Any]]:
     """Parse ``--fail-if`` expressions against the trajectory's keys and evaluate them on the last row."""
     keys = known_keys(rows)
-    return evaluate(parse_checks(fail_if, keys), {key: rows[-1].value(key) for key in keys})
+    checks = parse_checks(fail_if, keys)
+    require_baseline(checks, False, "a trajectory gates its last row on numbers; compare two checkpoints with "
+                                    "`ncaudit compare A B`")
+    last = rows[-1]
+    return evaluate(checks, {key: last.value(key) for key in keys},
+                    uncertainty={key: last.uncertainty(key) for key in keys})
 
 
 def rows_to_json(rows: Sequence[TrajectoryRow], checks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -167,7 +290,8 @@ def rows_to_json(rows: Sequence[TrajectoryRow], checks: list[dict[str, Any]]) ->
         item["splits"] = {
             name: {"source": res.source.get("path"), "n_samples": res.n_samples, "metrics": res.metrics,
                    "uncertainty": res.details.get("uncertainty") or {},
-                   **({"layers": res.layers} if res.layers else {})}
+                   **({"layers": res.layers} if res.layers else {}),
+                   **({"means_from": res.details["means_from"]} if res.details.get("means_from") else {})}
             for name, res in row.splits.items()
         }
         out_rows.append(item)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from ncaudit import metrics
 from ncaudit.audit._state import _Closed, _Selection
 from ncaudit.cache import CacheInfo
@@ -32,12 +34,17 @@ def _uncertainty(closed: _Closed, sel: _Selection, info: CacheInfo) -> None:
     cdnv = m.get("cdnv")
     if cdnv is not None and math.isfinite(cdnv):
         out["cdnv"] = metrics.cdnv_uncertainty(stats, noise, cdnv)
-    ls, weight, bias = closed.ls, sel.weight, sel.bias
-    if ls is not None and weight is not None and bias is not None:
+    ls = closed.ls
+    if ls is not None:
+        # W_LS and term (A) need no classifier; without one, W = 0 stands in and only A and ||W_LS|| are kept
+        has_w = sel.weight is not None and sel.bias is not None
+        weight = sel.weight if has_w else np.zeros_like(ls.weight)
+        bias = sel.bias if has_w else np.zeros(ls.weight.shape[0])
         nc3 = m.get("nc3")
-        if nc3 is not None and math.isfinite(nc3):
+        if has_w and nc3 is not None and math.isfinite(nc3):
             out["nc3"] = metrics.nc3_uncertainty(stats, weight, noise, nc3)
-        loss, term_a = m["mse_loss"], m["mse_term_a"]
+        term_a = m["mse_term_a"]
+        loss = m["mse_loss"] if has_w else term_a
         fixed, spread = metrics.ls_arithmetic(stats, weight, ls, loss=loss, term_a=term_a)
         if ls.steps:
             # Refinement measured the error on the samples: W_LS is now within its last correction (relative) of the
@@ -47,7 +54,7 @@ def _uncertainty(closed: _Closed, sel: _Selection, info: CacheInfo) -> None:
             fixed = {k: v * scale if scale is not None else (ls.correction or 0.0) for k, v in fixed.items()}
         arithmetic = {k: fixed[k] + spread[k] for k in metrics.LS_KEYS}
         res = metrics.ls_uncertainty(stats, weight, bias, ls, noise, loss=loss, term_a=term_a, arithmetic=arithmetic)
-        out.update(res.relative)
+        out.update({k: res.relative[k] for k in (metrics.LS_KEYS if has_w else ("mse_term_a", "w_ls_norm"))})
         model.update({"rank_sigma_t_range": list(res.rank_range), "noise_ratio": res.noise_ratio,
                       "suggested_ridge": res.ridge, "arithmetic": max(_finite(arithmetic.values()), default=0.0)})
     details["uncertainty"] = {k: min(out[k], CAP) if not math.isnan(out[k]) else None

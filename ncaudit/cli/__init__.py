@@ -9,7 +9,8 @@ bars, warnings and errors go to stderr. torch and timm are imported inside the c
 from ncaudit.cli._app import app, main
 
 # isort: off
-from ncaudit.cli import _extract, _report, _trajectory, _demo  # noqa: F401  (registers the commands, in help order)
+# Importing registers the commands, in help order.
+from ncaudit.cli import _extract, _report, _compare, _trajectory, _run, _demo  # noqa: F401
 # isort: on
 
 __all__ = ["app", "main"]

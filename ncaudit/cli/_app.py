@@ -92,6 +92,18 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code=code)
 
 
+def say_failed_checks(checks: list[dict[str, Any]]) -> bool:
+    """One line on stderr per failed ``--fail-if`` check, whatever goes to stdout (table, JSON) or to files; True
+    when every check passed."""
+    from ncaudit.report import fmt
+
+    for check in checks:
+        if not check["passed"]:
+            value = "not available" if check["value"] is None else fmt(check["value"])
+            stderr.print(f"[bold red]check failed:[/] {escape(check['expression'])} (value: {value})", soft_wrap=True)
+    return all(check["passed"] for check in checks)
+
+
 @contextlib.contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
     """While the block runs, SIGTERM raises :class:`~ncaudit.errors.Terminated` (a KeyboardInterrupt) in the main

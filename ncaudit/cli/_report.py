@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -9,18 +10,33 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ncaudit.cli._app import _command, _ranks, command, stderr
+from ncaudit.cli._app import _command, command, stderr
+from ncaudit.cli._output import (
+    FAIL_IF_HELP,
+    JSON_HELP,
+    JUNIT_HELP,
+    OutputFormat,
+    auditor,
+    check_outputs,
+    exit_on_checks,
+    format_option,
+    pick_format,
+    write_junit,
+)
 
 
 @command()
 def report(
     cache: Path = typer.Argument(..., help="Feature cache (.h5, schema 1) written by `ncaudit extract` or any tool.",
                                  show_default=False),
-    json_out: bool = typer.Option(False, "--json", help="Print the JSON report (schema ncaudit.report/1) on stdout "
-                                  "instead of the table; nothing else goes to stdout."),
-    fail_if: list[str] = typer.Option(None, "--fail-if", metavar="EXPR",
-                                      help="Fail (exit 1) when EXPR holds, e.g. 'nc1>0.05' or 'accuracy<0.9'. "
-                                           "Repeatable. EXPR is METRIC OP NUMBER, OP one of < <= > >=."),
+    output_format: OutputFormat = format_option("schema ncaudit.report/1; nothing else goes to stdout."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    fail_if: list[str] = typer.Option(None, "--fail-if", metavar="EXPR", help=FAIL_IF_HELP),
+    baseline: Path | None = typer.Option(None, "--baseline", metavar="OLD", help="The last good audit, for "
+                                         "'baseline' in --fail-if: a saved report (--output / --json) or a cache "
+                                         "(audited with the same options). Refused when its schema, class count or "
+                                         "feature width differs."),
+    junit: Path | None = typer.Option(None, "--junit", metavar="FILE.xml", help=JUNIT_HELP),
     device: str = typer.Option("auto", help="cpu, cuda or auto (CUDA when available). Same numbers either way."),
     batch_size: int = typer.Option(4096, "--batch-size", min=1, help="Rows per streamed batch (memory only)."),
     ridge: float = typer.Option(0.0, help="Ridge λ ≥ 0 of the least-squares classifier W_LS = Σ_YH (Σ_T + λI)†."),
@@ -30,11 +46,16 @@ def report(
     drop_empty_classes: bool = typer.Option(False, "--drop-empty-classes",
                                             help="Leave out classes without samples and their classifier rows "
                                                  "(audit a subset of the classes)."),
-    per_class: bool = typer.Option(False, "--per-class", help="Add the per-class table (always in the JSON)."),
+    per_class: bool = typer.Option(False, "--per-class", help="Add the per-class table (always in the JSON; folded "
+                                   "in the markdown)."),
     normalize: bool = typer.Option(False, "--normalize", help="Audit h/‖h‖ and w_c/‖w_c‖ with b = 0 (feature-"
                                    "normalised or cosine-classifier models)."),
     layers: bool = typer.Option(False, "--layers", help="Also audit the earlier layers stored under /layers "
                                 "(NC1, CDNV, NC2 of the means, NCC accuracy per layer)."),
+    means_from: Path | None = typer.Option(None, "--means-from", metavar="TRAIN.h5", help="The training cache of "
+                                              "the same checkpoint: NCC accuracy, NC4 and CDNV of this (test) cache "
+                                              "against the training class means, as the literature on test-set "
+                                              "collapse measures them (the table and the JSON say so)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Also write the JSON report to this file "
                                           "(written only once every metric is computed)."),
     quiet: bool = typer.Option(False, "--quiet", "-q",
@@ -46,44 +67,69 @@ def report(
     number of samples. Every value is printed with the digits its features determine: how far it moves when each
     stored feature is perturbed by one rounding unit of its dtype (float32, float16, bfloat16), the float64
     arithmetic and an undetermined rank included, is the JSON's details.uncertainty (relative, by metric key),
-    shown as '-0.016 ±31%' or '~2e-2 (undetermined)', with a warning naming the cause and the fix above 1e-3.
-    Exit codes: 0 every check passed, 1 a --fail-if check failed, 2 bad input.
+    shown as '-0.016 ±31%' or '~2e-2 (undetermined)', with a warning naming the cause and the fix above 1e-3; a
+    check whose threshold lies within that uncertainty fails as undetermined. With --baseline, checks can be
+    relative to the last good model ('nc1 > baseline * 1.2').
+    Exit codes: 0 every check passed, 1 a --fail-if check failed or was undetermined, 2 bad input.
     """
-    from ncaudit.audit import METRIC_KEYS, AuditOptions, evaluate, parse_checks
-    from ncaudit.report import check_output, render_json, render_table, write_text_atomic
+    from ncaudit.audit import (
+        METRIC_KEYS,
+        AuditOptions,
+        baseline_info,
+        check_comparable,
+        evaluate,
+        load_result,
+        parse_checks,
+        require_baseline,
+    )
+    from ncaudit.report import render_json, render_markdown, render_table, write_text_atomic
 
     with _command("nothing was written"):
+        form = pick_format(output_format, json_out)
         checks = parse_checks(fail_if, METRIC_KEYS)
-        if output is not None:
-            check_output(output, [cache])
+        require_baseline(checks, baseline is not None)
+        check_outputs({"--output": output, "--junit": junit},
+                      [cache, *([baseline] if baseline else []), *([means_from] if means_from is not None else [])])
         options = AuditOptions(
             batch_size=batch_size, device=device, ridge=ridge, rcond=rcond, allow_partial=allow_partial,
             drop_empty_classes=drop_empty_classes, normalize=normalize, layers=[] if layers else None,
+            means_from=means_from,
         )
-        result = _audit_on_ranks(cache, options, quiet)
-    if result is None:  # a rank other than 0 under torchrun: rank 0 reports
-        return
-    result.checks = evaluate(checks, result.metrics)
+        start = time.perf_counter()
+        with auditor(options, quiet) as (run, main):
+            old = None if baseline is None else load_result(baseline, run)  # first: a bad baseline fails at once
+            result = run(cache)
+        seconds = time.perf_counter() - start
+        if not main:  # a rank other than 0 under torchrun: rank 0 reports
+            return
+        if old is not None:
+            result.warnings.extend(check_comparable(result, old, f"--baseline {baseline}"))
+            result.baseline = baseline_info(baseline, old)
+    result.checks = evaluate(
+        checks, result.metrics, uncertainty=result.details.get("uncertainty"),
+        baseline=None if old is None else old.metrics,
+        baseline_uncertainty=None if old is None else old.details.get("uncertainty"),
+    )
     for warning in result.warnings:
         stderr.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     text = render_json(result)
-    if output is not None:
-        with _command(f"{output} is unchanged"):
+    with _command("the previous files are unchanged"):
+        if output is not None:
             write_text_atomic(output, text + "\n")
-    if json_out:
+        write_junit(junit, f"ncaudit report {cache}", result.checks, seconds=seconds, warnings=result.warnings,
+                    properties=_properties(result))
+    if form == "json":
         typer.echo(text)
+    elif form == "markdown":
+        typer.echo(render_markdown(result, per_class=per_class), nl=False)
     else:
         render_table(result, Console(highlight=False), per_class=per_class)
-    if not result.passed:
-        raise typer.Exit(code=1)
+    exit_on_checks(result.checks)
 
 
-def _audit_on_ranks(cache: Path, options: Any, quiet: bool) -> Any:
-    """``audit`` in one process, or on every rank of a torchrun launch (None on ranks other than 0)."""
-    from ncaudit._progress import RichProgress
-    from ncaudit.audit import audit
-
-    with _ranks(options.device) as group:
-        main = group is None or group.is_main
-        result = audit(cache, options, RichProgress(stderr, enabled=False if quiet or not main else None), group)
-    return result if main else None
+def _properties(result: Any) -> dict[str, Any]:
+    """What a JUnit report records of the audit: the cache, its provenance, its size, the baseline."""
+    src = result.source
+    return {"path": src.get("path"), "model": src.get("model"), "checkpoint": src.get("checkpoint"),
+            "split": src.get("split"), "n_samples": result.n_samples, "n_features": result.n_features,
+            "n_classes": result.n_classes, "baseline": (result.baseline or {}).get("path")}

@@ -115,13 +115,55 @@ def _natural_order_note(classes: Sequence[str]) -> list[str]:
              "was trained with the other")]
 
 
+def _split_folders(root: Path) -> list[str]:
+    """The sub-directories of ``root`` named as dataset splits (train, val, test, ...) that hold sub-directories
+    themselves: ``root`` is a dataset of splits, not one image folder."""
+    try:
+        with os.scandir(root) as entries:
+            named = sorted(e.name for e in entries if e.is_dir() and e.name.lower() in SPLIT_NAMES)
+        found = []
+        for name in named:
+            with os.scandir(root / name) as entries:
+                if any(e.is_dir() for e in entries):
+                    found.append(name)
+    except OSError:
+        return []  # an unreadable root or split: the scan of the class folders says so
+    return found
+
+
+def _names_split(name: str, split: str) -> bool:
+    """A directory called ``name`` is the split ``split`` (timm's synonyms: val = validation = eval, ...)."""
+    from timm.data.dataset_factory import _EVAL_SYNONYM, _TRAIN_SYNONYM
+    name, split = name.lower(), split.split("[")[0].lower()
+    return name == split or any(name in group and split in group for group in (_TRAIN_SYNONYM, _EVAL_SYNONYM))
+
+
 def _split_root(root: Path, split: str | None) -> tuple[Path, str | None]:
-    """``root/split`` (or a synonym: val, validation, ...) when it exists, as timm's ``create_dataset`` searches;
-    the split is the directory's name when none is given and it names one (``.../imagenet/train``)."""
-    if split is not None:
-        from timm.data.dataset_factory import _search_split
-        return Path(_search_split(str(root), split)), split
-    return root, SPLIT_NAMES.get(root.name.lower())
+    """``root/split`` (or a synonym: val, validation, ...) when it exists, as timm's ``create_dataset`` searches; the
+    split is the directory's name when none is given and it names one (``.../imagenet/train``).
+
+    Raises
+    ------
+    InputError
+        No ``--split`` on a root of split folders (``train/``, ``test/``, ...: they would be read as two classes), or
+        a ``--split`` that is neither a folder of ``root`` nor ``root`` itself.
+    """
+    splits = _split_folders(root)
+    choose = " or ".join(f"--split {name}" for name in splits)
+    if split is None:
+        if splits:
+            raise InputError(f"--data {root}: holds the split folders {', '.join(splits)}, not class folders; pass "
+                             f"{choose}")
+        return root, SPLIT_NAMES.get(root.name.lower())
+    from timm.data.dataset_factory import _search_split
+    found = Path(_search_split(str(root), split))
+    if found != root or _names_split(root.name, split):
+        return found, split
+    if splits:
+        raise InputError(f"--split {split}: {root} has no such split folder (it has {', '.join(splits)}); pass "
+                         f"{choose}")
+    raise InputError(f"--split {split}: {root} has no split folder {split!r} (nor a synonym) and is not one; drop "
+                     "--split to read it as one image folder, or give the dataset root that holds the split")
 
 
 def _open_folder(root: Path, split: str | None) -> DataSource:

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,7 +43,7 @@ def _wds_shards(root: Path, name: str, split: str | None) -> tuple[list[str], in
             with _quiet("timm.data.readers.reader_wds"):
                 reader = ReaderWds(root=str(root), name=name, split=candidate)
         except (RuntimeError, KeyError, ValueError) as exc:
-            errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            errors.append(_reader_error(exc, candidate))
             continue
         files = [str(root / f) for f in reader.split_info.filenames]
         missing = [f for f in files if not os.path.isfile(f)]
@@ -52,6 +53,18 @@ def _wds_shards(root: Path, name: str, split: str | None) -> tuple[list[str], in
         return files, int(reader.split_info.num_samples or 0), reader.split_info.name or str(candidate)
     raise InputError(f"--dataset wds/{name}: {errors[-1] if errors else 'no split'}; give --split as a split of "
                      f"{root}/_info.json or a shard pattern such as 'NAME-{{0000..0009}}.tar'")
+
+
+def _reader_error(exc: BaseException, split: str) -> str:
+    """timm's error for a split it cannot find, in words (its message shows a Python ``dict_keys([...])``)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    listed = re.search(r"dict_keys\(\[(.*)\]\)", text)
+    if listed is None:
+        return text
+    names = [n.strip().strip("'\"") for n in listed.group(1).split(",") if n.strip()]
+    if not names:
+        return f"no split {split!r}: there is no _info.json (or info.json) listing splits"
+    return f"no split {split!r}: the info file lists {', '.join(names)}"
 
 
 #: Image extensions of WebDataset samples, in timm's order of preference (its ``input_key``), plus jpeg.

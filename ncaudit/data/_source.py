@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from ncaudit.data._images import load_image
+from ncaudit.data._sample import LIMIT_SEED, stratified_order
 from ncaudit.errors import InputError
 
 #: Directory names of dataset splits: a folder named so records its split (timm's synonyms included).
@@ -61,6 +63,16 @@ class _Items:
         return self.base[index][0]
 
 
+class _Rows:
+    """The images of some rows of another loader: image ``i`` is the loader's image ``rows[i]``."""
+
+    def __init__(self, images: Callable[[int], Any], rows: np.ndarray) -> None:
+        self.images, self.rows = images, rows
+
+    def __call__(self, index: int) -> Any:
+        return self.images(int(self.rows[index]))
+
+
 class _TarMembers:
     """Images stored in tar files (plain tars or WebDataset shards), read at recorded byte offsets: one open per
     sample, so nothing is shared between DataLoader workers."""
@@ -105,7 +117,8 @@ class DataSource:
     ``dataset_classes`` the dataset's class names in its label order, ``class_names`` the names to store as
     ``/class_names`` (model order) or None. ``kind`` is the dataset as ``--dataset`` names it (``folder``, ``tar``,
     ``torch/cifar10``, ``hfds/NAME``, ``wds/NAME``), ``reader`` what enumerated the samples, ``label_mapping`` how
-    dataset labels became model indices; ``notes`` are remarks for the user.
+    dataset labels became model indices; ``notes`` are remarks for the user; ``sampled_from`` is the number of samples
+    before :meth:`limit` drew some (None: every sample is kept).
     """
 
     dataset: _Samples
@@ -120,8 +133,22 @@ class DataSource:
     label_mapping: str = "dataset order"
     notes: list[str] = field(default_factory=list)
 
+    sampled_from: int | None = None
+
     def __len__(self) -> int:
         return len(self.labels)
+
+    def limit(self, n: int, seed: int = LIMIT_SEED) -> None:
+        """Keep the first ``n`` rows of :func:`stratified_order` (a class-stratified, seeded sample, read in that
+        order), in place; ``sampled_from`` records the size before, the fingerprint the rule (the rows follow from the
+        labels it already holds). Nothing changes when ``n`` covers every row."""
+        if n >= len(self.labels):
+            return
+        rows = stratified_order(self.labels, seed)[:n]
+        self.sampled_from = len(self.labels)
+        self.labels = self.labels[rows]
+        self.dataset = _Samples(_Rows(self.dataset.images, rows), self.labels, self.dataset.transform)
+        self.fingerprint = hashlib.sha256(f"{self.fingerprint} stratified order, seed {seed}".encode()).hexdigest()
 
     def set_transform(self, transform: Callable[[Any], torch.Tensor] | None) -> None:
         """Apply ``transform`` to every image from now on."""

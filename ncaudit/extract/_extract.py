@@ -157,7 +157,9 @@ def extract(
     device, precision
         ``auto`` = CUDA with bf16 autocast when present, else CPU fp32.
     batch_size, workers, limit
-        Images per batch; DataLoader worker processes (default: the cores available); first ``limit`` samples only.
+        Images per batch; DataLoader worker processes (default: the cores available); ``limit`` samples only, drawn
+        class by class with a fixed seed (:meth:`ncaudit.data.DataSource.limit`: every class is represented when
+        ``limit`` is at least the number of classes, and the same rows are drawn on every run).
     store_dtype
         ``float32`` or ``float16`` for ``/features``.
     precision_check
@@ -211,13 +213,15 @@ def extract(
                         num_classes=_init_classes(src, class_map) if src is not None else None)
     src = src if src is not None else _open_data(data, dataset, split)
     loaded.model = loaded.model.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    if limit is not None:  # a class-stratified, seeded sample of the dataset's own classes: whatever the model
+        src.limit(limit)
     class_names, names_from = _label_classes(src, loaded, class_map, note)
     cfg = _transform_for(src, loaded, overrides, note)
     for line in _describe(loaded, src, cfg, names_from):
         (info or (lambda _: None))(line)
     for remark in src.notes:
         note(remark)
-    n_total = len(src) if limit is None else min(limit, len(src))
+    n_total = len(src)
     attrs = _provenance(model_name, loaded, src, cfg, prec, dev, limit)
     attrs["class_names_source"] = names_from
     layer_names = [n for n in (layers.split(",") if isinstance(layers, str) else (layers or ())) if n.strip()]
@@ -232,7 +236,7 @@ def extract(
                channels_last=channels_last, pm=pm, source=src, n_total=n_total, num_classes=loaded.num_classes,
                class_names=class_names, attrs=attrs, store_dtype=store_dtype, chunk_rows=chunk_rows, state=state,
                resuming=resuming, start=_resume_row(out, state, attrs, n_total, store_dtype) if resuming and state
-               else 0, note=note)
+               else 0, note=note, inform=info or (lambda _: None))
     try:
         if sharded:
             seconds, n_ref, kept, rate = _run_shards(job, group or DistContext(0, 1, 0, dev, None), resume=resume,

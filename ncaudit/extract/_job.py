@@ -20,6 +20,7 @@ from ncaudit.data import (
     map_labels,
     transform_config,
 )
+from ncaudit.data._sample import LIMIT_SEED
 from ncaudit.data._source import IN_MEMORY_READER
 from ncaudit.data._transforms import transform_warnings
 from ncaudit.errors import InputError
@@ -55,6 +56,7 @@ class _Job:
     rows: range | None = None  # the dataset rows this file holds (None: all n_total of them)
     advance: Callable[[int], None] | None = None  # global progress of a multi-rank run (no bar of its own then)
     reference: bool = True  # write /reference_fp32 into this file (a shard does not: the joined cache gets them)
+    inform: Callable[[str], None] = lambda _: None  # information for the user (not a warning)
 
     @property
     def span(self) -> range:
@@ -120,9 +122,13 @@ def _transform_for(src: DataSource, loaded: LoadedModel, overrides: TransformOve
     cfg = transform_config(loaded.model, loaded.library, recorded=recorded, **asdict(overrides))
     for warning in transform_warnings(cfg, recorded):
         note(warning)
-    if not recorded and loaded.weights == "checkpoint":
-        note(f"the checkpoint records no preprocessing (no safetensors metadata, no training args): using the "
-             f"{next(iter(cfg['sources'].values()))}; pass --img-size/--mean/--std if it was trained otherwise")
+    named = {source for source, _ in recorded}
+    from_weights = any(source in named for source in cfg["sources"].values())
+    defaulted = [key for key, source in cfg["sources"].items() if not str(source).startswith("--")]
+    if not from_weights and loaded.weights == "checkpoint" and defaulted:  # a flag gave every value: nothing to say
+        note(f"the checkpoint records no preprocessing (no safetensors metadata, no training args): "
+             f"{', '.join(defaulted)} from the {cfg['sources'][defaulted[0]]}; pass --img-size/--mean/--std "
+             "(--crop-pct, --interpolation, --crop-mode) if it was trained otherwise")
     src.set_transform(build_transform(cfg))
     return cfg
 
@@ -132,9 +138,15 @@ def _describe(loaded: LoadedModel, src: DataSource, cfg: dict[str, Any], names_f
     where = f" {src.root}" if src.data and not src.kind.startswith("hfds/") else ""
     split = f", split {src.split}" if src.split else ""
     lines = [f"model: {loaded.name} ({loaded.num_classes} classes), {loaded.source}",
-             f"data: {src.kind}{where}{split}: {len(src)} images, {len(src.dataset_classes)} classes; reader: "
+             f"data: {src.kind}{where}{split}: {_images(src)}, {len(src.dataset_classes)} classes; reader: "
              f"{src.reader}; labels: {src.label_mapping}" + (f"; class names: {names_from}" if names_from else "")]
     return lines + describe_transform(cfg)
+
+
+def _images(src: DataSource) -> str:
+    if src.sampled_from is None:
+        return f"{len(src)} images"
+    return f"{len(src)} of {src.sampled_from} images (--limit: a class-stratified sample, seed {LIMIT_SEED})"
 
 
 def _provenance(model_name: str, loaded: LoadedModel, src: DataSource, cfg: dict[str, Any], precision: str,

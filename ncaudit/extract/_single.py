@@ -65,7 +65,7 @@ def _open_writer(job: _Job, p: int, layer_widths: dict[str, int]) -> CacheWriter
     free = shutil.disk_usage(parent if parent.exists() else Path.cwd()).free
     if layer_widths:
         widths = ", ".join(f"{name} {w}" for name, w in layer_widths.items())
-        job.note(f"projected cache size {format_bytes(need)} (extra layers: {widths}); {format_bytes(free)} free")
+        job.inform(f"projected cache size {format_bytes(need)} (extra layers: {widths}); {format_bytes(free)} free")
     if need > free:
         raise InputError(f"--out {job.out}: the cache needs about {format_bytes(need)} but only {format_bytes(free)} "
                          "is free; free space, use --store-dtype float16 or --limit")

@@ -53,8 +53,8 @@ from ncaudit.metrics._uncertainty import WARN_ABOVE as UNCERTAINTY_WARN_ABOVE
 from ncaudit.metrics._uncertainty_ls import LeastSquaresUncertainty, ls_arithmetic, ls_error_estimate, ls_uncertainty
 
 __all__ = ["EPS", "LS_KEYS", "LeastSquares", "LeastSquaresUncertainty", "MeansBasis", "PAIR_BLOCK_BYTES",
-           "PairGeometry", "Rounding", "TINY", "TotalPinv", "UNCERTAINTY_PROBES", "UNCERTAINTY_WARN_ABOVE", "block_rows", "cdnv",
-           "cdnv_uncertainty", "equiangle", "equinorm", "least_squares", "ls_arithmetic", "ls_cosine", "ls_distance",
-           "ls_error_estimate", "ls_loss", "ls_uncertainty", "maxangle", "means_basis", "mse_loss", "mse_term_b", "nc1",
-           "nc1_of_deviations", "nc1_uncertainty", "nc3", "nc3_uncertainty", "orthogonality", "pair_block_rows",
-           "pair_geometry", "refine", "rounding", "rounding_unit", "total_pinv"]
+           "PairGeometry", "Rounding", "TINY", "TotalPinv", "UNCERTAINTY_PROBES", "UNCERTAINTY_WARN_ABOVE",
+           "block_rows", "cdnv", "cdnv_uncertainty", "equiangle", "equinorm", "least_squares", "ls_arithmetic",
+           "ls_cosine", "ls_distance", "ls_error_estimate", "ls_loss", "ls_uncertainty", "maxangle", "means_basis",
+           "mse_loss", "mse_term_b", "nc1", "nc1_of_deviations", "nc1_uncertainty", "nc3", "nc3_uncertainty",
+           "orthogonality", "pair_block_rows", "pair_geometry", "refine", "rounding", "rounding_unit", "total_pinv"]

@@ -460,12 +460,16 @@ def ls_arithmetic(stats: Statistics, weight: np.ndarray, ls: LeastSquares, *, lo
     return {k: fixed.get(k, math.inf) for k in LS_KEYS}, spread
 
 
-def ls_error_estimate(stats: Statistics, weight: np.ndarray, ls: LeastSquares, term_a: float, term_b: float, *,
-                      seed: int = 1) -> float:
+def ls_error_estimate(stats: Statistics, weight: np.ndarray | None, ls: LeastSquares, term_a: float,
+                      term_b: float | None, *, seed: int = 1) -> float:
     """The largest relative float64-arithmetic error of terms A and B, ||W_LS||, ls_distance and ls_cosine of the
     closed form (:func:`ls_arithmetic`: first order at the rank used plus the ranks within the arithmetic error of the
-    cut-off). Above ``REFINE_ABOVE`` the audit refines W_LS on the samples.
+    cut-off and the floor of evaluating a loss); without a classifier (``weight`` and ``term_b`` None) of term A and
+    ||W_LS|| only. Above ``REFINE_ABOVE`` the audit refines W_LS on the samples.
     """
-    fixed, spread = ls_arithmetic(stats, weight, ls, loss=term_a + term_b, term_a=term_a, seed=seed)
-    finite = [fixed[k] + spread[k] for k in LS_KEYS if math.isfinite(fixed[k] + spread[k])]
+    has_w = weight is not None and term_b is not None
+    w = weight if has_w else np.zeros_like(ls.weight)
+    fixed, spread = ls_arithmetic(stats, w, ls, loss=term_a + (term_b if has_w else 0.0), term_a=term_a, seed=seed)
+    keys = LS_KEYS if has_w else ("mse_term_a", "w_ls_norm")
+    finite = [fixed[k] + spread[k] for k in keys if math.isfinite(fixed[k] + spread[k])]
     return max(finite, default=0.0)

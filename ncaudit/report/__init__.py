@@ -1,15 +1,25 @@
-"""Rendering audit results: tables (rich), JSON, trajectory tables and plots, and report files written atomically.
+"""Rendering audit results: tables (rich), JSON, markdown, JUnit XML, CSV, trajectory tables and plots, comparisons,
+and report files written atomically.
 
-Each output format is a function of the result object; nothing here computes a metric.
+Each output format is a function of the result object; nothing here computes a metric. Tables fit any width with
+every value whole (``_layout``).
 """
 
 from ncaudit.report._atomic import check_output, write_text_atomic
-from ncaudit.report._format import column_format, fmt, fmt_compact, fmt_uncertain
-from ncaudit.report._json import render_json, render_trajectory_json
-from ncaudit.report._plot import plot_trajectory, trajectory_figure
+from ncaudit.report._checks import check_message, checks_table_of, failed_first, verdict_line
+from ncaudit.report._compare_table import compare_table, render_compare_table
+from ncaudit.report._csv import render_trajectory_csv
+from ncaudit.report._format import column_format, fmt, fmt_compact, fmt_percent, fmt_signed, fmt_uncertain
+from ncaudit.report._json import render_compare_json, render_json, render_trajectory_json
+from ncaudit.report._junit import render_junit
+from ncaudit.report._markdown import render_compare_markdown, render_markdown, render_trajectory_markdown
+from ncaudit.report._plot import plot_path, plot_trajectory, provenance_title, trajectory_figure
 from ncaudit.report._table import checks_table, layers_table, metrics_table, per_class_table, render_table
 from ncaudit.report._trajectory_table import trajectory_table
 
-__all__ = ["check_output", "checks_table", "column_format", "fmt", "fmt_compact", "fmt_uncertain", "layers_table",
-           "metrics_table", "per_class_table", "plot_trajectory", "render_json", "render_table", "render_trajectory_json",
-           "trajectory_figure", "trajectory_table", "write_text_atomic"]
+__all__ = ["check_message", "check_output", "checks_table", "checks_table_of", "column_format", "compare_table",
+           "failed_first", "fmt", "fmt_compact", "fmt_percent", "fmt_signed", "fmt_uncertain", "layers_table",
+           "metrics_table", "per_class_table", "plot_path", "plot_trajectory", "provenance_title",
+           "render_compare_json", "render_compare_markdown", "render_compare_table", "render_json", "render_junit",
+           "render_markdown", "render_table", "render_trajectory_csv", "render_trajectory_json",
+           "render_trajectory_markdown", "trajectory_figure", "trajectory_table", "verdict_line", "write_text_atomic"]

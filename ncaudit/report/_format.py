@@ -40,6 +40,19 @@ def column_format(values: Sequence[Any]) -> Callable[[Any], str]:
     return lambda v: "—" if v is None else f"{v:.2e}"
 
 
+def fmt_signed(value: Any, digits: int = 4) -> str:
+    """A change: :func:`fmt` with its sign (``+0.0123``, ``-4.5e-3``, ``0``)."""
+    text = fmt(value, digits)
+    return f"+{text}" if isinstance(value, (int, float)) and value > 0 else text
+
+
+def fmt_percent(value: Any, digits: int = 3) -> str:
+    """A relative change as a signed percentage through :func:`fmt` (``+12.5 %``); '—' for null."""
+    if not isinstance(value, (int, float)):
+        return fmt(value)
+    return f"{fmt_signed(100.0 * value, digits)} %"
+
+
 #: A value whose relative uncertainty reaches this is printed as undetermined (its magnitude only).
 UNDETERMINED = 1.0
 

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ncaudit.audit import TrajectoryRow
-from ncaudit.audit._trajectory import TRAIN_SPLITS, split_order
+from ncaudit.audit import TRAIN_SPLITS, TrajectoryRow
+from ncaudit.audit._trajectory import dataset_of, split_order
 from ncaudit.errors import InputError
 
 #: (title, [(metric key, legend)], log scale, y-axis label) per panel.
@@ -21,9 +21,13 @@ PANELS: list[tuple[str, list[tuple[str, str]], bool, str]] = [
      True, "std of the pairwise cosines"),
     ("NC3: ‖W/‖W‖ − M/‖M‖‖²", [("nc3", "NC3")], True, "squared distance"),
     ("NC4: classifier ≠ nearest class mean", [("nc4", "NC4")], False, "fraction of samples"),
-    ("LS: ‖W − W_LS‖/‖W_LS‖", [("ls_distance", "distance")], True, "distance from the least-squares classifier"),
-    ("LS: cos(W, W_LS)", [("ls_cosine", "cosine")], False, "cosine with the least-squares classifier"),
+    ("central path: ‖W − W_LS‖/‖W_LS‖", [("ls_distance", "LS distance")], True, "relative distance"),
+    ("MSE term (B) = L(W, b) − L(W_LS, b_LS)", [("mse_term_b", "term (B)")], True, "loss"),
 ]
+#: Rows and columns of the figure's panels.
+GRID = (2, 4)
+#: File types of ``--plot`` (matplotlib chooses the format by the suffix).
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 def _matplotlib() -> Any:
@@ -99,7 +103,7 @@ def trajectory_figure(rows: Sequence[TrajectoryRow], title: str | None = None) -
     use_epochs = all(r.epoch is not None for r in rows) and len({r.epoch for r in rows}) == len(rows)
     xs = [float(r.epoch) if use_epochs else float(i) for i, r in enumerate(rows)]  # type: ignore[arg-type]
     splits = split_order(rows)
-    fig, axes = plt.subplots(2, 4, figsize=(17, 7), constrained_layout=True)
+    fig, axes = plt.subplots(*GRID, figsize=(17, 7), constrained_layout=True)
     for ax, (panel_title, series, log, ylabel) in zip(axes.flat, PANELS):
         plotted: list[float] = []
         for key, legend in series:
@@ -129,17 +133,48 @@ def trajectory_figure(rows: Sequence[TrajectoryRow], title: str | None = None) -
     return fig
 
 
-def plot_trajectory(rows: Sequence[TrajectoryRow], path: str | Path, title: str | None = None) -> Path:
-    """Draw :func:`trajectory_figure` into a PNG at ``path``.
+def provenance_title(rows: Sequence[TrajectoryRow]) -> str:
+    """A title from what the caches record: ``MODEL on DATA: Neural Collapse across training (train, test)``."""
+    sources = [result.source for row in rows for result in row.splits.values()]
+    models = list(dict.fromkeys(str(s["model"]) for s in sources if s.get("model")))
+    data = list(dict.fromkeys(name for name in map(dataset_of, sources) if name))
+    what = " / ".join(models) or "features"
+    where = f" on {' / '.join(data)}" if data else ""
+    return f"{what}{where}: Neural Collapse across training ({', '.join(split_order(rows))})"
+
+
+def plot_path(path: str | Path) -> Path:
+    """Where ``--plot PATH`` writes: PATH itself for a .png, .pdf or .svg; ``PATH/trajectory.png`` for an existing
+    directory (or a path ending in a separator); ``PATH.png`` for a name without a suffix.
 
     Raises
     ------
     InputError
-        matplotlib is not installed, or the file cannot be written.
+        Another suffix.
     """
+    text = str(path)
+    out = Path(path)
+    if out.is_dir() or text.endswith(("/", "\\")):
+        return out / "trajectory.png"
+    if not out.suffix:
+        return out.with_name(out.name + ".png")
+    if out.suffix.lower() not in PLOT_SUFFIXES:
+        raise InputError(f"--plot {path}: a plot is written as {', '.join(PLOT_SUFFIXES)}; give a file name with one "
+                         "of those suffixes (or a directory, to write trajectory.png in it)")
+    return out
+
+
+def plot_trajectory(rows: Sequence[TrajectoryRow], path: str | Path, title: str | None = None) -> Path:
+    """Draw :func:`trajectory_figure` into the file :func:`plot_path` gives for ``path``, and return that file.
+
+    Raises
+    ------
+    InputError
+        matplotlib is not installed, a suffix other than .png, .pdf or .svg, or the file cannot be written.
+    """
+    out = plot_path(path)
     fig = trajectory_figure(rows, title)
     plt = _matplotlib()
-    out = Path(path)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=110)

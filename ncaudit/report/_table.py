@@ -9,8 +9,10 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from ncaudit.audit import AuditResult
+from ncaudit.audit import TRAIN_SPLITS, AuditResult
+from ncaudit.report._checks import checks_table_of
 from ncaudit.report._format import column_format, fmt, fmt_uncertain
+from ncaudit.report._layout import MIN_KEY_WIDTH, Column, Fitted, FittedTable
 
 #: (group title, [(metric key, one-line meaning)]) in table order.
 GROUPS: list[tuple[str, list[tuple[str, str]]]] = [
@@ -49,74 +51,109 @@ GROUPS: list[tuple[str, list[tuple[str, str]]]] = [
 _ORTHOGONALITY = {"nc2_orthogonality_means", "nc2_orthogonality_classifier"}
 
 
-def metrics_table(result: AuditResult) -> Table:
+#: Below this width the meanings go on a line of their own under each metric, so the values keep their room.
+_MEANING_BESIDE = 64
+
+
+def metrics_table(result: AuditResult) -> Fitted:
     """The grouped metric table (NC1 / NC2 / NC3 / NC4 / least squares), each value with its meaning and with the
-    digits its uncertainty (``details.uncertainty``) leaves."""
+    digits its uncertainty (``details.uncertainty``) leaves; at any width the keys and values are whole (the meanings
+    wrap, or go under their metric when the width is short)."""
+    return Fitted(lambda width: _metrics_table(result, width))
+
+
+def _metric_rows(result: AuditResult) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """``(group, its meaning, [(metric key, meaning)])`` of the metrics shown."""
     m = result.metrics
-    uncertainty = result.details.get("uncertainty") or {}
     show_orth = not result.details.get("has_bias", True)
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=False)
-    table.add_column("metric", style="bold", no_wrap=True)
-    table.add_column("value", justify="right", no_wrap=True)
-    table.add_column("meaning", style="dim")
+    means_from = (result.details.get("means_from") or {}).get("metrics", ())
+    groups = []
     for title, rows in GROUPS:
         shown = [(k, text) for k, text in rows
                  if m.get(k) is not None or (k not in _ORTHOGONALITY and k != "nc1_precision_floor")]
         if not show_orth:
             shown = [(k, t) for k, t in shown if k not in _ORTHOGONALITY]
-        if not shown:
-            continue
-        short, _, long = title.partition("  ")
-        table.add_row(Text(short, style="bold cyan"), "", Text(long, style="bold cyan"))
+        shown = [(k, f"{t} (training means)" if k in means_from else t) for k, t in shown]
+        if shown:
+            short, _, long = title.partition("  ")
+            groups.append((short, long, shown))
+    return groups
+
+
+def _metrics_table(result: AuditResult, width: int) -> Table:
+    m = result.metrics
+    uncertainty = result.details.get("uncertainty") or {}
+    groups = _metric_rows(result)
+    beside = width >= _MEANING_BESIDE
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=False)
+    if beside:
+        table.add_column("metric", style="bold", no_wrap=True)
+    else:  # the key column also holds the meanings, which wrap under their metric; keys keep their full width
+        keys = max(len(key) for _, _, shown in groups for key, _ in shown) + 2
+        table.add_column("metric", style="bold", min_width=keys, overflow="fold")
+    table.add_column("value", justify="right", no_wrap=True)
+    if beside:
+        table.add_column("meaning", style="dim", min_width=12)
+    for short, long, shown in groups:
+        if beside:
+            table.add_row(Text(short, style="bold cyan"), "", Text(long, style="bold cyan"))
+        else:
+            table.add_row(Text(f"{short}  {long}", style="bold cyan"), "")
         for key, text in shown:
-            table.add_row(f"  {key}", fmt_uncertain(m.get(key), uncertainty.get(key)), text)
+            table.add_row(f"  {key}", fmt_uncertain(m.get(key), uncertainty.get(key)), *([text] if beside else []))
+            if not beside:
+                table.add_row(Text(f"    {text}", style="dim"), "")
         table.add_section()
     return table
 
 
-def per_class_table(result: AuditResult, limit: int | None = None) -> Table:
-    """One row per class: count, mean norm, classifier norm, variance, per-class NC1, accuracies."""
+#: Class names longer than this are abbreviated (the class index beside them says which class).
+NAME_WIDTH = 32
+
+
+def per_class_table(result: AuditResult, limit: int | None = None) -> Fitted:
+    """One row per class: count, mean norm, classifier norm, variance, per-class NC1, accuracies. Long class names
+    are abbreviated (to a third of the width at most) beside their index; numbers are never cut (the columns stack
+    when the width is short)."""
     rows = result.per_class if limit is None else result.per_class[:limit]
-    table = Table(title="per class", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     has_names = any("name" in r for r in rows)
-    columns = [("class", "class"), ("name", "name"), ("count", "n"), ("mean_norm", "‖μ−μ_G‖"),
-               ("classifier_norm", "‖w‖"), ("variance", "Var"), ("nc1", "NC1"), ("accuracy", "acc"),
-               ("ncc_accuracy", "NCC acc")]
-    if not has_names:
-        columns = [c for c in columns if c[0] != "name"]
-    for key, label in columns:
-        if key == "name":
-            table.add_column(label, justify="left", overflow="ellipsis", max_width=32, no_wrap=True)
-        else:
-            table.add_column(label, justify="right", no_wrap=True)
-    formats = {key: column_format([r.get(key) for r in rows]) for key, _ in columns}
-    for r in rows:  # Text cells: a class name such as "[bold]x" is shown as written, never read as markup
-        table.add_row(*(Text(str(r.get(key, ""))) if key in ("class", "name", "count") else formats[key](r.get(key))
-                        for key, _ in columns))
-    return table
+    ncc = "NCC acc" + ("\ntrain μ" if "ncc_accuracy" in (result.details.get("means_from") or {}).get("metrics", ())
+                       else "")
+    values = [("count", "n"), ("mean_norm", "‖μ−μ_G‖"), ("classifier_norm", "‖w‖"), ("variance", "Var"),
+              ("nc1", "NC1"), ("accuracy", "acc"), ("ncc_accuracy", ncc)]
+    formats = {key: column_format([r.get(key) for r in rows]) for key, _ in values if key != "count"}
+    table_rows = []
+    for r in rows:  # plain-string cells are shown as written: a class name such as "[bold]x" is never read as markup
+        key_cells = [str(r.get("class", ""))] + ([str(r.get("name", ""))] if has_names else [])
+        table_rows.append((key_cells, [str(r.get("count", "")) if key == "count" else formats[key](r.get(key))
+                                       for key, _ in values]))
+
+    def keys(width: int) -> list[Column]:
+        name = Column("name", justify="left", fit="abbreviate", max_width=min(NAME_WIDTH, max(MIN_KEY_WIDTH,
+                                                                                               width // 3)))
+        return [Column("class"), *([name] if has_names else [])]
+
+    columns = [Column(label) for _, label in values]
+    return Fitted(lambda width: FittedTable(keys(width), columns, table_rows, title="per class"))
 
 
-def layers_table(result: AuditResult, title: str = "per layer (network order)") -> Table:
+#: The per-layer columns: (metric key, header).
+LAYER_COLUMNS = [("nc1", "NC1"), ("cdnv", "CDNV"), ("nc2_equinorm_means", "equinorm μ"),
+                 ("nc2_equiangle_means", "equiangle μ"), ("ncc_accuracy", "NCC acc")]
+
+
+def layers_table(result: AuditResult, title: str = "per layer (network order)") -> FittedTable:
     """One row per layer in network order: NC1, CDNV, NC2 of the means, NCC accuracy."""
-    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False)
-    for col in ("layer", "p", "NC1", "CDNV", "equinorm μ", "equiangle μ", "NCC acc"):
-        table.add_column(col, justify="left" if col == "layer" else "right", no_wrap=True)
-    for name, block in result.layers.items():
-        table.add_row(Text(name), str(block["n_features"]), *(fmt(block[k]) for k in (
-            "nc1", "cdnv", "nc2_equinorm_means", "nc2_equiangle_means", "ncc_accuracy")))
-    table.add_row("(final)", str(result.n_features), *(fmt(result.metrics[k]) for k in (
-        "nc1", "cdnv", "nc2_equinorm_means", "nc2_equiangle_means", "ncc_accuracy")))
-    return table
+    rows = [([name], [str(block["n_features"]), *(fmt(block[k]) for k, _ in LAYER_COLUMNS)])
+            for name, block in result.layers.items()]
+    rows.append((["(final)"], [str(result.n_features), *(fmt(result.metrics[k]) for k, _ in LAYER_COLUMNS)]))
+    return FittedTable([Column("layer", justify="left", fit="fold")],
+                       [Column("p"), *(Column(header) for _, header in LAYER_COLUMNS)], rows, title=title)
 
 
-def checks_table(result: AuditResult) -> Table:
-    table = Table(title="checks (--fail-if)", box=box.SIMPLE_HEAD, show_edge=False)
-    for col in ("fails if", "value", "outcome"):
-        table.add_column(col)
-    for c in result.checks:
-        style = "green" if c["passed"] else "bold red"
-        table.add_row(c["expression"], fmt(c["value"]), Text(c["outcome"], style=style))
-    return table
+def checks_table(result: AuditResult) -> Group:
+    """The report's checks, failed first, each that did not pass with the message that says why."""
+    return checks_table_of(result.checks)
 
 
 def render_table(result: AuditResult, console: Console, *, per_class: bool = False) -> None:
@@ -131,6 +168,15 @@ def render_table(result: AuditResult, console: Console, *, per_class: bool = Fal
         header.append("   " + " · ".join(extras), style="dim")
     if result.details.get("normalized"):
         header.append("   (normalized features and classifier)", style="yellow")
+    if result.baseline:
+        header.append(f"\nbaseline {result.baseline.get('path')}", style="dim")
+    means = result.details.get("means_from")
+    if means:
+        header.append(f"\nclass means of NCC accuracy, NC4 and CDNV: the training set's, from {means['path']}",
+                      style="magenta")
+    elif src.get("split") and str(src["split"]).lower() not in TRAIN_SPLITS:
+        header.append("\nclass means: this split's own (NCC accuracy and NC4 read its labels); --means-from "
+                      "TRAIN.h5 measures against the training means", style="dim")
     partial = result.details.get("partial")
     if partial:
         header.append(f"\npartial: {partial['rows']} of {partial['of']} rows", style="bold yellow")
