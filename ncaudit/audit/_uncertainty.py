@@ -115,7 +115,7 @@ def _uncertainty_warnings(closed: _Closed, sel: _Selection, info: CacheInfo) -> 
         cause = (f"Sigma_B's rank is not determined ({lo}..{hi}: some class means coincide up to rounding)"
                  if lo != hi else f"the features carry {_precision_name(unit)} rounding" if low
                  else "the class means are within rounding of each other")
-        out.append(f"the features' rounding leaves {named}; cause: {cause}")
+        out.append(f"the features' rounding leaves collapse metrics uncertain: {named}; cause: {cause}")
     return out
 
 
