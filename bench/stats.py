@@ -5,6 +5,8 @@ Usage::
     python bench/stats.py                          # both shapes of the issues, 3 runs of every contender
     python bench/stats.py --shapes 100000,512,100 --repeat 1
     python bench/stats.py --exactness              # least-squares error of each scheme on real and planted features
+    python bench/stats.py --uncertainty            # stated uncertainty against SVD solves of perturbed copies
+    python bench/stats.py --uncertainty-cost       # seconds of the uncertainty's closed forms at the two shapes
     python bench/stats.py --json                   # also print every figure as JSON on stdout
 
 For each (N, p, C) a float32 cache in class order with a classifier is written once (``bench/scale.py``'s generator,
@@ -33,6 +35,21 @@ schemes for the scatter and for the pseudo-inverse of Sigma_T are timed in-proce
 digits, builds planted twelve-decade spectra, and prints each least-squares quantity's worst relative error against
 ``np.linalg.lstsq`` on the samples for: float32 scatter, float64 scatter (closed form only), and the default report
 (float64 scatter + refinement when the error estimate asks for it).
+
+``--uncertainty`` calibrates ``details.uncertainty`` (spec rule 7): on planted features (ill-posed: a spectrum
+decaying smoothly through the cut-off with N < p; well-posed; two classes with one mean; within-class spectra over
+twelve decades) and on real ones (the bundled
+network at epochs 0, 1 and 200 and random-init timm resnet18 / convnext_atto, ``ncaudit extract --random-init``, on
+both digit splits; float32, ``--precision bf16`` and ``--store-dtype float16`` caches) it prints, per metric, the
+stated relative uncertainty, the measured spread (``tests/reference.py``: the largest relative deviation of an SVD
+solve of each of 5 copies of the rows, every stored value perturbed by a random half unit of its rounding, from the
+solve of the unperturbed rows), their ratio, and the report's own distance from that unperturbed solve. A row passes
+when 0.2 <= ratio <= 30 (or both are 100 % or more: undetermined) and the stated value is at most 1e-5 wherever the
+spread is at most 1e-7. The caches are extracted once under ``--dir``.
+
+``--uncertainty-cost`` times, in one process on the statistics of the two bench shapes, the closed forms the
+uncertainty adds (NC1, CDNV, NC3, the least-squares family and its arithmetic error) and the error estimate it
+replaced.
 """
 
 from __future__ import annotations
@@ -296,6 +313,209 @@ def exactness() -> list[dict[str, object]]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# --uncertainty, --uncertainty-cost
+# ---------------------------------------------------------------------------------------------------------------------
+_U32, _U16, _BF16 = 2.0**-24, 2.0**-11, 2.0**-8
+
+
+def _extract_cli(directory: Path, name: str, args: list[str]) -> Path:
+    """``ncaudit extract ARGS -o DIR/NAME.h5`` once (a complete cache there is reused)."""
+    out = directory / f"{name}.h5"
+    if not out.exists():
+        run = subprocess.run([sys.executable, "-m", "ncaudit", "extract", *args, "-o", str(out), "--device", "cpu",
+                              "--no-progress"], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if run.returncode != 0:
+            raise RuntimeError(f"extract {name} failed: {run.stderr.strip().splitlines()[-1:]}")
+    return out
+
+
+def uncertainty_cases(directory: Path, quick: bool = False) -> list[tuple[str, Path, float]]:
+    """(label, cache, rounding unit) of every calibration case, extracted or written under ``directory``."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_uncertainty import planted_duplicate, planted_ill_posed, planted_well_posed
+
+    from ncaudit.cache import write_cache
+
+    directory.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for label, make in (("planted ill-posed (N=200 < p=256)", planted_ill_posed),
+                        ("planted well-posed", planted_well_posed), ("planted, two classes share a mean",
+                                                                    planted_duplicate)):
+        h, y, w, b = make()
+        path = directory / f"{make.__name__}.h5"
+        write_cache(path, h, y, weight=w, bias=b, overwrite=True)
+        cases.append((label, path, _U32))
+    from test_exact_ls import planted_decades
+    for placement, radius, seed in (("random", 1.0, 0), ("top", 1.0, 1)):
+        h, y, w, b = planted_decades(placement, radius, seed)
+        path = directory / f"planted_decades_{placement}.h5"
+        write_cache(path, h, y, weight=w, bias=b, overwrite=True)
+        cases.append((f"planted twelve decades ({placement} means)", path, _U32))
+    digits = ROOT / "fixtures" / "digits"
+    ckpts = ROOT / "fixtures" / "checkpoints"
+    for epoch in (0, 1, 200):
+        for split in ("train", "test"):
+            path = _extract_cli(directory, f"e{epoch}_{split}", [
+                "-m", "test_resnet", "-c", str(ckpts / f"test_resnet_digits_e{epoch:03d}.safetensors"),
+                "-d", str(digits), "--split", split])
+            cases.append((f"bundled epoch {epoch}, {split}", path, _U32))
+    if quick:
+        return cases
+    for arch in ("resnet18", "convnext_atto"):
+        for split in ("train", "test"):
+            base = ["-m", arch, "--random-init", "-d", str(digits), "--split", split]
+            cases.append((f"{arch} random init, {split}", _extract_cli(directory, f"{arch}_{split}", base), _U32))
+            cases.append((f"{arch} random init, {split}, bf16",
+                          _extract_cli(directory, f"{arch}_{split}_bf16", [*base, "--precision", "bf16"]), _BF16))
+    for split in ("train", "test"):
+        base = ["-m", "resnet18", "--random-init", "-d", str(digits), "--split", split, "--store-dtype", "float16"]
+        cases.append((f"resnet18 random init, {split}, float16 cache",
+                      _extract_cli(directory, f"resnet18_{split}_f16", base), _U16))
+    path = _extract_cli(directory, "e200_train_bf16", [
+        "-m", "test_resnet", "-c", str(ckpts / "test_resnet_digits_e200.safetensors"), "-d", str(digits), "--split",
+        "train", "--precision", "bf16"])
+    cases.append(("bundled epoch 200, train, bf16", path, _BF16))
+    return cases
+
+
+def uncertainty_table(directory: Path, quick: bool = False) -> list[dict[str, object]]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from reference import UNCERTAIN_KEYS, calibrated, perturbed_spread
+    from test_exact_ls import read_cache
+
+    from ncaudit.audit import AuditOptions, audit
+
+    rows = []
+    for label, path, unit in uncertainty_cases(directory, quick):
+        h, y, w, b = read_cache(path)
+        b = np.zeros(len(w)) if b is None else b
+        result = audit(path, AuditOptions(device="cpu"))
+        stated = result.details["uncertainty"]
+        base, spread, ranks = perturbed_spread(h, y, w, b, unit)
+        ours = {**result.metrics, "w_ls_norm": result.details.get("w_ls_norm")}
+        model = result.details["uncertainty_model"]
+        row: dict[str, object] = {"case": label, "N": len(y), "p": h.shape[1], "unit": unit,
+                                  "rank_sigma_t": result.details.get("rank_sigma_t"),
+                                  "stated_rank_range": model.get("rank_sigma_t_range"),
+                                  "measured_ranks": sorted({r[0] for r in ranks}), "metrics": {}}
+        print(f"\n{label}: N = {len(y)}, p = {h.shape[1]}, unit 2^{round(math.log2(unit))}, rank of Sigma_T "
+              f"{row['rank_sigma_t']} (stated {model.get('rank_sigma_t_range')}, perturbed copies "
+              f"{row['measured_ranks']}), Sigma_B {model.get('rank_sigma_b_range')} (copies "
+              f"{sorted({r[1] for r in ranks})})")
+        print(f"  {'metric':12s} {'value':>11s} {'stated':>9s} {'measured':>9s} {'ratio':>8s} {'report-SVD':>10s}  ok")
+        for key in UNCERTAIN_KEYS:
+            s_, m_ = stated.get(key), spread[key]
+            if s_ is None or not math.isfinite(base[key]):
+                continue
+            off = abs(ours[key] - base[key]) / abs(base[key]) if base[key] else math.inf
+            ok = calibrated(s_, m_)
+            row["metrics"][key] = {"value": ours[key], "stated": s_, "measured": m_, "report_vs_svd": off, "ok": ok}
+            ratio = s_ / m_ if m_ > 0 else math.inf
+            verdict = "yes" if ok else "NO"
+            print(f"  {key:12s} {ours[key]:11.4g} {s_:9.2e} {m_:9.2e} {ratio:8.2f} {off:10.1e}  {verdict}")
+        rows.append(row)
+    bad = [(r["case"], k) for r in rows for k, v in r["metrics"].items() if not v["ok"]]  # type: ignore[union-attr]
+    print(f"\n{sum(len(r['metrics']) for r in rows) - len(bad)} of {sum(len(r['metrics']) for r in rows)} "
+          f"calibrated{': not ' + ', '.join(f'{c} {k}' for c, k in bad) if bad else ''}")
+    return rows
+
+
+def former_error_estimate(stats: Statistics, weight: np.ndarray, ls: metrics.LeastSquares, term_a: float,
+                          term_b: float, *, seed: int = 0) -> float:
+    """The error estimate that decided refinement before details.uncertainty (kept here to time its replacement):
+    the relative error of the least-squares quantities caused by the rounding of Sigma_W, to first order.
+
+    Notes
+    -----
+    Sigma_W is perturbed by Delta = 4 u tr(Sigma_W) E / ||E||_2 with E a random symmetric Gaussian matrix (u the unit
+    roundoff: the size of the backward error of a float64 scatter and of the symmetric solve), and the first-order
+    changes follow in closed form: dW_LS = -W_LS Delta Sigma_T^dagger, dA = 1/2 <W_LS^T W_LS, Delta> - lambda
+    <W_LS, dW_LS>, dL(W) = 1/2 <W^T W, Delta>, dB = dL(W) - dA. The largest relative change is returned. Measured
+    against an SVD solve on the samples, the actual error was 0.02 to 1.6 times this estimate on real and planted
+    features (tests/test_exact_ls.py, bench/stats.py --exactness).
+    """
+    p = stats.n_features
+    size = 4.0 * (metrics.EPS / 2) * float(np.trace(stats.sigma_w))
+    w_ls = ls.weight
+    n_ls, n_w = float(np.linalg.norm(w_ls)), float(np.linalg.norm(weight))
+    if size == 0.0 or n_ls == 0.0:
+        return 0.0
+    g = np.random.default_rng(seed).standard_normal((p, p))
+    delta = (g + g.T) * (size / (2.0 * math.sqrt(2.0 * p)))  # ||g + g^T||_2 ~ 2 sqrt(2p)
+    wd = w_ls @ delta
+    d_w = -ls.pinv.apply(wd.T).T
+    d_a = 0.5 * float(np.sum(wd * w_ls)) - ls.ridge * float(np.sum(w_ls * d_w))
+    d_b = 0.5 * _quadratic_trace(weight, delta) - d_a
+    d_norm = float(np.sum(w_ls * d_w)) / n_ls
+    changes = [abs(d_a) / max(abs(term_a), metrics.TINY), abs(d_b) / max(abs(term_b), metrics.TINY), abs(d_norm) / n_ls]
+    diff = weight - w_ls
+    n_diff = float(np.linalg.norm(diff))
+    if n_diff > 0:
+        dist = n_diff / n_ls
+        changes.append(abs(-float(np.sum(diff * d_w)) / n_diff / n_ls - dist * d_norm / n_ls) / dist)
+    if n_w > 0:
+        cos = float(np.sum(weight * w_ls)) / (n_w * n_ls)
+        d_cos = float(np.sum(weight * d_w)) / (n_w * n_ls) - cos * d_norm / n_ls
+        changes.append(abs(d_cos) / max(abs(cos), metrics.TINY))
+    return max(changes)
+
+
+def _quadratic_trace(a: np.ndarray, sigma: np.ndarray) -> float:
+    return float(np.sum((a @ sigma) * a))
+
+
+def uncertainty_cost(directory: Path, shapes: list[str], repeat: int) -> list[dict[str, object]]:
+    """Seconds of the closed forms the uncertainty adds, in one process, on each bench shape's statistics."""
+    import scale
+
+    from ncaudit.audit._closed import _closed_form
+    from ncaudit.audit._options import AuditOptions
+
+    rows = []
+    for shape in shapes:
+        n, p, c = (int(v) for v in shape.split(","))
+        path = directory / f"bench_{n}_{p}_{c}.h5"
+        if not scale.cache_matches(path, n, p, c):
+            scale.generate(path, n, p, c)
+        with FeatureCache(path) as cache:
+            acc = ClassStatistics(cache.info.num_classes, cache.info.n_features)
+            for _, x, y, _ in cache.iter_batches(BATCH):
+                acc.update(x, y)
+            w, b = cache.classifier()
+            dtype = cache.info.feature_dtype
+        stats = acc.compute()
+        w, b = w.astype(np.float64), np.zeros(c) if b is None else b.astype(np.float64)
+        closed = _closed_form(stats, w, b, AuditOptions())
+        ls, m, basis = closed.ls, closed.metrics, closed.basis
+        noise = metrics.rounding(stats, metrics.rounding_unit(dtype))
+        parts = {
+            "nc1": lambda: metrics.nc1_uncertainty(stats, basis, noise, m["nc1"]),
+            "cdnv": lambda: metrics.cdnv_uncertainty(stats, noise, m["cdnv"]),
+            "nc3": lambda: metrics.nc3_uncertainty(stats, w, noise, m["nc3"]),
+            "least squares (rounding)": lambda: metrics.ls_uncertainty(stats, w, b, ls, noise, loss=m["mse_loss"],
+                                                                        term_a=m["mse_term_a"]),
+            "least squares (arithmetic)": lambda: metrics.ls_arithmetic(stats, w, ls, loss=m["mse_loss"],
+                                                                         term_a=m["mse_term_a"]),
+            "error estimate (new)": lambda: metrics.ls_error_estimate(stats, w, ls, m["mse_term_a"], m["mse_term_b"]),
+        }
+        parts["error estimate (former)"] = lambda: former_error_estimate(stats, w, ls, m["mse_term_a"],
+                                                                         m["mse_term_b"])
+        row: dict[str, object] = {"N": n, "p": p, "C": c, "seconds": {k: _timed(f, repeat) for k, f in parts.items()}}
+        sec: dict[str, float] = row["seconds"]  # type: ignore[assignment]
+        added = sum(v for k, v in sec.items() if "error estimate" not in k)
+        row["added"] = added
+        row["net"] = net = added + sec["error estimate (new)"] - sec["error estimate (former)"]
+        print(f"\n(N, p, C) = ({n:,}, {p}, {c}): the uncertainty's closed forms, best of {repeat}")
+        for k, v in row["seconds"].items():  # type: ignore[union-attr]
+            print(f"  {k:28s} {v:7.3f} s")
+        print(f"  {'added by details.uncertainty':28s} {added:7.3f} s")
+        print(f"  {'net (the estimate replaced)':28s} {net:7.3f} s")
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), help="N,p,C triples")
@@ -303,12 +523,21 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "ncaudit-bench",
                     help="where the benchmark caches are written once and reused")
     ap.add_argument("--exactness", action="store_true", help="only the least-squares exactness table")
+    ap.add_argument("--uncertainty", action="store_true", help="only the calibration table of details.uncertainty")
+    ap.add_argument("--quick", action="store_true", help="with --uncertainty: the planted and bundled cases only")
+    ap.add_argument("--uncertainty-cost", action="store_true",
+                    help="only the seconds of the uncertainty's closed forms at the bench shapes")
     ap.add_argument("--json", action="store_true", help="also print every figure as JSON on stdout")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, numpy {np.__version__}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
     if args.exactness:
         rows: list[dict[str, object]] = exactness()
+    elif args.uncertainty:
+        rows = uncertainty_table(args.dir / "uncertainty", args.quick)
+    elif args.uncertainty_cost:
+        args.dir.mkdir(parents=True, exist_ok=True)
+        rows = uncertainty_cost(args.dir, args.shapes, args.repeat)
     else:
         args.dir.mkdir(parents=True, exist_ok=True)
         rows = []

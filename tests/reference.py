@@ -211,3 +211,91 @@ def reference_nc5(h, y, ood):
         mu = h[np.asarray(y) == c].mean(axis=0)
         values.append(abs(_cos(mu, g)))
     return float(np.mean(values))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rule 7: how far each metric moves when the stored features are perturbed by half a rounding unit
+# ---------------------------------------------------------------------------------------------------------------------
+#: The metrics that carry an uncertainty (``details.uncertainty``); w_ls_norm is ||W_LS||_F.
+UNCERTAIN_KEYS = ("nc1", "cdnv", "nc3", "mse_term_a", "mse_term_b", "ls_distance", "ls_cosine", "w_ls_norm")
+#: Calibration of the stated uncertainty against the measured spread: within these factors of it...
+CALIBRATION = (0.2, 30.0)
+#: ... and at most QUIET where the spread is at most STILL (no false alarm on well-posed features).
+STILL, QUIET = 1e-7, 1e-5
+
+
+def svd_metrics(h, y, W, b):
+    """The rule-7 metrics of features h (N, p) by SVD, with the spec's cut-offs: least squares by
+    ``np.linalg.lstsq`` (LAPACK gelsd) on the centred rows, singular values at or below sqrt(p eps) s_max dropped;
+    NC1 through the thin SVD of M, singular values at or below max(p, C) eps s_max dropped (at most C - 1 kept)."""
+    h = np.asarray(h, dtype=np.float64)
+    n, p = h.shape
+    c = W.shape[0]
+    eps = np.finfo(float).eps
+    counts = np.bincount(y, minlength=c)
+    means = np.stack([h[y == k].mean(axis=0) for k in range(c)])
+    mu = h.mean(axis=0)
+    m = means - (counts / n) @ means  # rows mu_c - mu_G
+    u, s, _ = np.linalg.svd(m.T, full_matrices=False)
+    keep = min(int(np.sum(s > max(p, c) * eps * s[0])), min(p, c - 1))
+    dev = h - means[y]
+    sigma_w = dev.T @ dev / n
+    whiten = u[:, :keep] / s[:keep]
+    var = np.array([np.mean(np.sum(dev[y == k] ** 2, axis=1)) for k in range(c)])
+    dist = np.sum((means[:, None] - means[None]) ** 2, axis=-1)
+    pairs = ~np.eye(c, dtype=bool)
+    with np.errstate(divide="ignore"):  # coinciding class means: an infinite CDNV
+        cdnv = float(np.mean(((var[:, None] + var[None]) / (2 * np.where(pairs, dist, 1.0)))[pairs]))
+    out = {"nc1": float(np.sum((sigma_w @ whiten) * whiten)), "cdnv": cdnv,
+           "nc3": float(np.sum((W / np.linalg.norm(W) - m / np.linalg.norm(m)) ** 2))}
+    onehot = np.zeros((n, c))
+    onehot[np.arange(n), y] = 1.0
+    hc, yc = h - mu, onehot - onehot.mean(axis=0)
+    w_ls, _, rank, _ = np.linalg.lstsq(hc, yc, rcond=np.sqrt(p * eps))
+    w_ls = w_ls.T
+    out["mse_term_a"] = float(0.5 * np.mean(np.sum((hc @ w_ls.T - yc) ** 2, axis=1)))
+    out["mse_term_b"] = float(0.5 * np.mean(np.sum((h @ W.T + b - onehot) ** 2, axis=1))) - out["mse_term_a"]
+    norm = float(np.linalg.norm(w_ls))
+    out["ls_distance"] = float(np.linalg.norm(W - w_ls)) / norm
+    out["ls_cosine"] = float(np.sum(W * w_ls)) / (float(np.linalg.norm(W)) * norm)
+    out["w_ls_norm"] = norm
+    out["rank_sigma_t"], out["rank_sigma_b"] = int(rank), keep
+    return out
+
+
+def perturbed_spread(h, y, W, b, unit, copies=5, seed=0):
+    """The measured uncertainty of rule 7. ``copies`` copies of the features, each stored value multiplied by
+    (1 + delta) with delta uniform on [-unit/2, unit/2] (half a rounding unit, independently), are solved by
+    :func:`svd_metrics`; the spread of a metric is its largest relative deviation from the unperturbed solve,
+    max_k |q(h_k) - q(h)| / |q(h)|.
+
+    Returns (unperturbed metrics, {key: spread}, [(rank of Sigma_T, rank of Sigma_B) of each copy]).
+    """
+    h = np.asarray(h, dtype=np.float64)
+    W, b = np.asarray(W, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    base = svd_metrics(h, y, W, b)
+    rng = np.random.default_rng(seed)
+    spread = dict.fromkeys(UNCERTAIN_KEYS, 0.0)
+    ranks = []
+    for _ in range(copies):
+        q = svd_metrics(h * (1.0 + rng.uniform(-unit / 2, unit / 2, h.shape)), y, W, b)
+        ranks.append((q["rank_sigma_t"], q["rank_sigma_b"]))
+        for key in UNCERTAIN_KEYS:
+            change = abs(q[key] - base[key])
+            spread[key] = max(spread[key], change / abs(base[key]) if base[key] != 0 else (np.inf if change else 0.0))
+    return base, spread, ranks
+
+
+def calibrated(stated, measured):
+    """Whether a stated relative uncertainty is calibrated against the measured spread: within CALIBRATION of it
+    (or both at least 1: neither the value's first digit is determined, where a ratio means nothing), and at most
+    QUIET where the spread is at most STILL."""
+    if stated is None or not np.isfinite(measured):
+        return False
+    if measured <= STILL and stated > QUIET:
+        return False
+    if measured >= 1.0 and stated >= 1.0:
+        return True
+    if measured == 0:
+        return stated <= QUIET
+    return CALIBRATION[0] <= stated / measured <= CALIBRATION[1]

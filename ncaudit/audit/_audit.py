@@ -45,6 +45,7 @@ from ncaudit.audit._passes import (
 from ncaudit.audit._result import METRIC_KEYS, AuditResult, _finite, json_safe
 from ncaudit.audit._source import BatchSource
 from ncaudit.audit._state import _Closed, _Selection, _Setup
+from ncaudit.audit._uncertainty import _uncertainty, _uncertainty_warnings
 from ncaudit.audit._warnings import _warnings
 from ncaudit.cache import FeatureCache
 from ncaudit.distributed import DistContext, world_size
@@ -148,6 +149,7 @@ def _against_training_means(result: AuditResult, train: TrainingMeans, sel: _Sel
     """``--means-from``: NCC accuracy, NC4 and CDNV against the training class means (the set's own beside them)."""
     m = dict(result.metrics)
     result.details["means_from"] = json_safe(against_training_means(train, sel.stats, decisions, m))
+    (result.details.get("uncertainty") or {}).pop("cdnv", None)  # stated for the set's own means, not the training's
     result.metrics = {k: _finite(m.get(k)) for k in METRIC_KEYS}
     for row, correct, count in zip(result.per_class, decisions.ncc_correct, sel.stats.counts):
         row["ncc_accuracy"] = float(correct) / count
@@ -160,6 +162,7 @@ def _assemble(setup: _Setup, sel: _Selection, closed: _Closed, decisions: Decisi
     sample-level metrics are None and ``details["pending"]`` names them."""
     m, details = closed.metrics, closed.details
     _least_squares_metrics(closed, sel)
+    _uncertainty(closed, sel, setup.info)
     if decisions is not None:
         _sample_metrics(m, details, decisions, sel.stats.n_samples)
     else:
@@ -185,7 +188,7 @@ def _assemble(setup: _Setup, sel: _Selection, closed: _Closed, decisions: Decisi
         details=json_safe(details),
         per_class=per_class,
         layers=layers,
-        warnings=_warnings(closed, sel, info, per_class),
+        warnings=_warnings(closed, sel, info, per_class) + _uncertainty_warnings(closed, sel, info),
     )
 
 

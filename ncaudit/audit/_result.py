@@ -47,7 +47,9 @@ class AuditResult:
 
     def check(self, expressions: Sequence[str]) -> bool:
         """Evaluate ``--fail-if`` thresholds (``"nc1>0.1"``, ``"accuracy<0.99"``: a check *fails* when its expression
-        holds) on this result; they are kept in :attr:`checks` (and the JSON). Whether every check passed.
+        holds) on this result, with the uncertainty rule of ``report`` (a threshold within the value's
+        ``details.uncertainty`` fails as undetermined); they are kept in :attr:`checks` (and the JSON). Whether every
+        check passed.
 
         Raises
         ------
@@ -56,7 +58,8 @@ class AuditResult:
         """
         from ncaudit.audit._checks import evaluate, parse_checks
 
-        self.checks = evaluate(parse_checks(expressions, METRIC_KEYS), self.metrics)
+        self.checks = evaluate(parse_checks(expressions, METRIC_KEYS), self.metrics,
+                               uncertainty=self.details.get("uncertainty"))
         return self.passed
 
     def to_json(self) -> dict[str, Any]:

@@ -279,14 +279,17 @@ def gate_last_row(rows: Sequence[TrajectoryRow], fail_if: Sequence[str] | None) 
 
 def rows_to_json(rows: Sequence[TrajectoryRow], checks: list[dict[str, Any]]) -> dict[str, Any]:
     """``{"schema", "trajectory": [row...], "checks", "passed"}``; each row carries the primary split's metrics
-    under the spec's keys, plus every split's full metrics (and per-layer blocks when audited) under its name."""
+    under the spec's keys and their relative uncertainties under ``uncertainty``, plus every split's full metrics and
+    uncertainties (and per-layer blocks when audited) under its name."""
     out_rows = []
     for row in rows:
         item: dict[str, Any] = {"label": row.label, "epoch": row.epoch, "checkpoint": row.checkpoint,
                                 "split": row.primary_split}
         item.update(row.primary.metrics)
+        item["uncertainty"] = row.primary.details.get("uncertainty") or {}
         item["splits"] = {
             name: {"source": res.source.get("path"), "n_samples": res.n_samples, "metrics": res.metrics,
+                   "uncertainty": res.details.get("uncertainty") or {},
                    **({"layers": res.layers} if res.layers else {}),
                    **({"means_from": res.details["means_from"]} if res.details.get("means_from") else {})}
             for name, res in row.splits.items()

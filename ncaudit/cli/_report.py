@@ -69,7 +69,12 @@ def report(
     """Compute every Neural Collapse metric of a feature cache and gate on thresholds.
 
     Two streaming passes over the file (statistics, then per-sample decisions); memory does not grow with the
-    number of samples. With --baseline, checks can be relative to the last good model ('nc1 > baseline * 1.2').
+    number of samples. Every value is printed with the digits its features determine: how far it moves when each
+    stored feature is perturbed by one rounding unit of its dtype (float32, float16, bfloat16), the float64
+    arithmetic and an undetermined rank included, is the JSON's details.uncertainty (relative, by metric key),
+    shown as '-0.016 ±31%' or '~2e-2 (undetermined)', with a warning naming the cause and the fix above 1e-3; a
+    check whose threshold lies within that uncertainty fails as undetermined. With --baseline, checks can be
+    relative to the last good model ('nc1 > baseline * 1.2').
     Exit codes: 0 every check passed, 1 a --fail-if check failed or was undetermined, 2 bad input.
     """
     from ncaudit.audit import (

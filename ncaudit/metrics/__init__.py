@@ -23,7 +23,6 @@ from ncaudit.metrics._least_squares import (
            least_squares,
            ls_cosine,
            ls_distance,
-           ls_error_estimate,
            ls_loss,
            mse_loss,
            mse_term_b,
@@ -44,9 +43,23 @@ from ncaudit.metrics._pairs import (
            pair_block_rows,
            pair_geometry,
 )
+from ncaudit.metrics._uncertainty import (
+           LS_KEYS,
+           Rounding,
+           cdnv_uncertainty,
+           nc1_uncertainty,
+           nc3_uncertainty,
+           rounding,
+           rounding_unit,
+)
+from ncaudit.metrics._uncertainty import PROBES as UNCERTAINTY_PROBES
+from ncaudit.metrics._uncertainty import WARN_ABOVE as UNCERTAINTY_WARN_ABOVE
+from ncaudit.metrics._uncertainty_ls import LeastSquaresUncertainty, ls_arithmetic, ls_error_estimate, ls_uncertainty
 
-__all__ = ["EPS", "Energy", "LeastSquares", "MeansBasis", "PAIR_BLOCK_BYTES", "PairGeometry", "TINY", "TotalPinv",
-           "block_rows", "cdnv", "equiangle", "equinorm", "hyperspherical_energy", "least_squares", "ls_cosine",
-           "ls_distance", "ls_error_estimate", "ls_loss", "maxangle", "means_basis", "mse_loss", "mse_term_b", "nc1",
-           "nc1_of_deviations", "nc3", "nc5", "orthogonality", "pair_block_rows", "pair_geometry", "refine",
-           "total_pinv"]
+__all__ = ["EPS", "LS_KEYS", "PAIR_BLOCK_BYTES", "TINY", "UNCERTAINTY_PROBES", "UNCERTAINTY_WARN_ABOVE", "Energy",
+           "LeastSquares", "LeastSquaresUncertainty", "MeansBasis", "PairGeometry", "Rounding", "TotalPinv",
+           "block_rows", "cdnv", "cdnv_uncertainty", "equiangle", "equinorm", "hyperspherical_energy", "least_squares",
+           "ls_arithmetic", "ls_cosine", "ls_distance", "ls_error_estimate", "ls_loss", "ls_uncertainty", "maxangle",
+           "means_basis", "mse_loss", "mse_term_b", "nc1", "nc1_of_deviations", "nc1_uncertainty", "nc3",
+           "nc3_uncertainty", "nc5", "orthogonality", "pair_block_rows", "pair_geometry", "refine", "rounding",
+           "rounding_unit", "total_pinv"]

@@ -1,5 +1,6 @@
 """The Webb-Lowe least-squares classifier and the MSE decomposition (Han, Papyan & Donoho 2022): Sigma_T^dagger
-by block elimination, W_LS, terms A and B, distance and cosine to W, refinement and error estimate."""
+by block elimination, W_LS, terms A and B, distance and cosine to W, refinement (the error estimate that decides
+refinement is in :mod:`ncaudit.metrics._uncertainty`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ncaudit.metrics._nc1 import MeansBasis
-from ncaudit.metrics._numeric import EPS, TINY, block_rows
+from ncaudit.metrics._numeric import EPS, block_rows
 from ncaudit.stats import Residual, Statistics
 
 
@@ -121,6 +122,9 @@ class TotalPinv:
         max(rcond * lambda_max, error_bound): eigenvalues at or below it are dropped.
     lambda_max : float
         lambda_max(Sigma_T + lambda I).
+    dropped_vectors, dropped_values : ndarray of shape (p - t, d) and (d,)
+        The eigenpairs of T at or below the cut-off (kept for :mod:`ncaudit.metrics._uncertainty`: the directions
+        that a perturbation of the features could bring above it, and the null space of the pseudo-inverse).
     """
 
     top: np.ndarray
@@ -132,6 +136,8 @@ class TotalPinv:
     rank: int
     cutoff: float
     lambda_max: float
+    dropped_vectors: np.ndarray | None = None
+    dropped_values: np.ndarray | None = None
 
     def _t_pinv(self, rhs: np.ndarray) -> np.ndarray:
         return self.vectors @ ((self.vectors.T @ rhs) / self.values[:, None])
@@ -199,7 +205,8 @@ def total_pinv(stats: Statistics, ridge: float = 0.0, rcond: float | None = None
     cutoff = max(rel * lambda_max, stats.error_bound)
     keep = values > cutoff
     pinv = TotalPinv(*blocks, vectors=vectors[:, keep], values=values[keep], rank=t + int(keep.sum()),
-                     cutoff=cutoff, lambda_max=lambda_max)
+                     cutoff=cutoff, lambda_max=lambda_max, dropped_vectors=vectors[:, ~keep],
+                     dropped_values=values[~keep])
     solution = pinv.apply_parts(s[:t, None] * vt[:t], rhs_y) if t else pinv.apply(rhs_y)
     return pinv, solution
 
@@ -329,48 +336,3 @@ def ls_cosine(weight: np.ndarray, ls: LeastSquares) -> float:
     """<W, W_LS>_F / (||W||_F ||W_LS||_F): alignment with the least-squares classifier, blind to scale."""
     d = np.linalg.norm(weight) * np.linalg.norm(ls.weight)
     return float(np.sum(weight * ls.weight) / d) if d > 0 else math.nan
-
-
-def ls_error_estimate(stats: Statistics, weight: np.ndarray | None, ls: LeastSquares, term_a: float,
-                      term_b: float | None, *, seed: int = 0) -> float:
-    """Estimated relative error of the least-squares quantities (terms A and B, ||W_LS||, distance, cosine) caused
-    by the rounding of Sigma_W (accumulation and solve), to first order. Without a classifier (``weight`` and
-    ``term_b`` None) only term A and ||W_LS|| are estimated.
-
-    Notes
-    -----
-    Sigma_W is perturbed by Delta = 4 u tr(Sigma_W) E / ||E||_2 with E a random symmetric Gaussian matrix (u the unit
-    roundoff: the size of the backward error of a float64 scatter and of the symmetric solve), and the first-order
-    changes follow in closed form: dW_LS = -W_LS Delta Sigma_T^dagger, dA = 1/2 <W_LS^T W_LS, Delta> - lambda
-    <W_LS, dW_LS>, dL(W) = 1/2 <W^T W, Delta>, dB = dL(W) - dA. The largest relative change is returned. Measured
-    against an SVD solve on the samples, the actual error was 0.02 to 1.6 times this estimate on real and planted
-    features (tests/test_exact_ls.py, bench/stats.py --exactness).
-    """
-    p = stats.n_features
-    size = 4.0 * (EPS / 2) * float(np.trace(stats.sigma_w))
-    w_ls = ls.weight
-    n_ls = float(np.linalg.norm(w_ls))
-    if size == 0.0 or n_ls == 0.0:
-        return 0.0
-    g = np.random.default_rng(seed).standard_normal((p, p))
-    delta = (g + g.T) * (size / (2.0 * math.sqrt(2.0 * p)))  # ||g + g^T||_2 ~ 2 sqrt(2p)
-    wd = w_ls @ delta
-    d_w = -ls.pinv.apply(wd.T).T
-    d_a = 0.5 * float(np.sum(wd * w_ls)) - ls.ridge * float(np.sum(w_ls * d_w))
-    d_norm = float(np.sum(w_ls * d_w)) / n_ls
-    changes = [abs(d_a) / max(abs(term_a), TINY), abs(d_norm) / n_ls]
-    if weight is None or term_b is None:
-        return max(changes)
-    n_w = float(np.linalg.norm(weight))
-    d_b = 0.5 * quadratic_trace(weight, delta) - d_a
-    changes.append(abs(d_b) / max(abs(term_b), TINY))
-    diff = weight - w_ls
-    n_diff = float(np.linalg.norm(diff))
-    if n_diff > 0:
-        dist = n_diff / n_ls
-        changes.append(abs(-float(np.sum(diff * d_w)) / n_diff / n_ls - dist * d_norm / n_ls) / dist)
-    if n_w > 0:
-        cos = float(np.sum(weight * w_ls)) / (n_w * n_ls)
-        d_cos = float(np.sum(weight * d_w)) / (n_w * n_ls) - cos * d_norm / n_ls
-        changes.append(abs(d_cos) / max(abs(cos), TINY))
-    return max(changes)

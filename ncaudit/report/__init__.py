@@ -9,7 +9,7 @@ from ncaudit.report._atomic import check_output, write_text_atomic
 from ncaudit.report._checks import check_message, checks_table_of, failed_first, verdict_line
 from ncaudit.report._compare_table import compare_table, render_compare_table
 from ncaudit.report._csv import render_trajectory_csv
-from ncaudit.report._format import column_format, fmt, fmt_compact, fmt_percent, fmt_signed
+from ncaudit.report._format import column_format, fmt, fmt_compact, fmt_percent, fmt_signed, fmt_uncertain
 from ncaudit.report._json import render_compare_json, render_json, render_trajectory_json
 from ncaudit.report._junit import render_junit
 from ncaudit.report._markdown import render_compare_markdown, render_markdown, render_trajectory_markdown
@@ -20,7 +20,8 @@ from ncaudit.report._trajectory_file import TrajectoryWriter, is_trajectory_file
 from ncaudit.report._trajectory_table import trajectory_table
 
 __all__ = ["TrajectoryWriter", "check_message", "check_output", "checks_table", "checks_table_of", "column_format",
-           "compare_table", "failed_first", "fmt", "fmt_compact", "fmt_percent", "fmt_signed", "is_trajectory_file",
+           "compare_table", "failed_first", "fmt", "fmt_compact", "fmt_percent", "fmt_signed", "fmt_uncertain",
+           "is_trajectory_file",
            "layers_table", "metrics_table", "per_class_table", "plot_path", "plot_trajectory", "provenance_title",
            "read_trajectory", "render_compare_json", "render_compare_markdown", "render_compare_table", "render_json",
            "render_junit", "render_markdown", "render_table", "render_text", "render_trajectory_csv",

@@ -51,3 +51,57 @@ def fmt_percent(value: Any, digits: int = 3) -> str:
     if not isinstance(value, (int, float)):
         return fmt(value)
     return f"{fmt_signed(100.0 * value, digits)} %"
+
+
+#: A value whose relative uncertainty reaches this is printed as undetermined (its magnitude only).
+UNDETERMINED = 1.0
+
+
+def fmt_uncertain(value: Any, uncertainty: float | None, digits: int = 4, *, compact: bool = False) -> str:
+    """A metric value with the digits its uncertainty leaves: ``-0.016 ±31%``, ``0.2002 ±0.025%``, ``8.600e-04``,
+    ``~2e-2 (undetermined)``. Every renderer prints uncertain values through this function.
+
+    Parameters
+    ----------
+    value
+        The value (None: '—').
+    uncertainty
+        Its relative uncertainty (``details.uncertainty[key]``); None when unknown: the value is printed as
+        :func:`fmt` (or :func:`fmt_compact`) prints it.
+    digits
+        The most significant digits shown (3 when ``compact``).
+    compact
+        The short forms of :func:`fmt_compact` (``8.60e-4``) for tables with many columns.
+
+    Notes
+    -----
+    The value is rounded to the decade of its absolute uncertainty delta = uncertainty * |value| (the last digit
+    shown is the first uncertain one) and the relative uncertainty follows in percent, two significant digits. Below
+    10^-digits the uncertainty does not reach the digits shown and is left out. At ``UNDETERMINED`` (100 %) or more
+    not even the first digit is determined: only the magnitude is shown, ``~2e-2 (undetermined)``.
+    """
+    digits = 3 if compact else digits
+    plain = fmt_compact if compact else (lambda v: fmt(v, digits))
+    if not isinstance(value, float) or not math.isfinite(value) or uncertainty is None or math.isnan(uncertainty):
+        return plain(value)
+    if uncertainty >= UNDETERMINED:
+        if value == 0:
+            return "~0 (undetermined)"
+        mantissa, exponent = f"{value:.0e}".split("e")
+        return f"~{mantissa}e{int(exponent)} (undetermined)"
+    if uncertainty <= 10.0**-digits or value == 0:
+        return plain(value)
+    magnitude = math.floor(math.log10(abs(value)))
+    significant = max(1, min(digits, magnitude - math.floor(math.log10(uncertainty * abs(value))) + 1))
+    if 1e-3 <= abs(value) < 1e5 and magnitude < significant:
+        text = f"{value:.{max(0, significant - 1 - magnitude)}f}"
+    else:
+        mantissa, exponent = f"{value:.{significant - 1}e}".split("e")
+        text = f"{mantissa}e{int(exponent)}" if compact else f"{mantissa}e{exponent}"
+    return f"{text} ±{_percent(uncertainty)}"
+
+
+def _percent(uncertainty: float) -> str:
+    """A relative uncertainty in percent, two significant digits: ``31%``, ``0.52%``, ``0.0031%``."""
+    pct = 100.0 * uncertainty
+    return f"{pct:.0f}%" if pct >= 10 else f"{pct:.2g}%"

@@ -3,7 +3,8 @@
 GitHub-flavoured markdown (tables; ``<details>`` folds the long parts): a heading with the verdict, the failed checks
 first, then a compact table. Every string that comes from the data (paths, model and class names) is written as a
 code span, so nothing in it is read as markup, HTML, a mention or a link; every number goes through
-:func:`~ncaudit.report._format.fmt`.
+:func:`~ncaudit.report._format.fmt` (values with a stated uncertainty through
+:func:`~ncaudit.report._format.fmt_uncertain`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from ncaudit.audit import AuditResult, Comparison, TrajectoryRow
 from ncaudit.audit._trajectory import COLUMNS as TRAJECTORY_COLUMNS
 from ncaudit.audit._trajectory import NARROW_COLUMNS, split_order
 from ncaudit.report._checks import MARKS, check_message, failed_first, verdict_line
-from ncaudit.report._format import fmt, fmt_percent, fmt_signed
+from ncaudit.report._format import fmt, fmt_percent, fmt_signed, fmt_uncertain
 from ncaudit.report._table import GROUPS
 from ncaudit.report._trajectory_table import _trajectory_columns
 
@@ -83,13 +84,13 @@ def _warnings(warnings: Sequence[str]) -> list[str]:
     return ["**warnings**\n\n" + "\n".join(f"- {md_text(w)}" for w in warnings)] if warnings else []
 
 
-def _all_metrics(metrics: dict[str, Any]) -> str:
+def _all_metrics(metrics: dict[str, Any], uncertainty: dict[str, Any]) -> str:
     rows, named = [], set()
     for _, group in GROUPS:
         for key, meaning in group:
             named.add(key)
-            rows.append([md_code(key), fmt(metrics.get(key)), md_text(meaning)])
-    rows += [[md_code(k), fmt(v), ""] for k, v in metrics.items() if k not in named]
+            rows.append([md_code(key), fmt_uncertain(metrics.get(key), uncertainty.get(key)), md_text(meaning)])
+    rows += [[md_code(k), fmt_uncertain(v, uncertainty.get(k)), ""] for k, v in metrics.items() if k not in named]
     return md_table(["metric", "value", "meaning"], rows, [False, True, False])
 
 
@@ -102,7 +103,7 @@ def _per_class(rows: Sequence[dict[str, Any]]) -> str:
 def render_markdown(result: AuditResult, *, per_class: bool = False) -> str:
     """One report: the verdict, the failed checks first, a one-row table of the headline metrics, and every metric
     (with its meaning) folded below; with ``per_class``, the per-class table folded too."""
-    src = result.source
+    src, unc = result.source, result.details.get("uncertainty") or {}
     parts = [f"### ncaudit report{_verdict(result.checks)}",
              f"{md_code(src.get('path', ''), table=False)} · "
              + _provenance(src, result.n_samples, result.n_features, result.n_classes)]
@@ -112,9 +113,10 @@ def render_markdown(result: AuditResult, *, per_class: bool = False) -> str:
         parts.append(checks_markdown(result.checks))
     headline = [k for k, _ in TRAJECTORY_COLUMNS if k in NARROW_COLUMNS]
     parts.append(md_table([md_text(_HEADERS[k].replace("\n", " ")) for k in headline],
-                          [[fmt(result.metrics.get(k)) for k in headline]], [True] * len(headline)))
+                          [[fmt_uncertain(result.metrics.get(k), unc.get(k)) for k in headline]],
+                          [True] * len(headline)))
     parts += _warnings(result.warnings)
-    parts.append(_details("every metric", _all_metrics(result.metrics)))
+    parts.append(_details("every metric", _all_metrics(result.metrics, unc)))
     if per_class and result.per_class:
         parts.append(_details("per class", _per_class(result.per_class)))
     return "\n\n".join(parts) + "\n"
@@ -127,7 +129,8 @@ def render_trajectory_markdown(rows: Sequence[TrajectoryRow], checks: Sequence[d
     parts = [f"### ncaudit trajectory: {len(rows)} checkpoint{'s' if len(rows) != 1 else ''}{_verdict(checks)}"]
     if checks:
         parts.append(checks_markdown(checks) + "\n\nChecks apply to the last row.")
-    body = [[md_code(r.label)] + [fmt(r.value(f"{s}.{k}" if s else k), 3) for k, s, _ in columns] for r in rows]
+    body = [[md_code(r.label)] + [fmt_uncertain(r.value(f"{s}.{k}" if s else k), r.uncertainty(f"{s}.{k}" if s else k),
+                                                3) for k, s, _ in columns] for r in rows]
     parts.append(md_table(["checkpoint"] + [md_text(h.replace("\n", " ")) for _, _, h in columns], body,
                           [False] + [True] * len(columns)))
     return "\n\n".join(parts) + "\n"

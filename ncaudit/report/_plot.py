@@ -77,8 +77,22 @@ def _log_y(ax: Any, values: list[float]) -> None:
         ax.yaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(3, 3)))
 
 
+def _shade(ax: Any, uncertainty: list[tuple[float, float | None]], pts: list[tuple[float, float]], log: bool,
+           color: str) -> None:
+    """Shade value ± its relative uncertainty (``details.uncertainty``) around a series, where one is stated and
+    visible (above 1e-3); on a log axis the band is [v / (1 + u), v (1 + u)]."""
+    stated = dict(uncertainty)
+    band = [(x, v, stated.get(x)) for x, v in pts]
+    if not any(u is not None and u > 1e-3 for _, _, u in band):
+        return
+    lo = [v / (1 + (u or 0.0)) if log else v - abs(v) * (u or 0.0) for _, v, u in band]
+    hi = [v * (1 + (u or 0.0)) if log else v + abs(v) * (u or 0.0) for _, v, u in band]
+    ax.fill_between([x for x, _, _ in band], lo, hi, color=color, alpha=0.2, linewidth=0)
+
+
 def trajectory_figure(rows: Sequence[TrajectoryRow], title: str | None = None) -> Any:
-    """The figure: one panel per NC property against the epoch (or checkpoint); train solid, other splits dashed.
+    """The figure: one panel per NC property and two for the least-squares classifier against the epoch (or
+    checkpoint); train solid, other splits dashed; each value's uncertainty shaded where it is visible.
 
     Raises
     ------
@@ -101,7 +115,10 @@ def trajectory_figure(rows: Sequence[TrajectoryRow], title: str | None = None) -
                     continue
                 style = "-" if split in TRAIN_SPLITS or len(splits) == 1 else "--"
                 label = f"{legend} ({split})" if len(splits) > 1 and not key.endswith("_classifier") else legend
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", markersize=4, label=label)
+                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", markersize=4,
+                                label=label)
+                _shade(ax, [(x, r.uncertainty(f"{split}.{key}")) for x, r in zip(xs, rows) if split in r.splits],
+                       pts, log, line.get_color())
                 plotted += [p[1] for p in pts]
         ax.set_title(panel_title, fontsize=10)
         ax.set_ylabel(ylabel, fontsize=9)

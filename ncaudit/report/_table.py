@@ -12,7 +12,7 @@ from rich.text import Text
 from ncaudit._text import printable
 from ncaudit.audit import TRAIN_SPLITS, AuditResult
 from ncaudit.report._checks import checks_table_of
-from ncaudit.report._format import column_format, fmt
+from ncaudit.report._format import column_format, fmt, fmt_uncertain
 from ncaudit.report._layout import MIN_KEY_WIDTH, Column, Fitted, FittedTable
 
 #: (group title, [(metric key, one-line meaning)]) in table order.
@@ -68,8 +68,9 @@ _MEANING_BESIDE = 64
 
 
 def metrics_table(result: AuditResult) -> Fitted:
-    """The grouped metric table (NC1 / NC2 / NC3 / NC4 / least squares), each value with its meaning; at any width
-    the keys and values are whole (the meanings wrap, or go under their metric when the width is short)."""
+    """The grouped metric table (NC1 / NC2 / NC3 / NC4 / least squares), each value with its meaning and with the
+    digits its uncertainty (``details.uncertainty``) leaves; at any width the keys and values are whole (the meanings
+    wrap, or go under their metric when the width is short)."""
     return Fitted(lambda width: _metrics_table(result, width))
 
 
@@ -93,6 +94,7 @@ def _metric_rows(result: AuditResult) -> list[tuple[str, str, list[tuple[str, st
 
 def _metrics_table(result: AuditResult, width: int) -> Table:
     m = result.metrics
+    uncertainty = result.details.get("uncertainty") or {}
     groups = _metric_rows(result)
     beside = width >= _MEANING_BESIDE
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=False)
@@ -110,7 +112,7 @@ def _metrics_table(result: AuditResult, width: int) -> Table:
         else:
             table.add_row(Text(f"{short}  {long}", style="bold cyan"), "")
         for key, text in shown:
-            table.add_row(f"  {key}", fmt(m.get(key)), *([text] if beside else []))
+            table.add_row(f"  {key}", fmt_uncertain(m.get(key), uncertainty.get(key)), *([text] if beside else []))
             if not beside:
                 table.add_row(Text(f"    {text}", style="dim"), "")
         table.add_section()

@@ -12,7 +12,7 @@ from ncaudit._text import printable
 from ncaudit.audit import TrajectoryRow
 from ncaudit.audit._trajectory import COLUMNS as TRAJECTORY_COLUMNS
 from ncaudit.audit._trajectory import NARROW_COLUMNS, PER_SPLIT, split_order
-from ncaudit.report._format import fmt_compact
+from ncaudit.report._format import fmt_compact, fmt_uncertain
 from ncaudit.report._layout import Column, FittedTable
 from ncaudit.report._table import layers_table
 
@@ -47,8 +47,8 @@ def trajectory_table(rows: Sequence[TrajectoryRow], *, layers: bool = False, wid
             continue
         columns.append((key, split))
         headers.append(Column(header))
-    table_rows = [([printable(r.label)], [fmt_compact(r.value(f"{s}.{k}" if s else k)) for k, s in columns])
-                  for r in rows]
+    table_rows = [([printable(r.label)], [fmt_uncertain(r.value(f"{s}.{k}" if s else k), r.uncertainty(f"{s}.{k}" if s else k),
+                                             compact=True) for k, s in columns]) for r in rows]
     # One space of padding (plus the divider) between columns: the narrow set stays within 80.
     parts: list[Any] = [FittedTable([Column("checkpoint", justify="left", fit="fold")], headers, table_rows,
                                     title="trajectory", padding=(0, 0, 0, 1))]
