@@ -8,8 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ncaudit import _device
 from ncaudit._validate import SQUARABLE
 from ncaudit.stats._gemm import Workspace, mm
+from ncaudit.stats._host import HostDecider
 from ncaudit.stats._state import _Sums
 
 
@@ -159,6 +161,14 @@ class SampleDecisions(_Sums):
             if self.num_classes * ncols * 8 <= memory_budget:
                 self._label_table = self._label_constants(torch.arange(self.num_classes, device=self.device))
         self._workspace = Workspace(self.device)
+        self._host: HostDecider | None = None
+        if self.device.type == "cpu" and _device.HOST_NUMPY:  # NumPy per batch on the CPU (see ncaudit.stats._host)
+            self._host = HostDecider(
+                self._rows64.numpy(), self._const.numpy(), self.global_mean.numpy(), self.means.numpy(),
+                self._white.numpy(), self._anchors.to(torch.float64).numpy() if self.anchored else None,
+                np.dtype(str(gemm_dtype).replace("torch.", "")), per_class=per_class, normalize=normalize,
+                has_classifier=self.has_classifier,
+                label_table=None if self._label_table is None else self._label_table.numpy())
         self.reset()
 
     def _label_constants(self, labels: torch.Tensor) -> torch.Tensor:
@@ -198,6 +208,13 @@ class SampleDecisions(_Sums):
         """Decide one batch: ``features`` (B, p), ``labels`` (B,) in [0, C); large batches go in row chunks."""
         h = torch.as_tensor(features)
         y = torch.as_tensor(labels)
+        if self._host is not None:
+            h, y = h.cpu(), y.cpu()
+            if h.dtype not in (torch.float16, torch.float32, torch.float64):
+                h = h.to(torch.float32)  # bfloat16 has no NumPy dtype: exact in float32
+            state = {name: getattr(self, name).numpy() for name in self.STATE}
+            self._host.update(h.detach().numpy(), y.detach().numpy().astype(np.int64, copy=False), state)
+            return
         for start in range(0, h.shape[0], self._chunk):
             self._update(h[start:start + self._chunk].to(self.device),
                          y[start:start + self._chunk].to(self.device, dtype=torch.int64))
