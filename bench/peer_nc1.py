@@ -22,8 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: ``shared/peers/neural-collapse`` beside the project root (or beside a folder above it: git worktrees).
-PEER = next((d / "shared" / "peers" / "neural-collapse" for d in ROOT.parents
-             if (d / "shared" / "peers" / "neural-collapse").is_dir()), ROOT.parent / "shared" / "peers" / "neural-collapse")
+_CANDIDATES = [d / "shared" / "peers" / "neural-collapse" for d in ROOT.parents]
+PEER = next((d for d in _CANDIDATES if d.is_dir()), _CANDIDATES[0])
 
 
 def main() -> None:

@@ -130,6 +130,7 @@ def _audit(source: BatchSource, setup: _Setup, options: AuditOptions, device: to
     decisions_pass = _DecisionsPass(setup, sel, closed, options, device, train)
     decisions, layer_decisions, residual, train_decisions = _stream(source, setup, options, progress, decisions_pass,
                                                                     decisions_pass.title)
+    del decisions_pass  # frees pass 2's tables (p x 2C and more) before refinement and the assembly
     if setup.deferred:
         _same_samples(sel.stats.counts, decisions, setup.where)
     if closed.ls is not None:

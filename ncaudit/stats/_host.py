@@ -36,7 +36,7 @@ _U64 = float(np.finfo(np.float64).eps) / 2
 #: Bytes of float64 rows per block of element-wise work (a block and its gathered rows stay in L2).
 BLOCK_BYTES = 1 << 19
 #: Bytes of scratch per chunk of rows (inputs of the products and their results).
-CHUNK_BYTES = 48 << 20
+CHUNK_BYTES = 24 << 20
 
 
 def _orthonormal(whitener: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -96,19 +96,39 @@ class HostDecider:
         if basis is not None:
             u, s = basis
             coef = u.T @ rows64[:, :c]  # U^T m_c, (r, C)
-            resid = float(np.linalg.norm(rows64[:, :c] - u @ coef, axis=0).max())
+            resid = 0.0  # max_c ||(I - U U^T) m_c||, in blocks of columns (no p x C temporary)
+            for a in range(0, c, 128):
+                e = min(a + 128, c)
+                part = rows64[:, a:e] - u @ coef[:, a:e]
+                resid = max(resid, float(np.sqrt(np.einsum("pc,pc->c", part, part).max())))
             coef_max = float(np.linalg.norm(coef, axis=0).max())
             r = u.shape[1]
             self.shared = dict(u=np.ascontiguousarray(u), inv_s=1.0 / s, coef32=coef.astype(np.float32),
                                within=(means - anchors) @ u, coef_max=coef_max, resid=resid,
                                t_unit=2.0 * (r + 2) * _U32 * coef_max,
                                x_unit=2.0 * ((p + 2) * _U64 * math.sqrt(r) * coef_max + resid))
+            self.white = None  # U S^-1 again from U and S where a chunk needs it (see _whitener)
+            self.means = None  # mu_c again from M and mu_G where a chunk needs it (see _class_means)
         self.m_t: np.ndarray | None = None
         r = whitener.shape[1]
         row_bytes = p * 12 + r * 12 + 8 * ncols + 8
         self.chunk = int(max(64, CHUNK_BYTES // row_bytes))
         self.block = int(max(16, BLOCK_BYTES // (8 * max(p, ncols))))
         self._bufs: dict[str, np.ndarray] = {}
+
+    def release(self) -> None:
+        """Free the scratch buffers (they are allocated again by the next update)."""
+        self._bufs.clear()
+
+    def _class_means(self) -> np.ndarray:
+        if self.means is None:
+            self.means = self.rows64[:, :self.c].T + self.mu_g
+        return self.means
+
+    def _whitener(self) -> np.ndarray:
+        if self.white is None:
+            self.white = self.shared["u"] * self.shared["inv_s"]
+        return self.white
 
     def _means_t(self) -> np.ndarray:
         """M in the GEMM's dtype, (p, C), formed on first use (the shared path does without it)."""
@@ -157,7 +177,8 @@ class HostDecider:
                 if self.normalize:
                     rows /= np.maximum(np.sqrt(np.einsum("bp,bp->b", rows, rows)), np.finfo(np.float64).tiny)[:, None]
                 if within is not None:
-                    np.subtract(rows, self._gather(self.means, labels, gathered), out=within[a:a + step])  # h - mu_y
+                    np.subtract(rows, self._gather(self._class_means(), labels, gathered),
+                                out=within[a:a + step])  # h - mu_y
                 rows -= self.mu_g
             if self.low:
                 xg[a:a + step] = rows
@@ -204,7 +225,8 @@ class HostDecider:
                     part -= self._gather(sh["within"], y[a:a + step], gathered)
                     part *= sh["inv_s"]
             else:
-                z = np.matmul(within, self.white, out=self._buf("t", (b, self.white.shape[1])))
+                white = self._whitener()
+                z = np.matmul(within, white, out=self._buf("t", (b, white.shape[1])))
             state["whitened_scatter"] += np.bincount(y, weights=np.einsum("br,br->b", z, z), minlength=c)
 
     def _decide(self, raw: np.ndarray, consts: np.ndarray, label_rows: np.ndarray, bound: np.ndarray | None,
