@@ -174,6 +174,7 @@ class SampleDecisions(_Sums):
             self._white = self._anchors = None  # type: ignore[assignment]
             if self._host.means is None:
                 self.means = None  # type: ignore[assignment]
+            _device.release_free_memory()  # what the closed forms and the set-up above freed
         self.reset()
 
     def _label_constants(self, labels: torch.Tensor) -> torch.Tensor:

@@ -405,6 +405,8 @@ class ClassStatistics(_State):
         total = float(n.sum())
         if total == 0:
             raise ValueError("no samples were accumulated")
+        if self._host:
+            _device.release_free_memory()  # the batches of the pass just read
         safe_n = n.clamp_min(1.0)
         d = self.shifted_sum / safe_n[:, None]  # d_c = mu_c - s_c
         sigma_w = (self.scatter - d.T @ (d * n[:, None])) / total
