@@ -64,6 +64,26 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 @contextlib.contextmanager
+def host_threads(device: torch.device) -> Iterator[None]:
+    """On the CPU, torch single-threaded inside the block (restored after); elsewhere nothing.
+
+    For work whose products run in NumPy's BLAS (the audit of a cache): torch's few operations around them (labels,
+    set-up of a pass) would otherwise wake its OpenMP pool, whose threads spin after each parallel region and take the
+    cores the BLAS needs in any process without ``OMP_WAIT_POLICY=PASSIVE`` (measured: pass 2 25 % slower). Not for
+    blocks that run a model: its forward pass wants torch's threads.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
 def full_precision_matmul() -> Iterator[None]:
     """Disable TF32 and reduced-precision float32 matmuls inside the block, restoring the settings after."""
     cuda_tf32 = torch.backends.cuda.matmul.allow_tf32

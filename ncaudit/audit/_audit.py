@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ncaudit._device import resolve_device
+from ncaudit._device import host_threads, resolve_device
 from ncaudit.audit._closed import (
     _closed_form,
     _layer_block,
@@ -85,7 +85,8 @@ def audit_cache(
             _open_ood(ood, options) as ood_cache:
         setup = _setup(cache, options, group)
         ood_setup = None if ood_cache is None else _ood_setup(ood_cache, setup, options, group)
-        return _audit(cache, setup, options, device, progress, ood_cache, ood_setup)
+        with host_threads(device):  # the products are NumPy's; torch's pool must not spin beside them
+            return _audit(cache, setup, options, device, progress, ood_cache, ood_setup)
 
 
 #: ``ncaudit.audit.audit`` is :func:`audit_cache`.
