@@ -110,8 +110,9 @@ def nearest_key(name: str, known: Sequence[str]) -> str | None:
     return best[2] if best is not None and best[0] >= 0.5 else None
 
 
-def resolve_metric(name: str, known: Sequence[str], text: str) -> str:
-    """The key of ``known`` that ``name`` names, in any case; else an error naming the nearest key.
+def resolve_metric(name: str, known: Sequence[str], text: str, *, flag: str = "--fail-if") -> str:
+    """The key of ``known`` that ``name`` names, in any case; else an error naming the nearest key (``flag`` and
+    ``text`` say where the name was given).
 
     Raises
     ------
@@ -126,10 +127,10 @@ def resolve_metric(name: str, known: Sequence[str], text: str) -> str:
     plain = [k for k in known if "." not in k]
     splits = "; prefix a split, as in 'test.accuracy'" if len(plain) < len(known) else ""
     if nearest := nearest_key(name, known):  # the nearest key, not the whole list
-        raise InputError(f"--fail-if {text!r}: unknown metric {name!r}; did you mean {nearest!r}? (the README's "
+        raise InputError(f"{flag} {text!r}: unknown metric {name!r}; did you mean {nearest!r}? (the README's "
                          f"metric table lists every key{splits})")
     listing = ", ".join(plain) + splits
-    raise InputError(f"--fail-if {text!r}: unknown metric {name!r}; metric keys: {listing}")
+    raise InputError(f"{flag} {text!r}: unknown metric {name!r}; metric keys: {listing}")
 
 
 def parse_check(text: str, known: Iterable[str]) -> Check:
@@ -216,7 +217,8 @@ def evaluate(
     list of dict
         ``expression``, ``metric``, ``op``, ``threshold``, ``value``, ``uncertainty`` (the absolute half-width X
         of the undetermined band, 0 when exact), ``passed``, ``outcome`` (``passed``, ``failed``, ``undetermined``,
-        ``failed: metric not available``, ``failed: baseline not available``), and for a baseline check
+        ``failed: metric not available``, ``failed: metric not computed`` (a result of other ``--metrics``),
+        ``failed: baseline not available``), and for a baseline check
         ``baseline`` (the baseline's value).
 
     Notes
@@ -235,7 +237,9 @@ def evaluate(
                 raise InputError(f"--fail-if {check.expression!r} compares with a baseline, and there is none")
             base = _finite(baseline.get(check.metric))
             entry["baseline"] = base
-        if value is None:
+        if check.metric not in values:
+            outcome = "failed: metric not computed"
+        elif value is None:
             outcome = "failed: metric not available"
         elif check.relative and base is None:
             outcome = "failed: baseline not available"
