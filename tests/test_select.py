@@ -305,3 +305,17 @@ def test_baseline_without_the_metric(cache, tmp_path):
                                    "--device", "cpu"])
     assert run.exit_code == 0, run.output
     assert list(json.loads(run.stdout)["metrics"]) == ["ncc_accuracy"]
+
+
+def test_trajectory_metrics(cache, full, tmp_path):
+    """``trajectory --metrics``: the caches are audited for those keys and the split-prefixed --fail-if ones."""
+    run = CliRunner().invoke(app, ["trajectory", str(cache), str(cache), "--metrics", "nc1", "--fail-if",
+                                   "data.ncc_accuracy<0.01", "--json", "-q", "--device", "cpu"])
+    assert run.exit_code == 0, run.output
+    row = json.loads(run.stdout)["trajectory"][-1]
+    assert list(row["splits"]["data"]["metrics"]) == ["nc1", "ncc_accuracy"]
+    assert _close(row["nc1"], full.metrics["nc1"])
+    jsonl = tmp_path / "run.jsonl"
+    jsonl.write_text("")
+    run = CliRunner().invoke(app, ["trajectory", str(jsonl), "--metrics", "nc1", "-q"])
+    assert run.exit_code == 2 and "trajectory file" in run.output

@@ -154,6 +154,19 @@ def parse_check(text: str, known: Iterable[str]) -> Check:
     return Check(metric, match["op"], None, arith, operand)
 
 
+def metric_names(texts: Sequence[str] | None, known: Sequence[str]) -> list[str]:
+    """The keys of ``known`` that ``--fail-if`` expressions name, a ``split.`` prefix dropped (``test.accuracy`` ->
+    ``accuracy``), in any case; expressions that do not parse or name no key are left to :func:`parse_checks`."""
+    lowered = {k.lower(): k for k in known}
+    out = []
+    for text in texts or ():
+        match = _PATTERN.match(text.replace("\u2212", "-"))
+        name = match["metric"].rpartition(".")[2].lower() if match else ""
+        if name in lowered:
+            out.append(lowered[name])
+    return out
+
+
 def parse_checks(texts: Sequence[str] | None, known: Iterable[str]) -> list[Check]:
     known = list(known)
     return [parse_check(t, known) for t in texts or ()]
