@@ -77,7 +77,8 @@ def main() -> None:
     for c in contenders:
         w, r = runs[c]["wall"], runs[c]["rss"]
         same = "" if c == "full" else f"   values: {check(outputs['full'], outputs[c], c)}"
-        print(f"  {'(everything)' if c == 'full' else '--metrics ' + c:32s} {min(w):6.2f}–{statistics.median(w):6.2f} s"
+        name = "(everything)" if c == "full" else f"--metrics {c}"
+        print(f"  {name:32s} {min(w):6.2f}–{statistics.median(w):6.2f} s"
               f"   {min(r):6.0f}–{statistics.median(r):6.0f} MiB{same}")
     if args.json:
         print(json.dumps(runs))

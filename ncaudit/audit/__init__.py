@@ -45,5 +45,5 @@ __all__ = ["COMPARE_SCHEMA", "DIRECTIONS", "MEANS_FROM_METRICS", "METRIC_KEYS", 
            "MetricChange", "Plan", "ProgressTracker", "TrajectoryRow", "audit", "audit_cache", "audit_features",
            "audit_model", "audit_source", "audit_trajectory", "baseline_info", "build_rows", "check_caches",
            "check_comparable", "compare", "comparison_to_json", "evaluate", "gate", "gate_last_row", "json_safe",
-           "load_result", "make_plan", "metric_names", "parse_checks", "read_report", "require_baseline", "require_baseline_metrics",
-           "resolve_metrics", "result_from_json", "result_to_json", "training_pairs", "verdict", "with_checks"]
+           "load_result", "make_plan", "metric_names", "parse_checks", "read_report", "require_baseline",
+           "require_baseline_metrics", "resolve_metrics", "result_from_json", "result_to_json", "training_pairs", "verdict", "with_checks"]

@@ -134,7 +134,8 @@ def _audit(source: BatchSource, setup: _Setup, options: AuditOptions, device: to
     if plan.decisions:
         decisions_pass = _DecisionsPass(setup, sel, closed, options, device, train, plan)
         decisions, layer_decisions, residual, train_decisions = _stream(
-            source, setup, options, progress, decisions_pass, decisions_pass.title, layers=bool(decisions_pass.layer_dec))
+            source, setup, options, progress, decisions_pass, decisions_pass.title,
+            layers=bool(decisions_pass.layer_dec))  # the layers' features only for their NCC decisions
         if setup.deferred:
             _same_samples(sel.stats.counts, decisions, setup.where)
     elif closed.ls is not None and closed.estimate > REFINE_ABOVE:  # no pass 2 to ride along: a pass of its own

@@ -72,8 +72,8 @@ def report(
 
     Two streaming passes over the file (statistics, then per-sample decisions); memory does not grow with the
     number of samples. --metrics computes only the metrics named (and the --fail-if ones): '--metrics nc1' reads the
-    file once and skips the decisions and the least squares. Every value is printed with the digits its features determine: how far it moves when each
-    stored feature is perturbed by one rounding unit of its dtype (float32, float16, bfloat16), the float64
+    file once and skips the decisions and the least squares. Every value is printed with the digits its features
+    determine: how far it moves when each stored feature is perturbed by one rounding unit of its dtype (float32, float16, bfloat16), the float64
     arithmetic and an undetermined rank included, is the JSON's details.uncertainty (relative, by metric key),
     shown as '-0.016 ±31%' or '~2e-2 (undetermined)', with a warning naming the cause and the fix above 1e-3; a
     check whose threshold lies within that uncertainty fails as undetermined. With --baseline, checks can be
