@@ -110,8 +110,7 @@ def _closed_form(stats: Statistics, weight: np.ndarray | None, bias: np.ndarray 
     closed = _Closed(m, details, basis)
     if basis is not None:
         # W_LS and term (A) are functions of the features and labels alone: computed with or without a classifier.
-        closed.ls = ls = metrics.least_squares(stats, options.ridge, options.rcond, basis) \
-            if plan.least_squares else None
+        closed.ls = metrics.least_squares(stats, options.ridge, options.rcond, basis) if plan.least_squares else None
         closed.basis = dataclasses.replace(basis, vt=None)  # V^T (r x C) served the solve; keep U and S only
     ls = closed.ls
     if ls is not None:
