@@ -287,6 +287,10 @@ def test_renderers_and_readers_with_absent_keys(cache, full, tmp_path):
     console = Console(record=True, width=100)
     console.print(trajectory_table(rows, layers=True))
     assert "NC1" not in console.export_text().split("per-layer")[0]
+    pytest.importorskip("matplotlib")
+    from ncaudit.report import plot_trajectory
+
+    assert plot_trajectory(rows, tmp_path / "t.png").stat().st_size > 0
 
 
 def test_baseline_without_the_metric(cache, tmp_path):
