@@ -202,6 +202,18 @@ def test_audit_model_equals_extract_and_report(digits):
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())  # no hook left behind
 
 
+def test_audit_model_reads_the_loader_once_for_nc1(digits):
+    """``metrics=["nc1", "cdnv"]``: one pass over the loader, the values of the full report on the same network."""
+    path, loader, model, _ = digits
+    counting = CountingLoader(loader)
+    got = audit_model(model, counting, metrics=["nc1", "cdnv"])
+    assert counting.iterations == 1
+    report = audit_cache(path, AuditOptions(device="cpu", batch_size=64))
+    assert list(got.metrics) == ["nc1", "cdnv"]
+    for key in got.metrics:
+        assert abs(got.metrics[key] - report.metrics[key]) <= 1e-10 * abs(report.metrics[key])
+
+
 def test_audit_model_nc5_and_energy_on_real_features(digits):
     """The bundled network's features: the energies against the float64 reference, NC5 with noise images as OOD
     data (one more pass, over the OOD loader only)."""

@@ -14,12 +14,20 @@ side by side with each metric's direction (:data:`DIRECTIONS`); :func:`parse_che
 from ncaudit.audit._accumulator import AuditAccumulator
 from ncaudit.audit._api import audit_features, audit_model
 from ncaudit.audit._audit import audit, audit_cache, audit_source
-from ncaudit.audit._baseline import baseline_info, check_comparable, load_result, read_report, result_from_json
-from ncaudit.audit._checks import Check, evaluate, parse_checks, require_baseline
+from ncaudit.audit._baseline import (
+    baseline_info,
+    check_comparable,
+    load_result,
+    read_report,
+    require_baseline_metrics,
+    result_from_json,
+)
+from ncaudit.audit._checks import Check, evaluate, metric_names, parse_checks, require_baseline
 from ncaudit.audit._compare import COMPARE_SCHEMA, Comparison, MetricChange, compare, comparison_to_json, gate
 from ncaudit.audit._directions import DIRECTIONS, verdict
 from ncaudit.audit._means_from import MEANS_FROM_METRICS
 from ncaudit.audit._options import AuditOptions, ProgressTracker
+from ncaudit.audit._plan import Plan, make_plan, resolve_metrics, with_checks
 from ncaudit.audit._result import METRIC_KEYS, REPORT_SCHEMA, AuditResult, json_safe, result_to_json
 from ncaudit.audit._source import ArraySource, BatchSource
 from ncaudit.audit._trajectory import (
@@ -34,8 +42,8 @@ from ncaudit.audit._trajectory import (
 
 __all__ = ["COMPARE_SCHEMA", "DIRECTIONS", "MEANS_FROM_METRICS", "METRIC_KEYS", "REPORT_SCHEMA", "TRAIN_SPLITS",
            "ArraySource", "AuditAccumulator", "AuditOptions", "AuditResult", "BatchSource", "Check", "Comparison",
-           "MetricChange", "ProgressTracker", "TrajectoryRow", "audit", "audit_cache", "audit_features",
+           "MetricChange", "Plan", "ProgressTracker", "TrajectoryRow", "audit", "audit_cache", "audit_features",
            "audit_model", "audit_source", "audit_trajectory", "baseline_info", "build_rows", "check_caches",
            "check_comparable", "compare", "comparison_to_json", "evaluate", "gate", "gate_last_row", "json_safe",
-           "load_result", "parse_checks", "read_report", "require_baseline", "result_from_json", "result_to_json",
-           "training_pairs", "verdict"]
+           "load_result", "make_plan", "metric_names", "parse_checks", "read_report", "require_baseline",
+           "require_baseline_metrics", "resolve_metrics", "result_from_json", "result_to_json", "training_pairs", "verdict", "with_checks"]

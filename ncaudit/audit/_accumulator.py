@@ -19,6 +19,7 @@ from ncaudit.audit._deferred import DeferredChecks
 from ncaudit.audit._ood import OODMean, _ood_metrics
 from ncaudit.audit._options import AuditOptions
 from ncaudit.audit._passes import (
+    REFINE_ABOVE,
     _DecisionsPass,
     _refine_step,
     _ResidualPass,
@@ -28,6 +29,7 @@ from ncaudit.audit._passes import (
     _StatisticsPass,
     _together,
 )
+from ncaudit.audit._plan import make_plan
 from ncaudit.audit._result import AuditResult, _finite, json_safe
 from ncaudit.audit._source import Array, LiveInfo, as_float64, dtype_name
 from ncaudit.audit._state import _Closed, _Selection, _Setup, _to_tensor
@@ -69,6 +71,10 @@ class AuditAccumulator:
         then collectives that every rank must call.
     float64_decisions
         Decide pass 2 with float64 products (default: on any device but the CPU).
+    metrics, per_class
+        The metric keys to compute (default: every one) and, with them, the per-class values of the chosen ones, as
+        :class:`~ncaudit.audit.AuditOptions`: :meth:`end_pass` asks for a second pass only when a chosen metric
+        needs one (``metrics=["nc1"]``: one pass).
 
     Notes
     -----
@@ -103,7 +109,8 @@ class AuditAccumulator:
                  device: str | torch.device | None = None, normalize: bool = False, ridge: float = 0.0,
                  rcond: float | None = None, drop_empty_classes: bool = False,
                  class_names: Sequence[str] | None = None, attrs: Mapping[str, Any] | None = None,
-                 distributed: bool | None = None, float64_decisions: bool | None = None) -> None:
+                 distributed: bool | None = None, float64_decisions: bool | None = None,
+                 metrics: Sequence[str] | None = None, per_class: bool = False) -> None:
         if num_classes < 1:
             raise InputError(f"num_classes must be at least 1, got {num_classes}")
         self.num_classes = int(num_classes)
@@ -115,8 +122,9 @@ class AuditAccumulator:
         self._classifier = None if w is None else (w, b)
         self._device = None if device is None else resolve_device(device)
         self.options = AuditOptions(ridge=ridge, rcond=rcond, drop_empty_classes=drop_empty_classes,
-                                    normalize=normalize)
+                                    normalize=normalize, metrics=metrics, per_class=per_class)
         _check_options(self.options)
+        self.plan = make_plan(metrics, per_class)
         self.class_names = list(class_names) if class_names is not None else None
         self.attrs = dict(attrs or {})
         self.distributed = distributed_default(distributed)
@@ -224,9 +232,15 @@ class AuditAccumulator:
         _together(setup, self._pass.check)
         if self.phase == "statistics":
             self._sel = _select(self._pass.finish(), setup, self.options)
-            self._closed = _closed_form(self._sel.stats, self._sel.weight, self._sel.bias, self.options)
-            return self._next("decisions", _DecisionsPass(setup, self._sel, self._closed, self.options,
-                                                          self._device))  # type: ignore[arg-type]
+            self._closed = closed = _closed_form(self._sel.stats, self._sel.weight, self._sel.bias, self.options,
+                                                 self.plan)
+            if self.plan.decisions:
+                return self._next("decisions", _DecisionsPass(setup, self._sel, closed, self.options,
+                                                              self._device, plan=self.plan))  # type: ignore[arg-type]
+            if closed.ls is not None and closed.estimate > REFINE_ABOVE:  # the first refinement pass on its own
+                return self._next("refinement", _ResidualPass(setup, self._sel, closed.ls, self.options,
+                                                              self._device))  # type: ignore[arg-type]
+            return self._next("done", None)
         sel, closed = self._sel, self._closed
         assert sel is not None and closed is not None
         if self.phase == "decisions":
@@ -265,12 +279,12 @@ class AuditAccumulator:
         closed = dataclasses.replace(closed, metrics=dict(closed.metrics), details=copy.deepcopy(closed.details))
         decisions, layer_decisions = self._decisions if self._decisions is not None else (None, None)
         result = _assemble(setup, sel, closed, decisions, layer_decisions, None, self.options,
-                           self._device, None)  # type: ignore[arg-type]
+                           self._device, None, self.plan)  # type: ignore[arg-type]
         if self.phase == "refinement":
-            result.details["pending"] = {"pass": "refinement",
-                                         "metrics": ["mse_term_a", "mse_term_b", "ls_distance", "ls_cosine"]}
+            result.details["pending"] = {"pass": "refinement", "metrics": [
+                k for k in ("mse_term_a", "mse_term_b", "ls_distance", "ls_cosine") if self.plan.wants(k)]}
         ood = self._ood_mean(setup)
-        if ood is not None:
+        if ood is not None and self.plan.ood:
             _ood_metrics(result.metrics, result.details, sel, ood)
             result.metrics["nc5"] = _finite(result.metrics["nc5"])
             result.details = json_safe(result.details)

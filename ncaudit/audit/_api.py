@@ -56,6 +56,8 @@ def audit_features(
     distributed: bool | None = None,
     float64_decisions: bool | None = None,
     progress: ProgressTracker | None = None,
+    metrics: Sequence[str] | None = None,
+    per_class: bool = False,
 ) -> AuditResult:
     """Every metric of ``ncaudit report`` for features already in memory.
 
@@ -92,6 +94,9 @@ def audit_features(
         with a float64 recheck of close calls are used).
     progress
         A :class:`~ncaudit.audit.ProgressTracker` (default: none).
+    metrics, per_class
+        The metric keys to compute (default: every one; ``["nc1"]`` reads the rows once) and, with them, the
+        per-class values of the chosen ones (:class:`~ncaudit.audit.AuditOptions`, ``report --metrics``).
 
     Returns
     -------
@@ -121,7 +126,7 @@ def audit_features(
         ood = ArraySource(ood_features, dummy, num_classes=1, what="OOD features in memory")
     options = AuditOptions(batch_size=batch_size, device=str(dev), ridge=ridge, rcond=rcond,
                            drop_empty_classes=drop_empty_classes, normalize=normalize,
-                           layers=[] if source.layers else None)
+                           layers=[] if source.layers else None, metrics=metrics, per_class=per_class)
     return audit_source(source, options, progress, distributed=distributed_default(distributed), device=dev,
                         ood=ood, float64_decisions=float64_decisions)
 
@@ -147,6 +152,8 @@ def audit_model(
     distributed: bool | None = None,
     float64_decisions: bool | None = None,
     progress: ProgressTracker | None = None,
+    metrics: Sequence[str] | None = None,
+    per_class: bool = False,
 ) -> AuditResult:
     """Every metric of ``ncaudit report`` for a network over a data loader, with no cache file.
 
@@ -177,8 +184,8 @@ def audit_model(
     ood_loader
         Out-of-distribution images through the same network (labels, if any, are not read): adds ``nc5``.
     normalize, ridge, rcond, drop_empty_classes, num_classes, class_names, attrs, distributed, float64_decisions,
-    progress
-        As for :func:`audit_features`.
+    progress, metrics, per_class
+        As for :func:`audit_features` (with ``metrics`` that need no second pass, the loader is iterated once).
 
     Returns
     -------
@@ -207,6 +214,6 @@ def audit_model(
         ood = None if ood_loader is None else source.for_loader(ood_loader)
         options = AuditOptions(batch_size=getattr(loader, "batch_size", None) or 1, device=str(source.device),
                                ridge=ridge, rcond=rcond, drop_empty_classes=drop_empty_classes, normalize=normalize,
-                               layers=[] if layers else None)
+                               layers=[] if layers else None, metrics=metrics, per_class=per_class)
         return audit_source(source, options, progress, distributed=distributed_default(distributed),
                             device=source.device, ood=ood, float64_decisions=float64_decisions)

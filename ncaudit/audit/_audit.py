@@ -34,14 +34,17 @@ from ncaudit.audit._means_from import TrainingMeans, against_training_means, tra
 from ncaudit.audit._ood import _ood_metrics, _ood_pass, _ood_setup
 from ncaudit.audit._options import AuditOptions, ProgressTracker, _NoProgress
 from ncaudit.audit._passes import (
+    REFINE_ABOVE,
     _DecisionsPass,
     _refine,
+    _ResidualPass,
     _same_samples,
     _select,
     _setup,
     _StatisticsPass,
     _stream,
 )
+from ncaudit.audit._plan import FULL, SAMPLE_METRICS, Plan, make_plan
 from ncaudit.audit._result import METRIC_KEYS, AuditResult, _finite, json_safe
 from ncaudit.audit._source import BatchSource
 from ncaudit.audit._state import _Closed, _Selection, _Setup
@@ -51,9 +54,6 @@ from ncaudit.cache import FeatureCache
 from ncaudit.distributed import DistContext, world_size
 from ncaudit.errors import InputError
 from ncaudit.stats import Decisions
-
-#: Metrics that need the second pass over the samples (None until it has run).
-SAMPLE_METRICS = ("nc4", "accuracy", "ncc_accuracy")
 
 
 def audit_cache(
@@ -121,76 +121,94 @@ def audit_source(
 
 def _audit(source: BatchSource, setup: _Setup, options: AuditOptions, device: torch.device,
            progress: ProgressTracker, ood: BatchSource | None, ood_setup: _Setup | None) -> AuditResult:
-    """The passes, then the assembly."""
+    """The passes the chosen metrics need (:func:`~ncaudit.audit._plan.make_plan`; every pass by default), then the
+    assembly."""
+    plan = make_plan(options.metrics, options.per_class)
     stats_pass = _StatisticsPass(setup, options, device)
-    sel = _select(_stream(source, setup, options, progress, stats_pass, stats_pass.title), setup, options)
+    title = stats_pass.title if plan.decisions else "pass 1/1: class statistics"
+    sel = _select(_stream(source, setup, options, progress, stats_pass, title), setup, options)
     del stats_pass  # frees pass 1
-    train = None if options.means_from is None else \
+    train = None if options.means_from is None or not plan.training_means else \
         training_means(options.means_from, source, sel.keep, options, device, progress)
-    closed = _closed_form(sel.stats, sel.weight, sel.bias, options)
-    decisions_pass = _DecisionsPass(setup, sel, closed, options, device, train)
-    decisions, layer_decisions, residual, train_decisions = _stream(source, setup, options, progress, decisions_pass,
-                                                                    decisions_pass.title)
-    del decisions_pass  # frees pass 2's tables (p x 2C and more) before refinement and the assembly
-    if setup.deferred:
-        _same_samples(sel.stats.counts, decisions, setup.where)
+    closed = _closed_form(sel.stats, sel.weight, sel.bias, options, plan)
+    decisions = layer_decisions = residual = train_decisions = None
+    if plan.decisions:
+        decisions_pass = _DecisionsPass(setup, sel, closed, options, device, train, plan)
+        decisions, layer_decisions, residual, train_decisions = _stream(
+            source, setup, options, progress, decisions_pass, decisions_pass.title,
+            layers=bool(decisions_pass.layer_dec))  # the layers' features only for their NCC decisions
+        del decisions_pass  # frees pass 2's tables (p x 2C and more) before refinement and the assembly
+        if setup.deferred:
+            _same_samples(sel.stats.counts, decisions, setup.where)
+    elif closed.ls is not None and closed.estimate > REFINE_ABOVE:  # no pass 2 to ride along: a pass of its own
+        step = _ResidualPass(setup, sel, closed.ls, options, device)
+        residual = _stream(source, setup, options, progress, step, step.title, layers=False)
     if closed.ls is not None:
         closed.ls = _refine(source, setup, sel, closed, residual, options, device, progress)
     ood_mean = None
-    if ood is not None and ood_setup is not None:
+    if ood is not None and ood_setup is not None and plan.ood:
         ood_mean = _ood_pass(ood, ood_setup, options, device, progress)
-    result = _assemble(setup, sel, closed, decisions, layer_decisions, source.reference_fp32(), options, device,
-                       ood_mean)
-    if train is not None and train_decisions is not None:
+    reference = source.reference_fp32() if plan.floor else None
+    result = _assemble(setup, sel, closed, decisions, layer_decisions, reference, options, device, ood_mean, plan)
+    if train is not None:
         _against_training_means(result, train, sel, train_decisions)
     return result
 
 
 def _against_training_means(result: AuditResult, train: TrainingMeans, sel: _Selection,
-                            decisions: Decisions) -> None:
-    """``--means-from``: NCC accuracy, NC4 and CDNV against the training class means (the set's own beside them)."""
+                            decisions: Decisions | None) -> None:
+    """``--means-from``: NCC accuracy, NC4 and CDNV against the training class means (the set's own beside them;
+    with chosen metrics, those of them chosen)."""
     m = dict(result.metrics)
     result.details["means_from"] = json_safe(against_training_means(train, sel.stats, decisions, m))
-    (result.details.get("uncertainty") or {}).pop("cdnv", None)  # stated for the set's own means, not the training's
-    result.metrics = {k: _finite(m.get(k)) for k in METRIC_KEYS}
-    for row, correct, count in zip(result.per_class, decisions.ncc_correct, sel.stats.counts):
-        row["ncc_accuracy"] = float(correct) / count
+    if "cdnv" in m:
+        (result.details.get("uncertainty") or {}).pop("cdnv", None)  # stated for the set's own means
+    result.metrics = {k: _finite(m[k]) for k in METRIC_KEYS if k in m}
+    if decisions is not None:
+        for row, correct, count in zip(result.per_class, decisions.ncc_correct, sel.stats.counts):
+            if "ncc_accuracy" in row:
+                row["ncc_accuracy"] = float(correct) / count
 
 
 def _assemble(setup: _Setup, sel: _Selection, closed: _Closed, decisions: Decisions | None,
               layer_decisions: dict[str, Decisions] | None, reference: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
-              options: AuditOptions, device: torch.device, ood_mean: Any = None) -> AuditResult:
+              options: AuditOptions, device: torch.device, ood_mean: Any = None, plan: Plan = FULL) -> AuditResult:
     """The result from the statistics, the closed forms and the decisions; before pass 2 (``decisions`` None) the
-    sample-level metrics are None and ``details["pending"]`` names them."""
+    sample-level metrics are None and ``details["pending"]`` names them. With a plan of chosen metrics, only those
+    are in ``metrics`` (and ``details["computed"]`` lists them)."""
     m, details = closed.metrics, closed.details
     _least_squares_metrics(closed, sel)
-    _uncertainty(closed, sel, setup.info)
+    _uncertainty(closed, sel, setup.info, plan)
     if decisions is not None:
         _sample_metrics(m, details, decisions, sel.stats.n_samples)
-    else:
-        details["pending"] = {"pass": 2, "metrics": [k for k in SAMPLE_METRICS
-                                                     if k == "ncc_accuracy" or sel.weight is not None]}
-    m["nc1_precision_floor"] = _precision_floor(reference, closed.basis, options, details)
+    elif plan.decisions:
+        details["pending"] = {"pass": 2, "metrics": [k for k in SAMPLE_METRICS if plan.wants(k) and (
+            k == "ncc_accuracy" or sel.weight is not None)]}
+    if plan.floor and closed.basis is not None:
+        m["nc1_precision_floor"] = _precision_floor(reference, closed.basis, options, details)
     if ood_mean is not None:
         _ood_metrics(m, details, sel, ood_mean)
     layers = {name: _layer_block(sel.layer_stats[name], sel.layer_bases[name],
-                                 None if layer_decisions is None else layer_decisions[name])
+                                 None if layer_decisions is None else layer_decisions.get(name), plan)
               for name in setup.layers}
-    details.update(_run_details(setup, sel, options, device, closed))
+    details.update(_run_details(setup, sel, options, device, closed, plan))
     details["world_size"] = setup.group.world_size if setup.group is not None else world_size() if setup.merge else 1
+    if not plan.full:
+        details["computed"] = list(plan.keys or ())
     info = setup.info
-    per_class = _per_class(sel.stats, sel.weight, decisions, sel.keep, info.class_names)
+    per_class = _per_class(sel.stats, sel.weight, decisions, sel.keep, info.class_names, plan)
+    warnings = _warnings(closed, sel, info, per_class) + _uncertainty_warnings(closed, sel, info)
     return AuditResult(
         source=_source(info),
         n_samples=sel.stats.n_samples,
         n_features=info.n_features,
         n_classes=len(sel.keep),
         class_counts=[int(v) for v in sel.stats.counts],
-        metrics={k: _finite(m.get(k)) for k in METRIC_KEYS},
+        metrics={k: _finite(m.get(k)) for k in METRIC_KEYS if plan.wants(k)},
         details=json_safe(details),
         per_class=per_class,
         layers=layers,
-        warnings=_warnings(closed, sel, info, per_class) + _uncertainty_warnings(closed, sel, info),
+        warnings=warnings,
     )
 
 
@@ -225,6 +243,7 @@ def _open_ood(path: str | Path | None, options: AuditOptions) -> Iterator[Featur
 
 
 def _check_options(options: AuditOptions) -> None:
+    make_plan(options.metrics)  # unknown metric keys fail before any work
     if options.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {options.batch_size}")
     if options.ridge < 0 or not math.isfinite(options.ridge):

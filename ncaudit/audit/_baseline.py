@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ncaudit.audit._checks import Check
 from ncaudit.audit._result import METRIC_KEYS, REPORT_SCHEMA, AuditResult
 from ncaudit.errors import InputError
 
@@ -109,8 +110,9 @@ def result_from_json(data: Any, where: str = "the report") -> AuditResult:
         n_features=_count(data, "n_features", where),
         n_classes=_count(data, "n_classes", where),
         class_counts=_field(data, "class_counts", list, where, []),
+        # A report of chosen --metrics (details.computed) holds those keys only: the others stay absent
         metrics={k: (None if v is None or not math.isfinite(v) else float(v))
-                 for k, v in {**dict.fromkeys(METRIC_KEYS), **metrics}.items()},
+                 for k, v in {**({} if "computed" in details else dict.fromkeys(METRIC_KEYS)), **metrics}.items()},
         details=details,
         per_class=_field(data, "per_class", list, where, []),
         layers=_field(data, "layers", dict, where, {}),
@@ -174,3 +176,20 @@ def baseline_info(path: Path, old: AuditResult) -> dict[str, Any]:
     src = old.source
     return {"path": str(path), "source": src.get("path"), "n_samples": old.n_samples,
             **{k: src[k] for k in ("model", "checkpoint", "checkpoint_sha256", "split") if src.get(k) is not None}}
+
+
+def require_baseline_metrics(checks: Sequence[Check], old: AuditResult, where: str) -> None:
+    """Refuse a baseline check whose metric the baseline did not compute (a report made with other ``--metrics``).
+
+    Raises
+    ------
+    InputError
+        The first such check, naming what the baseline computed and the fix.
+    """
+    for check in checks:
+        if check.relative and check.metric not in old.metrics:
+            computed = old.details.get("computed")
+            what = f"it was made with --metrics {','.join(map(str, computed))}" if isinstance(computed, list) else \
+                "it has no such key"
+            raise InputError(f"--fail-if {check.expression!r}: {where} holds no {check.metric} ({what}); give a "
+                             f"baseline that computed {check.metric} (a full report, or the cache itself)")

@@ -110,8 +110,9 @@ def nearest_key(name: str, known: Sequence[str]) -> str | None:
     return best[2] if best is not None and best[0] >= 0.5 else None
 
 
-def resolve_metric(name: str, known: Sequence[str], text: str) -> str:
-    """The key of ``known`` that ``name`` names, in any case; else an error naming the nearest key.
+def resolve_metric(name: str, known: Sequence[str], text: str, *, flag: str = "--fail-if") -> str:
+    """The key of ``known`` that ``name`` names, in any case; else an error naming the nearest key (``flag`` and
+    ``text`` say where the name was given).
 
     Raises
     ------
@@ -126,10 +127,10 @@ def resolve_metric(name: str, known: Sequence[str], text: str) -> str:
     plain = [k for k in known if "." not in k]
     splits = "; prefix a split, as in 'test.accuracy'" if len(plain) < len(known) else ""
     if nearest := nearest_key(name, known):  # the nearest key, not the whole list
-        raise InputError(f"--fail-if {text!r}: unknown metric {name!r}; did you mean {nearest!r}? (the README's "
+        raise InputError(f"{flag} {text!r}: unknown metric {name!r}; did you mean {nearest!r}? (the README's "
                          f"metric table lists every key{splits})")
     listing = ", ".join(plain) + splits
-    raise InputError(f"--fail-if {text!r}: unknown metric {name!r}; metric keys: {listing}")
+    raise InputError(f"{flag} {text!r}: unknown metric {name!r}; metric keys: {listing}")
 
 
 def parse_check(text: str, known: Iterable[str]) -> Check:
@@ -151,6 +152,19 @@ def parse_check(text: str, known: Iterable[str]) -> Check:
     if not math.isfinite(operand):
         raise InputError(f"--fail-if {text!r}: the number after baseline must be finite")
     return Check(metric, match["op"], None, arith, operand)
+
+
+def metric_names(texts: Sequence[str] | None, known: Sequence[str]) -> list[str]:
+    """The keys of ``known`` that ``--fail-if`` expressions name, a ``split.`` prefix dropped (``test.accuracy`` ->
+    ``accuracy``), in any case; expressions that do not parse or name no key are left to :func:`parse_checks`."""
+    lowered = {k.lower(): k for k in known}
+    out = []
+    for text in texts or ():
+        match = _PATTERN.match(text.replace("\u2212", "-"))
+        name = match["metric"].rpartition(".")[2].lower() if match else ""
+        if name in lowered:
+            out.append(lowered[name])
+    return out
 
 
 def parse_checks(texts: Sequence[str] | None, known: Iterable[str]) -> list[Check]:
@@ -216,7 +230,8 @@ def evaluate(
     list of dict
         ``expression``, ``metric``, ``op``, ``threshold``, ``value``, ``uncertainty`` (the absolute half-width X
         of the undetermined band, 0 when exact), ``passed``, ``outcome`` (``passed``, ``failed``, ``undetermined``,
-        ``failed: metric not available``, ``failed: baseline not available``), and for a baseline check
+        ``failed: metric not available``, ``failed: metric not computed`` (a result of other ``--metrics``),
+        ``failed: baseline not available``), and for a baseline check
         ``baseline`` (the baseline's value).
 
     Notes
@@ -235,7 +250,9 @@ def evaluate(
                 raise InputError(f"--fail-if {check.expression!r} compares with a baseline, and there is none")
             base = _finite(baseline.get(check.metric))
             entry["baseline"] = base
-        if value is None:
+        if check.metric not in values:
+            outcome = "failed: metric not computed"
+        elif value is None:
             outcome = "failed: metric not available"
         elif check.relative and base is None:
             outcome = "failed: baseline not available"

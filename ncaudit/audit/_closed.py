@@ -13,16 +13,19 @@ import torch
 from ncaudit import metrics
 from ncaudit.audit._options import AuditOptions
 from ncaudit.audit._passes import REFINE_ABOVE
+from ncaudit.audit._plan import FULL, Plan
 from ncaudit.audit._result import _finite
 from ncaudit.audit._state import _Closed, _Selection, _Setup, _unit_rows
 from ncaudit.stats import Decisions, Statistics
 
 
 def _sample_metrics(m: dict[str, float | None], details: dict[str, Any], decisions: Decisions, n: int) -> None:
-    """Accuracy, NC4, NCC accuracy and the check of the MSE closed forms against the direct evaluation."""
+    """Accuracy, NC4, NCC accuracy and the check of the MSE closed forms against the direct evaluation (when the
+    least-squares terms were computed)."""
     if decisions.correct is not None:
         m["accuracy"] = float(decisions.correct.sum()) / n
         m["nc4"] = float(decisions.disagree) / n
+    if decisions.correct is not None and "mse_term_b" in m:  # the least squares were computed with the classifier
         direct = 0.5 * float(decisions.squared_error) / n
         a_plus_b = m["mse_term_a"] + m["mse_term_b"]
         details["mse_check"] = {
@@ -52,14 +55,14 @@ def _rel(a: float, b: float) -> float:
 
 
 def _run_details(setup: _Setup, sel: _Selection, options: AuditOptions, device: torch.device,
-                 closed: _Closed) -> dict[str, Any]:
+                 closed: _Closed, plan: Plan = FULL) -> dict[str, Any]:
     info = setup.info
     ls = closed.ls
     return {
         "feature_dtype": str(info.feature_dtype),
         "gemm_dtype": {
             "statistics": sel.stats.gemm_dtype,
-            "decisions": str(setup.gemm).replace("torch.", ""),
+            "decisions": str(setup.gemm).replace("torch.", "") if plan.decisions else None,
             "refinement": "float64" if ls is not None and ls.steps else None,
         },
         "device": str(device),
@@ -75,49 +78,64 @@ def _run_details(setup: _Setup, sel: _Selection, options: AuditOptions, device: 
 
 
 def _closed_form(stats: Statistics, weight: np.ndarray | None, bias: np.ndarray | None,
-                 options: AuditOptions) -> _Closed:
+                 options: AuditOptions, plan: Plan = FULL) -> _Closed:
     """Every metric that is a closed form of the statistics (and W, b), the least-squares classifier and an estimate
-    of its error."""
+    of its error; with a ``plan`` of chosen metrics, only the closed forms they read (:mod:`~ncaudit.audit._plan`)."""
     centred = stats.centred_means
-    basis = metrics.means_basis(centred)
+    basis = metrics.means_basis(centred) if plan.basis else None
+    m: dict[str, float | None] = {}
+    if basis is not None and plan.wants("nc1"):
+        m["nc1"] = metrics.nc1(stats.sigma_w, basis)
     # One blocked pass per set of vectors: cosines, CDNV and the hyperspherical energies from the same Gram blocks.
-    pairs = metrics.pair_geometry(centred, variances=stats.variances, energy=True)
-    m: dict[str, float | None] = {
-        "nc1": metrics.nc1(stats.sigma_w, basis),
-        "cdnv": pairs.cdnv,
-        "nc2_equinorm_means": metrics.equinorm(centred),
-        "nc2_equiangle_means": pairs.equiangle,
-        "nc2_maxangle_means": pairs.maxangle,
-        "nc2_orthogonality_means": metrics.orthogonality(stats.means),
-    }
-    details: dict[str, Any] = {
-        "rank_sigma_b": basis.rank,
-        "rank_sigma_b_max": min(stats.n_features, stats.n_classes - 1),
-        "sigma_b_cutoff": basis.cutoff,
-        "ridge": options.ridge,
-        "rcond": options.rcond,
-    }
-    _energy_metrics(m, details, pairs.energy, "means")
-    closed = _Closed(m, details, basis)
-    # W_LS and term (A) are functions of the features and labels alone: computed with or without a classifier.
-    closed.ls = ls = metrics.least_squares(stats, options.ridge, options.rcond, basis)
-    closed.basis = dataclasses.replace(basis, vt=None)  # V^T (r x C) served the solve; keep U and S only
-    m["mse_term_a"] = metrics.ls_loss(stats, ls)
-    closed.estimate = metrics.ls_error_estimate(stats, None, ls, m["mse_term_a"], None)
-    if weight is not None and bias is not None:
-        loss = metrics.mse_loss(stats, weight, bias)
-        m["mse_term_b"] = metrics.mse_term_b(stats, weight, bias, ls, loss=loss)
-        closed.estimate = metrics.ls_error_estimate(stats, weight, ls, m["mse_term_a"], m["mse_term_b"])
-        rows = metrics.pair_geometry(weight, energy=True)
-        _energy_metrics(m, details, rows.energy, "classifier")
-        m.update({
-            "nc2_equinorm_classifier": metrics.equinorm(weight),
-            "nc2_equiangle_classifier": rows.equiangle,
-            "nc2_maxangle_classifier": rows.maxangle,
-            "nc2_orthogonality_classifier": rows.orthogonality,
-            "nc3": metrics.nc3(weight, centred),
-            "mse_loss": loss,
+    pairs = metrics.pair_geometry(centred, variances=stats.variances, energy=plan.mean_energy) \
+        if plan.mean_pairs else None
+    if pairs is not None:
+        m.update({"cdnv": pairs.cdnv})
+    if plan.wants("nc2_equinorm_means"):
+        m["nc2_equinorm_means"] = metrics.equinorm(centred)
+    if pairs is not None:
+        m.update({"nc2_equiangle_means": pairs.equiangle, "nc2_maxangle_means": pairs.maxangle})
+    if plan.wants("nc2_orthogonality_means"):
+        m["nc2_orthogonality_means"] = metrics.orthogonality(stats.means)
+    details: dict[str, Any] = {}
+    if basis is not None:
+        details.update({
+            "rank_sigma_b": basis.rank,
+            "rank_sigma_b_max": min(stats.n_features, stats.n_classes - 1),
+            "sigma_b_cutoff": basis.cutoff,
         })
+    details.update({"ridge": options.ridge, "rcond": options.rcond})
+    if pairs is not None:
+        _energy_metrics(m, details, pairs.energy, "means")
+    closed = _Closed(m, details, basis)
+    if basis is not None:
+        # W_LS and term (A) are functions of the features and labels alone: computed with or without a classifier.
+        closed.ls = metrics.least_squares(stats, options.ridge, options.rcond, basis) if plan.least_squares else None
+        closed.basis = dataclasses.replace(basis, vt=None)  # V^T (r x C) served the solve; keep U and S only
+    ls = closed.ls
+    if ls is not None:
+        m["mse_term_a"] = metrics.ls_loss(stats, ls)
+        closed.estimate = metrics.ls_error_estimate(stats, None, ls, m["mse_term_a"], None)
+    if weight is not None and bias is not None:
+        loss = metrics.mse_loss(stats, weight, bias) if plan.mse_loss else None
+        if ls is not None:
+            m["mse_term_b"] = metrics.mse_term_b(stats, weight, bias, ls, loss=loss)
+            closed.estimate = metrics.ls_error_estimate(stats, weight, ls, m["mse_term_a"], m["mse_term_b"])
+        rows = metrics.pair_geometry(weight, energy=plan.classifier_energy) if plan.classifier_pairs else None
+        if rows is not None:
+            _energy_metrics(m, details, rows.energy, "classifier")
+        if plan.wants("nc2_equinorm_classifier"):
+            m["nc2_equinorm_classifier"] = metrics.equinorm(weight)
+        if rows is not None:
+            m.update({
+                "nc2_equiangle_classifier": rows.equiangle,
+                "nc2_maxangle_classifier": rows.maxangle,
+                "nc2_orthogonality_classifier": rows.orthogonality,
+            })
+        if plan.wants("nc3"):
+            m["nc3"] = metrics.nc3(weight, centred)
+        if loss is not None:
+            m["mse_loss"] = loss
     return closed
 
 
@@ -167,12 +185,16 @@ def _least_squares_metrics(closed: _Closed, sel: _Selection) -> None:
 
 
 def _per_class(stats: Statistics, weight: np.ndarray | None, dec: Decisions | None, keep: np.ndarray,
-               names: Sequence[str] | None) -> list[dict[str, Any]]:
-    """One row per class; the sample-level entries (per-class NC1, accuracies) are None before pass 2."""
+               names: Sequence[str] | None, plan: Plan = FULL) -> list[dict[str, Any]]:
+    """One row per class; the sample-level entries (per-class NC1, accuracies) are None before pass 2. With a plan of
+    chosen metrics, those entries are present only for the chosen metrics pass 2 computed."""
     counts = stats.counts
     mean_norm = np.linalg.norm(stats.centred_means, axis=1)
     w_norm = np.linalg.norm(weight, axis=1) if weight is not None else None
-    nc1_c = None if dec is None else dec.whitened_scatter / np.maximum(counts, 1)
+    nc1_c = None if dec is None or not plan.per_class_nc1 else dec.whitened_scatter / np.maximum(counts, 1)
+    sample = ("nc1", "accuracy", "ncc_accuracy") if plan.full else tuple(
+        k for k, computed in (("nc1", nc1_c is not None), ("accuracy", plan.classifier_decisions),
+                              ("ncc_accuracy", plan.decisions)) if computed and plan.wants(k) and dec is not None)
     rows = []
     for i, c in enumerate(keep):
         row: dict[str, Any] = {"class": int(c)}
@@ -183,22 +205,31 @@ def _per_class(stats: Statistics, weight: np.ndarray | None, dec: Decisions | No
             "mean_norm": _finite(mean_norm[i]),
             "classifier_norm": None if w_norm is None else _finite(w_norm[i]),
             "variance": _finite(stats.variances[i]),
+        })
+        values = {
             "nc1": None if nc1_c is None else _finite(nc1_c[i]),
             "accuracy": None if dec is None or dec.correct is None else float(dec.correct[i]) / counts[i],
             "ncc_accuracy": None if dec is None else float(dec.ncc_correct[i]) / counts[i],
-        })
+        }
+        row.update({k: values[k] for k in sample})
         rows.append(row)
     return rows
 
 
-def _layer_block(stats: Statistics, basis: metrics.MeansBasis, dec: Decisions | None) -> dict[str, Any]:
+#: The per-layer metrics (besides ``n_features`` and ``rank_sigma_b``).
+LAYER_METRICS = ("nc1", "cdnv", "nc2_equinorm_means", "nc2_equiangle_means", "ncc_accuracy")
+
+
+def _layer_block(stats: Statistics, basis: metrics.MeansBasis, dec: Decisions | None,
+                 plan: Plan = FULL) -> dict[str, Any]:
+    """A layer's NC1, CDNV, NC2 of the means and NCC accuracy (with a plan, the chosen ones among them)."""
     centred = stats.centred_means
-    return {
-        "n_features": stats.n_features,
-        "nc1": _finite(metrics.nc1(stats.sigma_w, basis)),
-        "cdnv": _finite(metrics.cdnv(stats.variances, stats.means)),
-        "nc2_equinorm_means": _finite(metrics.equinorm(centred)),
-        "nc2_equiangle_means": _finite(metrics.equiangle(centred)),
-        "ncc_accuracy": None if dec is None else float(dec.ncc_correct.sum()) / stats.n_samples,
-        "rank_sigma_b": basis.rank,
+    values = {
+        "nc1": lambda: _finite(metrics.nc1(stats.sigma_w, basis)),
+        "cdnv": lambda: _finite(metrics.cdnv(stats.variances, stats.means)),
+        "nc2_equinorm_means": lambda: _finite(metrics.equinorm(centred)),
+        "nc2_equiangle_means": lambda: _finite(metrics.equiangle(centred)),
+        "ncc_accuracy": lambda: None if dec is None else float(dec.ncc_correct.sum()) / stats.n_samples,
     }
+    return {"n_features": stats.n_features, **{k: f() for k, f in values.items() if plan.wants(k)},
+            "rank_sigma_b": basis.rank}

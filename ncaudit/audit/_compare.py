@@ -65,9 +65,11 @@ class Comparison:
 
 
 def metric_keys(*results: AuditResult) -> list[str]:
-    """The report's metric keys in table order, then any other key that a result holds (a newer report's)."""
-    extra = sorted({k for r in results for k in r.metrics} - set(METRIC_KEYS))
-    return [*METRIC_KEYS, *extra]
+    """The report's metric keys in table order (those that some result holds: reports of chosen ``--metrics`` hold
+    only theirs), then any other key that a result holds (a newer report's)."""
+    held = {k for r in results for k in r.metrics}
+    extra = sorted(held - set(METRIC_KEYS))
+    return [*(k for k in METRIC_KEYS if k in held or not results), *extra]
 
 
 def _change(key: str, a: AuditResult, b: AuditResult) -> MetricChange:
@@ -84,9 +86,9 @@ def _change(key: str, a: AuditResult, b: AuditResult) -> MetricChange:
 
 
 def compare(a: AuditResult, b: AuditResult, a_name: str, b_name: str, *,
-            warnings: Sequence[str] = ()) -> Comparison:
-    """Every metric of ``a`` and ``b`` side by side (B − A), in the report's order."""
-    changes = [_change(key, a, b) for key in metric_keys(a, b)]
+            warnings: Sequence[str] = (), keys: Sequence[str] | None = None) -> Comparison:
+    """Every metric of ``a`` and ``b`` side by side (B − A), in the report's order; with ``keys``, those only."""
+    changes = [_change(key, a, b) for key in (metric_keys(a, b) if keys is None else keys)]
     return Comparison(a, b, a_name, b_name, changes, list(warnings))
 
 

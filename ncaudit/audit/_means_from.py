@@ -122,10 +122,11 @@ def training_means(path: str | Path, test: FeatureCache, keep: np.ndarray, optio
     return TrainingMeans(str(info.path), means, (counts_np @ means) / counts_np.sum(), counts_np)
 
 
-def against_training_means(train: TrainingMeans, stats: Statistics, decisions: Decisions,
+def against_training_means(train: TrainingMeans, stats: Statistics, decisions: Decisions | None,
                            m: dict[str, float | None]) -> dict[str, Any]:
     """Replace NCC accuracy, NC4 and CDNV by their values against the training means; return ``details.means_from``
-    (the training cache, the metrics measured so, and their values against the set's own means).
+    (the training cache, the metrics measured so, and their values against the set's own means). Only the keys
+    that ``m`` holds are replaced (an audit of chosen ``--metrics``); NCC accuracy and NC4 need ``decisions``.
 
     Notes
     -----
@@ -134,10 +135,14 @@ def against_training_means(train: TrainingMeans, stats: Statistics, decisions: D
     = Var_c + ||mu_c - mu_c^train||^2, over the squared distances between training means (Galanti et al. 2022).
     """
     n = stats.n_samples
-    own = {key: m.get(key) for key in MEANS_FROM_METRICS}
-    shift = np.sum((stats.means - train.means) ** 2, axis=1)
-    m["ncc_accuracy"] = float(decisions.ncc_correct.sum()) / n
-    m["nc4"] = None if decisions.disagree is None else float(decisions.disagree) / n
-    m["cdnv"] = _finite(metrics.cdnv(stats.variances + shift, train.means))
-    return {"path": train.path, "metrics": list(MEANS_FROM_METRICS), "training_samples": int(train.counts.sum()),
+    measured = [key for key in MEANS_FROM_METRICS if key in m]
+    own = {key: m.get(key) for key in measured}
+    if decisions is not None and "ncc_accuracy" in m:
+        m["ncc_accuracy"] = float(decisions.ncc_correct.sum()) / n
+    if decisions is not None and "nc4" in m:
+        m["nc4"] = None if decisions.disagree is None else float(decisions.disagree) / n
+    if "cdnv" in m:
+        shift = np.sum((stats.means - train.means) ** 2, axis=1)
+        m["cdnv"] = _finite(metrics.cdnv(stats.variances + shift, train.means))
+    return {"path": train.path, "metrics": measured, "training_samples": int(train.counts.sum()),
             "own_means": own}

@@ -39,6 +39,13 @@ class AuditOptions:
     layers : also audit the cache's ``/layers`` (None: none; empty: all; else these names).
     means_from : a training cache of the same network: NCC accuracy, NC4 and CDNV against its class means
         (test-set collapse, Hui et al. 2022; Galanti et al. 2022) instead of the audited set's own.
+    metrics : the metric keys to compute (``METRIC_KEYS``, any case; a string may list several separated by
+        commas); None (the default) computes every metric. Only the passes and closed forms they need run (see
+        :mod:`ncaudit.audit._plan`): ``["nc1"]`` reads the samples once and skips the decisions and the least
+        squares. Keys not asked for are absent from ``AuditResult.metrics``; ``details["computed"]`` lists the keys
+        asked for.
+    per_class : with ``metrics``, also the per-class values of the chosen sample-level metrics (per-class NC1 takes
+        the second pass); without ``metrics`` every per-class value is computed anyway.
     """
 
     batch_size: int = 4096
@@ -51,3 +58,5 @@ class AuditOptions:
     normalize: bool = False
     layers: Sequence[str] | None = None
     means_from: str | Path | None = None
+    metrics: Sequence[str] | None = None
+    per_class: bool = False

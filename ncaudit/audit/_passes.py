@@ -19,6 +19,7 @@ from ncaudit._validate import check_classifier, check_finite, check_labels, chec
 from ncaudit.audit._deferred import DeferredChecks
 from ncaudit.audit._means_from import TrainingMeans
 from ncaudit.audit._options import AuditOptions, ProgressTracker
+from ncaudit.audit._plan import FULL, Plan
 from ncaudit.audit._source import BatchSource, SourceInfo
 from ncaudit.audit._state import _Closed, _labels, _Selection, _Setup, _to_tensor, _unit_rows
 from ncaudit.distributed import DistContext, merge_all, together
@@ -198,22 +199,25 @@ class _DecisionsPass:
     title = "pass 2/2: decisions"
 
     def __init__(self, setup: _Setup, sel: _Selection, closed: _Closed, options: AuditOptions,
-                 device: torch.device, train: TrainingMeans | None = None) -> None:
+                 device: torch.device, train: TrainingMeans | None = None, plan: Plan = FULL) -> None:
         self.setup, self.device = setup, device
         stats = sel.stats
         common = dict(device=device, gemm_dtype=setup.gemm, normalize=options.normalize)
-        self.dec = SampleDecisions(stats.means, stats.global_mean, sel.weight, sel.bias, closed.basis.whitener,
-                                   anchors=stats.anchors, **common)
+        # The classifier's columns only when a chosen metric reads its decisions (else nearest class mean only); the
+        # whitener only for the per-class NC1 traces.
+        weight, bias = (sel.weight, sel.bias) if plan.classifier_decisions else (None, None)
+        whitener = closed.basis.whitener if closed.basis is not None else np.zeros((stats.n_features, 0))
+        self.dec = SampleDecisions(stats.means, stats.global_mean, weight, bias, whitener, anchors=stats.anchors,
+                                   per_class=plan.per_class_nc1, **common)
         setup.gemm = self.dec.gemm_dtype  # float64 when the classifier's scale needs it (reported in the details)
         # --means-from: the same decisions against the training class means (NCC accuracy, NC4)
-        self.train_dec = None if train is None else SampleDecisions(
-            train.means, train.global_mean, sel.weight, sel.bias, closed.basis.whitener, anchors=stats.anchors,
-            per_class=False, **common)
+        self.train_dec = None if train is None or not plan.any(("ncc_accuracy", "nc4")) else SampleDecisions(
+            train.means, train.global_mean, weight, bias, whitener, anchors=stats.anchors, per_class=False, **common)
         self.layer_dec = {
             name: SampleDecisions(s.means, s.global_mean, None, None, sel.layer_bases[name].whitener,
                                   anchors=s.anchors, per_class=False, **common)
             for name, s in sel.layer_stats.items()
-        }
+        } if plan.wants("ncc_accuracy") else {}
         self.residual = None
         if closed.ls is not None and closed.estimate > REFINE_ABOVE:
             self.residual = LeastSquaresResidual(closed.ls.weight, stats.global_mean, stats.priors, device=device,
@@ -232,8 +236,8 @@ class _DecisionsPass:
             self.train_dec.update(h, labels)
         if self.residual is not None:
             self.residual.update(h, labels)
-        for name in self.setup.layers:
-            self.layer_dec[name].update(_to_tensor(extra[name]), labels)
+        for name, dec in self.layer_dec.items():
+            dec.update(_to_tensor(extra[name]), labels)
 
     def check(self) -> None:
         pass

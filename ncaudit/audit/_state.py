@@ -64,10 +64,11 @@ class _Selection:
 
 @dataclass
 class _Closed:
-    """The closed forms of the statistics: metrics so far, details, the Sigma_B basis, W_LS and its error estimate."""
+    """The closed forms of the statistics: metrics so far, details, the Sigma_B basis (None when no chosen metric
+    reads it), W_LS (None when no least-squares metric is chosen) and its error estimate."""
 
     metrics: dict[str, float | None]
     details: dict[str, Any]
-    basis: metrics.MeansBasis
+    basis: metrics.MeansBasis | None
     ls: metrics.LeastSquares | None = None
     estimate: float = 0.0

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ncaudit import metrics
+from ncaudit.audit._plan import FULL, Plan
 from ncaudit.audit._state import _Closed, _Selection
 from ncaudit.cache import CacheInfo
 
@@ -19,30 +20,37 @@ UNCERTAIN_KEYS: tuple[str, ...] = ("nc1", "cdnv", "nc3", "mse_term_a", "mse_term
 CAP = 1e300
 
 
-def _uncertainty(closed: _Closed, sel: _Selection, info: CacheInfo) -> None:
+def _uncertainty(closed: _Closed, sel: _Selection, info: CacheInfo, plan: Plan = FULL) -> None:
     """``details.uncertainty`` = {metric key: relative uncertainty} and ``details.uncertainty_model`` (the rounding
-    unit, the candidate ranks, the noise ratio and the ridge that would make the least squares well posed)."""
+    unit, the candidate ranks, the noise ratio and the ridge that would make the least squares well posed); with a
+    plan of chosen metrics, for those of them that carry one (and ``w_ls_norm`` with the least squares)."""
     stats, m, details = sel.stats, closed.metrics, closed.details
     unit = metrics.rounding_unit(info.feature_dtype, info.attrs.get("precision"))
-    noise = metrics.rounding(stats, unit)
+    noise: metrics.Rounding | None = None
+
+    def rounding() -> metrics.Rounding:
+        nonlocal noise
+        noise = metrics.rounding(stats, unit) if noise is None else noise
+        return noise
+
     out: dict[str, float] = {}
     model: dict[str, Any] = {"rounding_unit": unit, "probes": metrics.UNCERTAINTY_PROBES}
     nc1 = m.get("nc1")
-    if nc1 is not None and math.isfinite(nc1):
-        out["nc1"], rank_b = metrics.nc1_uncertainty(stats, closed.basis, noise, nc1)
+    if nc1 is not None and math.isfinite(nc1) and closed.basis is not None:
+        out["nc1"], rank_b = metrics.nc1_uncertainty(stats, closed.basis, rounding(), nc1)
         model["rank_sigma_b_range"] = list(rank_b)
     cdnv = m.get("cdnv")
     if cdnv is not None and math.isfinite(cdnv):
-        out["cdnv"] = metrics.cdnv_uncertainty(stats, noise, cdnv)
+        out["cdnv"] = metrics.cdnv_uncertainty(stats, rounding(), cdnv)
+    # W_LS and term (A) need no classifier; without one, W = 0 stands in and only A and ||W_LS|| are kept
+    has_w = sel.weight is not None and sel.bias is not None
+    nc3 = m.get("nc3")
+    if has_w and nc3 is not None and math.isfinite(nc3):
+        out["nc3"] = metrics.nc3_uncertainty(stats, sel.weight, rounding(), nc3)
     ls = closed.ls
     if ls is not None:
-        # W_LS and term (A) need no classifier; without one, W = 0 stands in and only A and ||W_LS|| are kept
-        has_w = sel.weight is not None and sel.bias is not None
         weight = sel.weight if has_w else np.zeros_like(ls.weight)
         bias = sel.bias if has_w else np.zeros(ls.weight.shape[0])
-        nc3 = m.get("nc3")
-        if has_w and nc3 is not None and math.isfinite(nc3):
-            out["nc3"] = metrics.nc3_uncertainty(stats, weight, noise, nc3)
         term_a = m["mse_term_a"]
         loss = m["mse_loss"] if has_w else term_a
         fixed, spread = metrics.ls_arithmetic(stats, weight, ls, loss=loss, term_a=term_a)
@@ -53,12 +61,13 @@ def _uncertainty(closed: _Closed, sel: _Selection, info: CacheInfo) -> None:
             scale = (ls.correction or 0.0) / norm if 0 < norm < math.inf else None
             fixed = {k: v * scale if scale is not None else (ls.correction or 0.0) for k, v in fixed.items()}
         arithmetic = {k: fixed[k] + spread[k] for k in metrics.LS_KEYS}
-        res = metrics.ls_uncertainty(stats, weight, bias, ls, noise, loss=loss, term_a=term_a, arithmetic=arithmetic)
+        res = metrics.ls_uncertainty(stats, weight, bias, ls, rounding(), loss=loss, term_a=term_a,
+                                     arithmetic=arithmetic)
         out.update({k: res.relative[k] for k in (metrics.LS_KEYS if has_w else ("mse_term_a", "w_ls_norm"))})
         model.update({"rank_sigma_t_range": list(res.rank_range), "noise_ratio": res.noise_ratio,
                       "suggested_ridge": res.ridge, "arithmetic": max(_finite(arithmetic.values()), default=0.0)})
     details["uncertainty"] = {k: min(out[k], CAP) if not math.isnan(out[k]) else None
-                              for k in UNCERTAIN_KEYS if k in out}
+                              for k in UNCERTAIN_KEYS if k in out and (plan.wants(k) or k == "w_ls_norm")}
     details["uncertainty_model"] = model
 
 

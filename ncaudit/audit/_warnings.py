@@ -28,7 +28,7 @@ def _warnings(closed: _Closed, sel: _Selection, info: SourceInfo, per_class: lis
         warnings.append(f"nc1 = {nc1:.3g} is within {FLOOR_WARNING_FACTOR:g}x of the extraction precision floor "
                         f"{floor:.3g}: it measures rounding, not collapse; re-extract with --precision fp32")
     c = len(sel.keep)
-    if basis.rank < min(p, c - 1):
+    if basis is not None and basis.rank < min(p, c - 1):
         warnings.append(f"Sigma_B has rank {basis.rank} < min(p, C-1) = {min(p, c - 1)}: some class means "
                         "coincide or are collinear, NC1 uses the rank found")
     if sel.dropped:
@@ -79,7 +79,7 @@ def _self_check_warnings(closed: _Closed, sel: _Selection, per_class: list[dict[
                    f"refinement step ({ls.steps} steps): terms A and B, ls_distance and ls_cosine are uncertain to "
                    "about that level (Sigma_T is nearly singular; a --ridge would stabilise it)")
     nc1 = m.get("nc1")
-    if nc1 is not None and math.isfinite(nc1) and nc1 > 0 and per_class and per_class[0]["nc1"] is not None:
+    if nc1 is not None and math.isfinite(nc1) and nc1 > 0 and per_class and per_class[0].get("nc1") is not None:
         weighted = float(sum(p * (row["nc1"] or 0.0) for p, row in zip(sel.stats.priors, per_class)))
         if _rel(weighted, nc1) > SELF_CHECK_RTOL:
             out.append(f"self-check: the pi-weighted per-class NC1 ({weighted:.10g}) differs from NC1 ({nc1:.10g}) by "

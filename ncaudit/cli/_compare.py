@@ -33,6 +33,9 @@ def compare(
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     fail_if: list[str] = typer.Option(None, "--fail-if", metavar="EXPR",
                                       help=FAIL_IF_HELP + " Checks apply to B; 'baseline' is A."),
+    metrics: str | None = typer.Option(None, "--metrics", metavar="KEY[,KEY...]",
+                                       help="Compare only these metrics (and those of --fail-if); inputs that are "
+                                            "caches compute only them (see `ncaudit report --metrics`)."),
     junit: Path | None = typer.Option(None, "--junit", metavar="FILE.xml", help=JUNIT_HELP),
     output: Path | None = typer.Option(None, "--output", "-o", help="Also write the JSON comparison to this file."),
     device: str = typer.Option("auto", help="cpu, cuda or auto (for inputs that are caches)."),
@@ -49,7 +52,17 @@ def compare(
     report (`ncaudit report --output`) or a cache (audited here). A change within the two values' uncertainty is
     'same'. Exit codes: 0 every check passed, 1 a --fail-if check failed or was undetermined, 2 bad input.
     """
-    from ncaudit.audit import METRIC_KEYS, AuditOptions, check_comparable, compare, gate, load_result, parse_checks
+    from ncaudit.audit import (
+        METRIC_KEYS,
+        AuditOptions,
+        check_comparable,
+        compare,
+        gate,
+        load_result,
+        parse_checks,
+        require_baseline_metrics,
+        with_checks,
+    )
     from ncaudit.report import (
         render_compare_json,
         render_compare_markdown,
@@ -61,16 +74,19 @@ def compare(
         form = pick_format(output_format, json_out)
         checks = parse_checks(fail_if, METRIC_KEYS)
         check_outputs({"--output": output, "--junit": junit}, [a, b])
-        options = AuditOptions(batch_size=batch_size, device=device, ridge=ridge, rcond=rcond, normalize=normalize)
+        chosen = with_checks(metrics, [c.metric for c in checks])  # the --fail-if keys are always computed
+        options = AuditOptions(batch_size=batch_size, device=device, ridge=ridge, rcond=rcond, normalize=normalize,
+                               metrics=chosen)
         start = time.perf_counter()
         with auditor(options, quiet) as (run, main):
             first = load_result(a, run, flag="A")
+            require_baseline_metrics(checks, first, f"A {a}")
             second = load_result(b, run, flag="B")
         seconds = time.perf_counter() - start
         if not main:
             return
         notes = check_comparable(second, first, f"A {a}", same_width=False, this="B")
-        comparison = compare(first, second, str(a), str(b), warnings=notes)
+        comparison = compare(first, second, str(a), str(b), warnings=notes, keys=chosen)
         gate(comparison, checks)
     for note in comparison.warnings:
         stderr.print(f"[yellow]note:[/] {shown(note)}", soft_wrap=True)

@@ -35,6 +35,11 @@ FAIL_IF_HELP = ("Fail (exit 1) when EXPR holds. Repeatable. EXPR is METRIC OP NU
                 "'accuracy < baseline - 0.01'); OP is < <= > >=, METRIC any metric key, in any case. A check whose "
                 "outcome the values' uncertainty could flip fails as undetermined.")
 
+METRICS_HELP = ("Compute only these metrics (keys of the JSON's metrics, comma-separated, any case; e.g. 'nc1' or "
+                "'nc1,accuracy'), plus those of --fail-if; only the passes they need run (nc1, cdnv, NC2, NC3, "
+                "mse_loss: one pass; accuracy, ncc_accuracy, nc4: two; mse_term_a/b, ls_*: the least squares). "
+                "Metrics not asked for are absent from the JSON; details.computed lists those asked. Default: all.")
+
 
 def format_option(json_note: str) -> Any:
     """The ``--format`` option; ``json_note`` says what the JSON holds."""

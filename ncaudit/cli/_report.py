@@ -14,6 +14,7 @@ from ncaudit.cli._output import (
     FAIL_IF_HELP,
     JSON_HELP,
     JUNIT_HELP,
+    METRICS_HELP,
     OutputFormat,
     auditor,
     check_outputs,
@@ -31,6 +32,7 @@ def report(
     output_format: OutputFormat = format_option("schema ncaudit.report/1; nothing else goes to stdout."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     fail_if: list[str] = typer.Option(None, "--fail-if", metavar="EXPR", help=FAIL_IF_HELP),
+    metrics: str | None = typer.Option(None, "--metrics", metavar="KEY[,KEY...]", help=METRICS_HELP),
     baseline: Path | None = typer.Option(None, "--baseline", metavar="OLD", help="The last good audit, for "
                                          "'baseline' in --fail-if: a saved report (--output / --json) or a cache "
                                          "(audited with the same options). Refused when its schema, class count or "
@@ -69,8 +71,9 @@ def report(
     """Compute every Neural Collapse metric of a feature cache and gate on thresholds.
 
     Two streaming passes over the file (statistics, then per-sample decisions); memory does not grow with the
-    number of samples. Every value is printed with the digits its features determine: how far it moves when each
-    stored feature is perturbed by one rounding unit of its dtype (float32, float16, bfloat16), the float64
+    number of samples. --metrics computes only the metrics named (and the --fail-if ones): '--metrics nc1' reads the
+    file once and skips the decisions and the least squares. Every value is printed with the digits its features
+    determine: how far it moves when each stored feature is perturbed by one rounding unit of its dtype (float32, float16, bfloat16), the float64
     arithmetic and an undetermined rank included, is the JSON's details.uncertainty (relative, by metric key),
     shown as '-0.016 ±31%' or '~2e-2 (undetermined)', with a warning naming the cause and the fix above 1e-3; a
     check whose threshold lies within that uncertainty fails as undetermined. With --baseline, checks can be
@@ -86,6 +89,8 @@ def report(
         load_result,
         parse_checks,
         require_baseline,
+        require_baseline_metrics,
+        with_checks,
     )
     from ncaudit.report import render_json, render_markdown, render_table, write_text_atomic
 
@@ -93,6 +98,7 @@ def report(
         form = pick_format(output_format, json_out)
         checks = parse_checks(fail_if, METRIC_KEYS)
         require_baseline(checks, baseline is not None)
+        chosen = with_checks(metrics, [c.metric for c in checks])  # the --fail-if keys are always computed
         check_outputs({"--output": output, "--junit": junit},
                       [cache, *([baseline] if baseline else []), *([means_from] if means_from is not None else []),
                        *([ood] if ood is not None else [])])
@@ -100,11 +106,13 @@ def report(
             batch_size=batch_size, device=device, ridge=ridge, rcond=rcond, allow_partial=allow_partial,
             allow_external=allow_external,
             drop_empty_classes=drop_empty_classes, normalize=normalize, layers=[] if layers else None,
-            means_from=means_from,
+            means_from=means_from, metrics=chosen, per_class=per_class,
         )
         start = time.perf_counter()
         with auditor(options, quiet) as (run, main):
             old = None if baseline is None else load_result(baseline, run)  # first: a bad baseline fails at once
+            if old is not None:
+                require_baseline_metrics(checks, old, f"--baseline {baseline}")
             result = run(cache, ood=ood)
         seconds = time.perf_counter() - start
         if not main:  # a rank other than 0 under torchrun: rank 0 reports

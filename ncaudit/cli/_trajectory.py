@@ -80,6 +80,9 @@ def trajectory(
                                            "(train split, else the only one) or 'test.accuracy<0.9'."),
     junit: Path | None = typer.Option(None, "--junit", metavar="FILE.xml", help=JUNIT_HELP),
     layers: bool = typer.Option(False, "--layers", help="Also show the per-layer NC1 of the last cache."),
+    metrics: str | None = typer.Option(None, "--metrics", metavar="KEY[,KEY...]",
+                                       help="Audit the caches for these metrics only (and those of --fail-if, split "
+                                            "prefixes dropped); see `ncaudit report --metrics`."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     batch_size: int = typer.Option(4096, "--batch-size", min=1, help="Rows per streamed batch."),
     normalize: bool = typer.Option(False, "--normalize", help="Audit normalised features and classifier rows."),
@@ -94,7 +97,7 @@ def trajectory(
     gives its rows as written during training (a torn last line from a crash is ignored with a warning).
     """
     from ncaudit._progress import RichProgress
-    from ncaudit.audit import AuditOptions, audit_trajectory, gate_last_row
+    from ncaudit.audit import METRIC_KEYS, AuditOptions, audit_trajectory, gate_last_row, metric_names, with_checks
     from ncaudit.report import is_trajectory_file
 
     with _command("nothing was written"):
@@ -109,12 +112,16 @@ def trajectory(
         if files and len(files) != len(caches):
             raise InputError("give either feature caches (.h5) or trajectory files (.jsonl), not both; audit the "
                              "caches with ncaudit report and compare them separately")
+        if files and metrics is not None:
+            raise InputError("--metrics chooses what caches are audited for; a trajectory file holds the rows its "
+                             "run wrote: drop --metrics, or give the caches")
         if files:
             rows = _rows_from_files(files)
         else:
             progress = RichProgress(stderr, enabled=False if quiet else None)
             options = AuditOptions(batch_size=batch_size, device=device, normalize=normalize,
-                                   allow_external=allow_external)
+                                   allow_external=allow_external,
+                                   metrics=with_checks(metrics, metric_names(fail_if, METRIC_KEYS)))
             rows, warnings = audit_trajectory(caches, options, progress, mixed=mixed, train_means=train_means,
                                               layers=layers)
             for warning in warnings:

@@ -42,6 +42,8 @@ def check_message(check: dict[str, Any]) -> str:
     metric, op, outcome = check.get("metric", "?"), check.get("op", "?"), check.get("outcome", "")
     if outcome == "failed: metric not available":
         return f"{metric} could not be computed (null)"
+    if outcome == "failed: metric not computed":
+        return f"{metric} was not computed (not among the --metrics of this audit)"
     if outcome == "failed: baseline not available":
         return f"the baseline has no value of {metric}"
     value, threshold = fmt(check.get("value")), _threshold(check)

@@ -89,6 +89,8 @@ def _all_metrics(metrics: dict[str, Any], uncertainty: dict[str, Any]) -> str:
     for _, group in GROUPS:
         for key, meaning in group:
             named.add(key)
+            if key not in metrics:  # not among the --metrics computed
+                continue
             rows.append([md_code(key), fmt_uncertain(metrics.get(key), uncertainty.get(key)), md_text(meaning)])
     rows += [[md_code(k), fmt_uncertain(v, uncertainty.get(k)), ""] for k, v in metrics.items() if k not in named]
     return md_table(["metric", "value", "meaning"], rows, [False, True, False])
@@ -96,6 +98,7 @@ def _all_metrics(metrics: dict[str, Any], uncertainty: dict[str, Any]) -> str:
 
 def _per_class(rows: Sequence[dict[str, Any]]) -> str:
     keys = [("count", "n"), ("nc1", "NC1"), ("accuracy", "acc"), ("ncc_accuracy", "NCC acc")]
+    keys = [(k, h) for k, h in keys if any(k in r for r in rows)]  # not computed: no column
     body = [[fmt(r.get("class")), md_code(r.get("name", ""))] + [fmt(r.get(k)) for k, _ in keys] for r in rows]
     return md_table(["class", "name"] + [h for _, h in keys], body, [True, False] + [True] * len(keys))
 
@@ -111,10 +114,13 @@ def render_markdown(result: AuditResult, *, per_class: bool = False) -> str:
         parts[-1] += f" · baseline {md_code(result.baseline.get('path', ''), table=False)}"
     if result.checks:
         parts.append(checks_markdown(result.checks))
-    headline = [k for k, _ in TRAJECTORY_COLUMNS if k in NARROW_COLUMNS]
-    parts.append(md_table([md_text(_HEADERS[k].replace("\n", " ")) for k in headline],
-                          [[fmt_uncertain(result.metrics.get(k), unc.get(k)) for k in headline]],
-                          [True] * len(headline)))
+    # --metrics without a headline key: the first metrics computed head the report instead
+    headline = [k for k, _ in TRAJECTORY_COLUMNS if k in NARROW_COLUMNS and k in result.metrics] \
+        or list(result.metrics)[:len(NARROW_COLUMNS)]
+    if headline:
+        parts.append(md_table([md_text(_HEADERS.get(k, k).replace("\n", " ")) for k in headline],
+                              [[fmt_uncertain(result.metrics.get(k), unc.get(k)) for k in headline]],
+                              [True] * len(headline)))
     parts += _warnings(result.warnings)
     parts.append(_details("every metric", _all_metrics(result.metrics, unc)))
     if per_class and result.per_class:
@@ -125,7 +131,7 @@ def render_markdown(result: AuditResult, *, per_class: bool = False) -> str:
 def render_trajectory_markdown(rows: Sequence[TrajectoryRow], checks: Sequence[dict[str, Any]], *,
                                wide: bool = False) -> str:
     """A trajectory: the checks on its last row first, then one table row per checkpoint (splits side by side)."""
-    columns = _trajectory_columns(split_order(rows), wide)
+    columns = _trajectory_columns(split_order(rows), wide, rows)
     parts = [f"### ncaudit trajectory: {len(rows)} checkpoint{'s' if len(rows) != 1 else ''}{_verdict(checks)}"]
     if checks:
         parts.append(checks_markdown(checks) + "\n\nChecks apply to the last row.")

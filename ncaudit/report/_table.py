@@ -81,8 +81,8 @@ def _metric_rows(result: AuditResult) -> list[tuple[str, str, list[tuple[str, st
     means_from = (result.details.get("means_from") or {}).get("metrics", ())
     groups = []
     for title, rows in GROUPS:
-        shown = [(k, text) for k, text in rows
-                 if m.get(k) is not None or (k not in _ORTHOGONALITY and k not in _ONLY_WITH_A_VALUE)]
+        shown = [(k, text) for k, text in rows if k in m  # an audit of chosen --metrics holds only those
+                 and (m.get(k) is not None or (k not in _ORTHOGONALITY and k not in _ONLY_WITH_A_VALUE))]
         if not show_orth:
             shown = [(k, t) for k, t in shown if k not in _ORTHOGONALITY]
         shown = [(k, f"{t} (training means)" if k in means_from else t) for k, t in shown]
@@ -133,6 +133,7 @@ def per_class_table(result: AuditResult, limit: int | None = None) -> Fitted:
                        else "")
     values = [("count", "n"), ("mean_norm", "‖μ−μ_G‖"), ("classifier_norm", "‖w‖"), ("variance", "Var"),
               ("nc1", "NC1"), ("accuracy", "acc"), ("ncc_accuracy", ncc)]
+    values = [(key, label) for key, label in values if any(key in r for r in rows)]  # not computed: no column
     formats = {key: column_format([r.get(key) for r in rows]) for key, _ in values if key != "count"}
     table_rows = []
     for r in rows:  # plain-string cells are shown as written: a class name such as "[bold]x" is never read as markup
@@ -155,12 +156,15 @@ LAYER_COLUMNS = [("nc1", "NC1"), ("cdnv", "CDNV"), ("nc2_equinorm_means", "equin
 
 
 def layers_table(result: AuditResult, title: str = "per layer (network order)") -> FittedTable:
-    """One row per layer in network order: NC1, CDNV, NC2 of the means, NCC accuracy."""
-    rows = [([printable(name)], [str(block["n_features"]), *(fmt(block[k]) for k, _ in LAYER_COLUMNS)])
+    """One row per layer in network order: NC1, CDNV, NC2 of the means, NCC accuracy (the columns an audit of
+    chosen ``--metrics`` computed)."""
+    columns = [(k, header) for k, header in LAYER_COLUMNS
+               if k in result.metrics or any(k in block for block in result.layers.values())]
+    rows = [([printable(name)], [str(block["n_features"]), *(fmt(block.get(k)) for k, _ in columns)])
             for name, block in result.layers.items()]
-    rows.append((["(final)"], [str(result.n_features), *(fmt(result.metrics[k]) for k, _ in LAYER_COLUMNS)]))
+    rows.append((["(final)"], [str(result.n_features), *(fmt(result.metrics.get(k)) for k, _ in columns)]))
     return FittedTable([Column("layer", justify="left", fit="fold")],
-                       [Column("p"), *(Column(header) for _, header in LAYER_COLUMNS)], rows, title=title)
+                       [Column("p"), *(Column(header) for _, header in columns)], rows, title=title)
 
 
 def checks_table(result: AuditResult) -> Group:

@@ -17,11 +17,15 @@ from ncaudit.report._layout import Column, FittedTable
 from ncaudit.report._table import layers_table
 
 
-def _trajectory_columns(splits: list[str], wide: bool) -> list[tuple[str, str | None, str]]:
-    """``(metric key, split or None, header)`` of the trajectory table: the narrow set fits 80 columns."""
+def _trajectory_columns(splits: list[str], wide: bool,
+                        rows: Sequence[TrajectoryRow] = ()) -> list[tuple[str, str | None, str]]:
+    """``(metric key, split or None, header)`` of the trajectory table: the narrow set fits 80 columns; a metric that
+    none of ``rows`` computed (reports of chosen ``--metrics``) has no column."""
     columns = []
     for key, header in TRAJECTORY_COLUMNS:
         if not wide and key not in NARROW_COLUMNS:
+            continue
+        if rows and not any(key in result.metrics for r in rows for result in r.splits.values()):
             continue
         per_split = key in PER_SPLIT and len(splits) > 1 and (wide or key != "nc4")
         for split in splits if per_split else [None]:
@@ -41,7 +45,7 @@ def trajectory_table(rows: Sequence[TrajectoryRow], *, layers: bool = False, wid
     """
     splits = split_order(rows)
     columns, headers = [], []
-    for key, split, header in _trajectory_columns(splits, wide):
+    for key, split, header in _trajectory_columns(splits, wide, rows):
         values = [r.value(f"{split}.{key}" if split else key) for r in rows]
         if all(v is None for v in values) and key == "nc1_precision_floor":
             continue
