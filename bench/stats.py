@@ -4,6 +4,7 @@ Usage::
 
     python bench/stats.py                          # both shapes of the issues, 3 runs of every contender
     python bench/stats.py --shapes 100000,512,100 --repeat 1
+    python bench/stats.py --contenders peer_nc1,report,api --no-candidates   # a subset, no in-process schemes
     python bench/stats.py --exactness              # least-squares error of each scheme on real and planted features
     python bench/stats.py --uncertainty            # stated uncertainty against SVD solves of perturbed copies
     python bench/stats.py --uncertainty-cost       # seconds of the uncertainty's closed forms at the two shapes
@@ -20,7 +21,18 @@ across fork/exec). Contenders:
 * ``xtx64``   the same in float64 (``torch.mm``): the yardstick when exact least squares needs float64 products;
 * ``syrk64``  the same in float64 through NumPy's ``A.T @ A`` (BLAS syrk: half the flops) -- what ncaudit's first
   pass does;
-* ``report``  ``python -m ncaudit report FILE --json -q``, import included.
+* ``torch_syrk64``  ``import torch`` + the same syrk (the issues' yardstick: what any torch user's process pays);
+* ``peer_nc1`` the float32 peer library's NC1 (``bench/peer_nc1.py``: rhubarbwu/neural-collapse from
+  ``../shared/peers``, two streaming passes with its own accumulators, h5py reads of the same batch size);
+* ``report``  ``python -m ncaudit report FILE --json -q``, import included;
+* ``report_nc1``  the same with ``--metrics nc1`` (skipped where the flag is not there);
+* ``api``     a plain Python process (no environment variable set) that imports ncaudit and calls
+  ``ncaudit.audit_cache(FILE)``.
+
+Each contender's process gets the environment a user's would: ``OMP_WAIT_POLICY``, which this script sets for its
+in-process timings, is removed (unless it was set when the script started); the CLI sets it itself. Printed per
+contender: min-median of the runs, every run, peak RSS; then the ratios the issues set as targets (min and median)
+with met / MISSED.
 
 One more process runs the audit with a timing progress hook and records the seconds of each pass (statistics,
 decisions, refinement); "closed forms" is the rest of the audit (metrics, least squares, error estimate). The candidate
@@ -64,6 +76,7 @@ import tempfile
 import time
 from pathlib import Path
 
+_USER_ENV = set(os.environ)  # what the user had set is passed on to every contender
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does: OpenMP threads must not spin on the BLAS cores
 
 import numpy as np  # noqa: E402
@@ -72,6 +85,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+from peer_nc1 import PEER  # noqa: E402
 
 from ncaudit import metrics  # noqa: E402
 from ncaudit.cache import FeatureCache  # noqa: E402
@@ -83,7 +98,7 @@ BATCH = 4096
 _READ = """
 import sys, h5py, numpy as np
 path, kind = sys.argv[1], sys.argv[2]
-if kind.startswith("xtx"):
+if kind.startswith("xtx") or kind == "torch_syrk64":
     import torch
 with h5py.File(path, "r", locking=False) as f:
     ds = f["features"]
@@ -95,8 +110,14 @@ with h5py.File(path, "r", locking=False) as f:
             b = torch.from_numpy(x); s += torch.mm(b.T, b).double()
         elif kind == "xtx64":
             b = torch.from_numpy(x).double(); s += torch.mm(b.T, b)
-        elif kind == "syrk64":
+        elif kind in ("syrk64", "torch_syrk64"):
             b = x.astype(np.float64); s += b.T @ b
+"""
+
+#: The in-process API as a user's script calls it: ``import ncaudit`` and one call, no environment variable set.
+_API = """
+import sys, ncaudit
+ncaudit.audit_cache(sys.argv[1])
 """
 
 _REPORT = """
@@ -113,41 +134,76 @@ class Timer:
         yield lambda n: None
         passes[description.split(":")[0]] = time.perf_counter() - t
 t = time.perf_counter()
-result = audit(sys.argv[1], AuditOptions(device="cpu"), Timer())
+result = audit(sys.argv[1], AuditOptions(), Timer())
 t_audit = time.perf_counter() - t
 passes["closed forms and the rest"] = t_audit - sum(passes.values())
-print(json.dumps({{"import": t_import, "audit": t_audit, "passes": passes, "details": result.details}}))
+print(json.dumps({{"import": t_import, "audit": t_audit, "passes": passes, "details": result.details,
+                  "nc1": result.metrics["nc1"]}}))
 """
+
+
+#: Set here for the in-process timings; a contender's process gets the environment a user's would (the CLI sets
+#: the variable itself before importing torch; the API, the peer and the yardsticks run without it).
+_OURS = ("OMP_WAIT_POLICY",)
 
 
 def fresh(cmd: list[str], **env: str) -> tuple[float, float, str]:
     """Run ``cmd`` as a fresh process: (wall seconds, peak RSS MiB of that process, stdout)."""
+    base = {k: v for k, v in os.environ.items() if k not in _OURS or k in _USER_ENV}
     with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
         t0 = time.perf_counter()
         run = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name, *cmd], capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+                             env={**base, "PYTHONPATH": str(ROOT), **env})
         wall = time.perf_counter() - t0
         if run.returncode != 0:
             raise RuntimeError(f"{cmd[:4]} failed: {run.stderr.strip().splitlines()[-1:]}")
         return wall, float(Path(rss.name).read_text().split()[-1]) / 1024, run.stdout
 
 
-def contenders(path: Path, repeat: int) -> dict[str, dict[str, object]]:
+#: Every contender (a fresh process each): the yardsticks, the float32 peer's NC1, the report and the API.
+KINDS = ("read", "xtx32", "xtx64", "syrk64", "torch_syrk64", "peer_nc1", "report", "report_nc1", "api")
+
+
+def _has_metrics_flag() -> bool:
+    """Whether ``ncaudit report`` takes ``--metrics`` (the ``report_nc1`` contender is skipped where it does not)."""
+    run = subprocess.run([sys.executable, "-m", "ncaudit", "report", "--help"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+    return "--metrics" in run.stdout
+
+
+def _command(kind: str, path: Path) -> list[str]:
+    if kind == "report":  # exactly what a user runs
+        return [sys.executable, "-m", "ncaudit", "report", str(path), "--json", "-q"]
+    if kind == "report_nc1":
+        return [sys.executable, "-m", "ncaudit", "report", str(path), "--json", "-q", "--metrics", "nc1"]
+    if kind == "api":
+        return [sys.executable, "-c", _API, str(path)]
+    if kind == "peer_nc1":
+        return [sys.executable, str(ROOT / "bench" / "peer_nc1.py"), str(path), "--batch", str(BATCH)]
+    return [sys.executable, "-c", _READ.format(batch=BATCH), str(path), kind]
+
+
+def contenders(path: Path, repeat: int, kinds: tuple[str, ...] = KINDS) -> dict[str, dict[str, object]]:
     """Every contender, ``repeat`` times, alternated (so drift in the machine's load hits all of them alike)."""
     out: dict[str, dict[str, object]] = {}
+    if "report_nc1" in kinds and not _has_metrics_flag():
+        print("report --metrics: not available in this version; contender report_nc1 skipped", file=sys.stderr)
+        kinds = tuple(k for k in kinds if k != "report_nc1")
+    if "peer_nc1" in kinds and not PEER.is_dir():
+        print("the float32 peer's source is not beside the project; contender peer_nc1 skipped", file=sys.stderr)
+        kinds = tuple(k for k in kinds if k != "peer_nc1")
     for _ in range(repeat):
-        for kind in ("read", "xtx32", "xtx64", "syrk64", "report"):
-            if kind == "report":  # exactly what a user runs
-                cmd = [sys.executable, "-m", "ncaudit", "report", str(path), "--json", "-q"]
-            else:
-                cmd = [sys.executable, "-c", _READ.format(batch=BATCH), str(path), kind]
-            wall, rss, _ = fresh(cmd)
+        for kind in kinds:
+            wall, rss, stdout = fresh(_command(kind, path))
             row = out.setdefault(kind, {"runs": [], "rss_mib": []})
             row["runs"].append(wall)  # type: ignore[union-attr]
             row["rss_mib"].append(rss)  # type: ignore[union-attr]
-    # The seconds of each pass, from one more run of the audit with a timing progress hook (the CLI's environment).
-    _, _, stdout = fresh([sys.executable, "-c", _REPORT.format(root=str(ROOT)), str(path)], OMP_WAIT_POLICY="PASSIVE")
-    out["report"]["breakdown"] = json.loads(stdout.strip().splitlines()[-1])
+            if kind == "peer_nc1":
+                row["nc1"] = json.loads(stdout.strip().splitlines()[-1])["nc1"]
+    # The seconds of each pass, from one more run of the audit with a timing progress hook (a plain process).
+    if "report" in out:
+        _, _, stdout = fresh([sys.executable, "-c", _REPORT.format(root=str(ROOT)), str(path)])
+        out["report"]["breakdown"] = json.loads(stdout.strip().splitlines()[-1])
     return out
 
 
@@ -206,42 +262,67 @@ def pinv_candidates(path: Path, repeat: int) -> dict[str, float]:
             "block elimination (chosen)": _timed(lambda: metrics.total_pinv(stats, basis=basis), repeat)}
 
 
-def bench_shape(shape: str, directory: Path, repeat: int) -> dict[str, object]:
+#: The issue's targets: (numerator, denominator, the largest ratio allowed at each shape (None: any)).
+TARGETS = (
+    ("report", "peer_nc1", {"400000,512,100": 1.3, "100000,2048,1000": 1.3}),
+    ("report_nc1", "peer_nc1", {"400000,512,100": 1.0, "100000,2048,1000": 1.0}),
+    ("report", "torch_syrk64", {"400000,512,100": 1.5, "100000,2048,1000": 2.3}),
+    ("api", "report", {"400000,512,100": 1.1, "100000,2048,1000": 1.1}),
+    ("report", "read", {}), ("report", "xtx32", {}), ("report", "xtx64", {}), ("report", "syrk64", {}),
+)
+
+
+def bench_shape(shape: str, directory: Path, repeat: int, kinds: tuple[str, ...] = KINDS,
+                candidates: bool = True) -> dict[str, object]:
     import scale
 
     n, p, c = (int(v) for v in shape.split(","))
     path = directory / f"bench_{n}_{p}_{c}.h5"
     if not scale.cache_matches(path, n, p, c):
         scale.generate(path, n, p, c)
-    row: dict[str, object] = {"N": n, "p": p, "C": c, "file_gb": path.stat().st_size / 1e9}
-    row["contenders"] = runs = contenders(path, repeat)
+    row: dict[str, object] = {"shape": shape, "N": n, "p": p, "C": c, "file_gb": path.stat().st_size / 1e9}
+    row["contenders"] = runs = contenders(path, repeat, kinds)
     best = {k: min(v["runs"]) for k, v in runs.items()}  # type: ignore[type-var]
-    row["ratios"] = {f"report / {k}": best["report"] / best[k] for k in ("read", "xtx32", "xtx64", "syrk64")}
-    row["scatter_candidates"] = scatter_candidates(path, repeat)
-    row["pinv_candidates"] = pinv_candidates(path, repeat)
+    median = {k: float(np.median(v["runs"])) for k, v in runs.items()}  # type: ignore[arg-type]
+    row["ratios"] = {f"{a} / {b}": {"min": best[a] / best[b], "median": median[a] / median[b],
+                                    "target": limits.get(f"{n},{p},{c}")}
+                     for a, b, limits in TARGETS if a in best and b in best}
+    if candidates:
+        row["scatter_candidates"] = scatter_candidates(path, repeat)
+        row["pinv_candidates"] = pinv_candidates(path, repeat)
     return row
 
 
 def print_shape(row: dict[str, object]) -> None:
     runs = row["contenders"]
     print(f"\n(N, p, C) = ({row['N']:,}, {row['p']}, {row['C']}), {row['file_gb']:.2f} GB float32 cache")
-    print(f"  {'contender (fresh process)':28s} {'best s':>8s} {'all runs s':>24s} {'peak RSS MiB':>13s}")
+    print(f"  {'contender (fresh process)':28s} {'min-median s':>14s} {'all runs s':>24s} {'peak RSS MiB':>14s}")
     for kind, v in runs.items():  # type: ignore[union-attr]
         all_runs = " ".join(f"{t:.2f}" for t in v["runs"])
-        print(f"  {kind:28s} {min(v['runs']):8.2f} {all_runs:>24s} {max(v['rss_mib']):13.0f}")
-    for name, value in row["ratios"].items():  # type: ignore[union-attr]
-        print(f"  {name:28s} {value:8.2f}x")
-    bd = runs["report"]["breakdown"]  # type: ignore[index]
-    print(f"  report breakdown (last run): import {bd['import']:.2f} s, "
-          + ", ".join(f"{k} {v:.2f} s" for k, v in bd["passes"].items()))
-    gemm = bd["details"].get("gemm_dtype")
-    ls = bd["details"].get("least_squares", {})
-    print(f"  products: {gemm}; least squares: estimate {ls.get('error_estimate', 0):.2g}, "
-          f"refinement steps {ls.get('refinement_steps')}")
-    print("  pass 1 alone, in memory, per scatter scheme: "
-          + ", ".join(f"{k} {v:.2f} s" for k, v in row["scatter_candidates"].items()))  # type: ignore[union-attr]
-    print("  pseudo-inverse of Sigma_T: "
-          + ", ".join(f"{k} {v:.2f} s" for k, v in row["pinv_candidates"].items()))  # type: ignore[union-attr]
+        t = f"{min(v['runs']):.2f}-{float(np.median(v['runs'])):.2f}"
+        m = f"{min(v['rss_mib']):.0f}-{max(v['rss_mib']):.0f}"
+        print(f"  {kind:28s} {t:>14s} {all_runs:>24s} {m:>14s}")
+    for name, r in row["ratios"].items():  # type: ignore[union-attr]
+        target = r["target"]
+        verdict = "" if target is None else f"  target <= {target}: {'met' if r['min'] <= target else 'MISSED'}" + (
+            "" if (r["min"] <= target) == (r["median"] <= target) else " (min), "
+            + ("met" if r["median"] <= target else "missed") + " (median)")
+        print(f"  {name:28s} {r['min']:6.2f}x (min) {r['median']:6.2f}x (median){verdict}")
+    if "peer_nc1" in runs:
+        print(f"  the peer's NC1 (float32): {runs['peer_nc1']['nc1']:.7g}")  # type: ignore[index]
+    if "report" in runs:
+        bd = runs["report"]["breakdown"]  # type: ignore[index]
+        print(f"  report breakdown (one more run, plain process): import {bd['import']:.2f} s, "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in bd["passes"].items()))
+        gemm = bd["details"].get("gemm_dtype")
+        ls = bd["details"].get("least_squares", {})
+        print(f"  products: {gemm}; least squares: estimate {ls.get('error_estimate', 0):.2g}, "
+              f"refinement steps {ls.get('refinement_steps')}; NC1 {bd['nc1']:.7g}")
+    if "scatter_candidates" in row:
+        print("  pass 1 alone, in memory, per scatter scheme: "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in row["scatter_candidates"].items()))  # type: ignore[union-attr]
+        print("  pseudo-inverse of Sigma_T: "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in row["pinv_candidates"].items()))  # type: ignore[union-attr]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -528,6 +609,10 @@ def main() -> None:
     ap.add_argument("--uncertainty-cost", action="store_true",
                     help="only the seconds of the uncertainty's closed forms at the bench shapes")
     ap.add_argument("--json", action="store_true", help="also print every figure as JSON on stdout")
+    ap.add_argument("--contenders", default=",".join(KINDS),
+                    help=f"comma-separated subset of {', '.join(KINDS)} (default: all)")
+    ap.add_argument("--no-candidates", action="store_true",
+                    help="skip the in-process timings of the scatter and pseudo-inverse schemes")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, numpy {np.__version__}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
@@ -542,7 +627,11 @@ def main() -> None:
         args.dir.mkdir(parents=True, exist_ok=True)
         rows = []
         for shape in args.shapes:
-            rows.append(bench_shape(shape, args.dir, args.repeat))
+            kinds = tuple(k for k in args.contenders.split(",") if k)
+            unknown = set(kinds) - set(KINDS)
+            if unknown:
+                ap.error(f"unknown contenders {sorted(unknown)}; pick from {', '.join(KINDS)}")
+            rows.append(bench_shape(shape, args.dir, args.repeat, kinds, not args.no_candidates))
             print_shape(rows[-1])
     if args.json:
         print(json.dumps(rows, indent=2, default=str))

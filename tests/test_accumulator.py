@@ -123,10 +123,14 @@ def test_merged_shards_equal_one_accumulator():
         second = first.spawn()  # an empty shard of the next pass
         assert second.phase == first.phase and second.rows == 0
     a, b_ = one.compute(), first.compute()
-    # (the rounding-error bound counts the products merged, and the Sigma_T cut-off may be that bound)
+    # (the rounding-error bound counts the products merged, and the Sigma_T cut-off may be that bound; the MSE check's
+    # discrepancy is itself a rounding residual, compared below on its own scale)
     diff = [d for d in same_report(a, b_, rtol=1e-12)
-            if not d.startswith(("/details/sigma_t_error_bound", "/details/sigma_t_cutoff"))]
+            if not d.startswith(("/details/sigma_t_error_bound", "/details/sigma_t_cutoff",
+                                 "/details/mse_check/relative_discrepancy"))]
     assert not diff, diff
+    for r in (a, b_):
+        assert r.details["mse_check"]["relative_discrepancy"] < 1e-13
     assert a.metrics["nc5"] is not None and a.metrics["nc5"] == pytest.approx(b_.metrics["nc5"], rel=1e-14)
 
 
@@ -266,6 +270,7 @@ def test_update_never_waits_for_the_device(monkeypatch):
 def test_the_float32_decision_path_would_wait(monkeypatch):
     """Why the live audit decides in float64 on CUDA: the float32 GEMM's close-call recheck gathers a data-dependent
     set of rows."""
+    monkeypatch.setattr(device_module, "HOST_NUMPY", False)  # the path CUDA takes
     h, y, w, b = _data(seed=13)
     acc = AuditAccumulator(6, w, b, float64_decisions=False)
     for x, labels in _batches(h, y):

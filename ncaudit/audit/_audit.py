@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ncaudit._device import resolve_device
+from ncaudit._device import host_threads, resolve_device
 from ncaudit.audit._closed import (
     _closed_form,
     _layer_block,
@@ -85,7 +85,8 @@ def audit_cache(
             _open_ood(ood, options) as ood_cache:
         setup = _setup(cache, options, group)
         ood_setup = None if ood_cache is None else _ood_setup(ood_cache, setup, options, group)
-        return _audit(cache, setup, options, device, progress, ood_cache, ood_setup)
+        with host_threads(device):  # the products are NumPy's; torch's pool must not spin beside them
+            return _audit(cache, setup, options, device, progress, ood_cache, ood_setup)
 
 
 #: ``ncaudit.audit.audit`` is :func:`audit_cache`.
@@ -136,6 +137,7 @@ def _audit(source: BatchSource, setup: _Setup, options: AuditOptions, device: to
         decisions, layer_decisions, residual, train_decisions = _stream(
             source, setup, options, progress, decisions_pass, decisions_pass.title,
             layers=bool(decisions_pass.layer_dec))  # the layers' features only for their NCC decisions
+        del decisions_pass  # frees pass 2's tables (p x 2C and more) before refinement and the assembly
         if setup.deferred:
             _same_samples(sel.stats.counts, decisions, setup.where)
     elif closed.ls is not None and closed.estimate > REFINE_ABOVE:  # no pass 2 to ride along: a pass of its own

@@ -387,8 +387,9 @@ class FeatureCache:
         yield from _prefetched(read, starts)
 
 
-def _prefetched(read: Any, starts: range, depth: int = 2) -> Iterator[Any]:
-    """Run ``read(start)`` for each start in a background thread, ``depth`` batches ahead of the consumer."""
+def _prefetched(read: Any, starts: range, depth: int = 1) -> Iterator[Any]:
+    """Run ``read(start)`` for each start in a background thread, ``depth`` batches ahead of the consumer (one is
+    enough to hide a read behind a batch's products; each more holds another batch in memory)."""
     q: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
     sentinel = object()

@@ -190,7 +190,7 @@ def total_pinv(stats: Statistics, ridge: float = 0.0, rcond: float | None = None
         k_max = 0.0
     else:
         top, s_top = u[:, :t], s[:t]
-        perp = np.linalg.qr(top, mode="complete")[0][:, t:]
+        perp = np.linalg.qr(top, mode="complete")[0][:, t:].copy()  # not a view: the p x t columns are freed
         w_top, w_perp = sigma_w @ top, sigma_w @ perp
         small = (perp.T @ u[:, t:]) * s[t:]  # U_perp^T B, from B's own factors: no between-sized rounding
         k_scaled = np.eye(t) + (top.T @ w_top + ridge * np.eye(t)) / s_top[:, None] / s_top[None, :]

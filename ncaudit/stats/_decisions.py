@@ -8,8 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ncaudit import _device
 from ncaudit._validate import SQUARABLE
 from ncaudit.stats._gemm import Workspace, mm
+from ncaudit.stats._host import HostDecider
 from ncaudit.stats._state import _Sums
 
 
@@ -147,9 +149,10 @@ class SampleDecisions(_Sums):
         self._col_norm = torch.linalg.vector_norm(self._rows64, dim=0)
         if gemm_dtype == torch.float32 and not normalize and _may_overflow_float32(self._col_norm, p):
             gemm_dtype = self.gemm_dtype = torch.float64  # decided once: a huge classifier's float32 scores overflow
-        self._rows = self._rows64.to(gemm_dtype)
-        self._white = torch.as_tensor(whitener, **f64)
-        ncols = self._rows.shape[1]
+        host = self.device.type == "cpu" and _device.HOST_NUMPY  # NumPy per batch on the CPU (ncaudit.stats._host)
+        self._rows: torch.Tensor | None = None if host else self._rows64.to(gemm_dtype)
+        self._white: torch.Tensor | None = torch.as_tensor(whitener, **f64)
+        ncols = self._rows64.shape[1]
         # Rows per chunk: the float64 score block (rows x ncols) and its float32 twin stay within the budget.
         self._chunk = max(16, memory_budget // (16 * max(ncols, 1)))
         self.anchored = anchors is not None and gemm_dtype == torch.float32 and not normalize
@@ -159,6 +162,19 @@ class SampleDecisions(_Sums):
             if self.num_classes * ncols * 8 <= memory_budget:
                 self._label_table = self._label_constants(torch.arange(self.num_classes, device=self.device))
         self._workspace = Workspace(self.device)
+        self._host: HostDecider | None = None
+        if host:  # the host path keeps its own tables; the device path's copies are dropped (memory)
+            self._host = HostDecider(
+                self._rows64.numpy(), self._const.numpy(), self.global_mean.numpy(), self.means.numpy(),
+                np.asarray(whitener, dtype=np.float64),
+                self._anchors.to(torch.float64).numpy() if self.anchored else None,
+                np.dtype(str(gemm_dtype).replace("torch.", "")), per_class=per_class, normalize=normalize,
+                has_classifier=self.has_classifier,
+                label_table=None if self._label_table is None else self._label_table.numpy())
+            self._white = self._anchors = None  # type: ignore[assignment]
+            if self._host.means is None:
+                self.means = None  # type: ignore[assignment]
+            _device.release_free_memory()  # what the closed forms and the set-up above freed
         self.reset()
 
     def _label_constants(self, labels: torch.Tensor) -> torch.Tensor:
@@ -198,6 +214,13 @@ class SampleDecisions(_Sums):
         """Decide one batch: ``features`` (B, p), ``labels`` (B,) in [0, C); large batches go in row chunks."""
         h = torch.as_tensor(features)
         y = torch.as_tensor(labels)
+        if self._host is not None:
+            h, y = h.cpu(), y.cpu()
+            if h.dtype not in (torch.float16, torch.float32, torch.float64):
+                h = h.to(torch.float32)  # bfloat16 has no NumPy dtype: exact in float32
+            state = {name: getattr(self, name).numpy() for name in self.STATE}
+            self._host.update(h.detach().numpy(), y.detach().numpy().astype(np.int64, copy=False), state)
+            return
         for start in range(0, h.shape[0], self._chunk):
             self._update(h[start:start + self._chunk].to(self.device),
                          y[start:start + self._chunk].to(self.device, dtype=torch.int64))
@@ -259,6 +282,8 @@ class SampleDecisions(_Sums):
         self.whitened_scatter.index_add_(0, y, torch.linalg.vector_norm(z, dim=1).square())
 
     def compute(self) -> Decisions:
+        if self._host is not None:
+            self._host.release()  # scratch buffers, reallocated by a later update
         as_np = lambda t: t.detach().cpu().numpy()  # noqa: E731
         return Decisions(
             counts=as_np(self.count),

@@ -232,6 +232,9 @@ class ClassStatistics(_State):
             raise ValueError(f"labels must have shape ({h.shape[0]},), got {tuple(y.shape)}")
         if h.shape[0] == 0:
             return
+        if self._host:
+            self._update_host(h.cpu(), y.cpu())
+            return
         y = y.to(self.device, dtype=torch.int64, non_blocking=True)
         h = h.to(self.device, non_blocking=True)
         b, p, c = h.shape[0], self.num_features, self.num_classes
@@ -244,7 +247,7 @@ class ClassStatistics(_State):
         wide = ws.get("wide", b, width, torch.float64)
         x = wide[:, :p]
         # x = h - s_y in float64 (exact for float16 / float32 features: both are samples), ||x_i||^2 per row.
-        sqnorm = self._prepare_host(h, y, x) if self._host else self._prepare_device(h, y, x)
+        sqnorm = self._prepare_device(h, y, x)
         if onehot:
             wide[:, p:].zero_()
             wide[torch.arange(b, device=self.device), p + y] = 1.0
@@ -254,10 +257,7 @@ class ClassStatistics(_State):
             low = ws.get("wide_low", b, width, self.gemm_dtype).copy_(wide)
             product = ws.get("gram", width, width, torch.float64).copy_(
                 gram(low, ws.get("gram_low", width, width, self.gemm_dtype)))
-        if self._host:  # NumPy's add, as the BLAS product's own buffers: no thread-pool round trip on a busy CPU
-            np.add(self.scatter.numpy(), product.numpy()[:p, :p], out=self.scatter.numpy())
-        else:
-            self.scatter += product[:p, :p]
+        self.scatter += product[:p, :p]
         ones = torch.ones((), dtype=torch.float64, device=self.device).expand(b)
         self.count.index_add_(0, y, ones)
         if onehot:
@@ -272,29 +272,56 @@ class ClassStatistics(_State):
     #: Rows per block of the host path: a block of float64 rows and its gathered shifts stay in cache.
     HOST_BLOCK_BYTES = 1 << 20
 
-    def _prepare_host(self, h: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """CPU: shifts claimed, ``x = h - s_y`` and the squared row norms, in NumPy over blocks of rows that stay in
-        cache (one pass over the batch from memory instead of four)."""
-        hn, yn, xn, shift, seen = h.numpy(), y.numpy(), x.numpy(), self.shift.numpy(), self.seen.numpy()
-        sq = np.empty(len(yn))
-        step = max(16, self.HOST_BLOCK_BYTES // (16 * self.num_features))
-        gathered = self._workspace.get("gathered", min(step, len(yn)), self.num_features, torch.float64).numpy()
-        for a in range(0, len(yn), step):
+    def _update_host(self, h: torch.Tensor, y: torch.Tensor) -> None:
+        """CPU: the whole update in NumPy, no torch operation (torch's OpenMP threads, woken by an element-wise op,
+        spin and take the cores of the BLAS product in a process without ``OMP_WAIT_POLICY=PASSIVE``).
+
+        Per block of rows that stays in cache: cast to float64, claim the shifts, x = h - s_y, ||x||^2 and the
+        per-class sums u_c (one row sum when the block holds one class, as in caches in class order); then one
+        ``syrk`` of the batch. The class sums need no one-hot columns in the product here (those cost (p + C)^2 / p^2
+        more flops at C = p/5)."""
+        if h.dtype not in (torch.float16, torch.float32, torch.float64):
+            h = h.to(torch.float32)  # bfloat16 has no NumPy dtype: exact in float32
+        hn, yn = h.detach().numpy(), y.detach().numpy().astype(np.int64, copy=False)
+        b, p, c = len(yn), self.num_features, self.num_classes
+        xn = self._workspace.get("wide", b, p, torch.float64).numpy()
+        shift, seen, sums = self.shift.numpy(), self.seen.numpy(), self.shifted_sum.numpy()
+        sq = np.empty(b)
+        step = max(16, self.HOST_BLOCK_BYTES // (16 * p))
+        gathered = self._workspace.get("gathered", min(step, b), p, torch.float64).numpy()
+        for a in range(0, b, step):
             rows, labels = xn[a:a + step], yn[a:a + step]
             rows[...] = hn[a:a + step]  # float16 / float32 -> float64 is exact
             if self.normalize:
                 norms = np.sqrt(np.einsum("bp,bp->b", rows, rows))
                 rows /= np.maximum(norms, np.finfo(np.float64).tiny)[:, None]
-            if not seen.all():  # host memory: no synchronisation to speak of
-                classes, first = np.unique(labels, return_index=True)
-                new = ~seen[classes]
-                shift[classes[new]] = rows[first[new]]
-                seen[classes[new]] = True
-            g = gathered[:len(labels)]
-            np.take(shift, labels, axis=0, out=g)
-            rows -= g
+            one = labels[0] == labels[-1] and bool((labels == labels[0]).all())
+            if one and seen[labels[0]]:
+                rows -= shift[labels[0]]
+            else:
+                if not seen[labels].all():  # host memory: no synchronisation to speak of
+                    classes, first = np.unique(labels, return_index=True)
+                    new = ~seen[classes]
+                    shift[classes[new]] = rows[first[new]]
+                    seen[classes[new]] = True
+                rows -= np.take(shift, labels, axis=0, out=gathered[:len(labels)])
             np.einsum("bp,bp->b", rows, rows, out=sq[a:a + step])
-        return torch.from_numpy(sq)
+            if one:
+                sums[labels[0]] += rows.sum(0)
+            else:
+                np.add.at(sums, labels, rows)
+        if self.gemm_dtype == torch.float64:
+            product = np.matmul(xn.T, xn, out=self._workspace.get("gram", p, p, torch.float64).numpy())  # syrk
+        else:
+            low = self._workspace.get("wide_low", b, p, self.gemm_dtype).numpy()
+            low[...] = xn
+            product = np.matmul(low.T, low, out=self._workspace.get("gram_low", p, p, self.gemm_dtype).numpy())
+        scatter = self.scatter.numpy()
+        scatter += product
+        self.count.numpy()[...] += np.bincount(yn, minlength=c)
+        self.shifted_sqnorm.numpy()[...] += np.bincount(yn, weights=sq, minlength=c)
+        self.max_rows.numpy()[...] = max(float(self.max_rows), float(b))
+        self.products.numpy()[...] += 1.0
 
     def _prepare_device(self, h: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Any device, without host synchronisation: shifts claimed with masked writes (no ``nonzero``, no Python
@@ -378,6 +405,8 @@ class ClassStatistics(_State):
         total = float(n.sum())
         if total == 0:
             raise ValueError("no samples were accumulated")
+        if self._host:
+            _device.release_free_memory()  # the batches of the pass just read
         safe_n = n.clamp_min(1.0)
         d = self.shifted_sum / safe_n[:, None]  # d_c = mu_c - s_c
         sigma_w = (self.scatter - d.T @ (d * n[:, None])) / total
