@@ -96,3 +96,18 @@ def test_demo_writes_the_trajectory_files(demo_run):
     assert lines[0].startswith("label,epoch,checkpoint,split,cache,n_samples,means_from,nc1,")
     assert len(lines) == 1 + 2 * len(rows)
     assert "trajectory in" in res.stderr and "trajectory.csv" in res.stderr
+
+
+def test_demo_table_prints_the_explanation_as_paragraphs(demo_run, capsys):
+    """The table mode's preface: paragraphs separated by blank lines, never a literal backslash-n."""
+    from ncaudit._demo import EXPLANATION
+    from ncaudit.audit import AuditOptions, audit, build_rows
+    from ncaudit.cli._trajectory import _print_trajectory
+
+    _, out = demo_run
+    rows = build_rows([audit(p, AuditOptions(device="cpu")) for p in sorted((out / "caches").glob("*.h5"))[:2]])
+    _print_trajectory(rows, [], output_format="table", preface=EXPLANATION)
+    text = capsys.readouterr().out
+    assert "\\n" not in text
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    assert len(paragraphs) >= 3 and paragraphs[0].startswith("What you are looking at")

@@ -39,7 +39,8 @@ def _print_trajectory(rows: list, outcome: list[dict], *, output_format: str = "
     if not console.is_terminal:  # a log or a pipe: no terminal width to respect, so do not truncate cells
         console, prose_width = Console(highlight=False, width=200), 100
     if preface:
-        console.print(shown(preface) + "\n", width=prose_width)
+        # the program's own prose: paragraphs kept (shown() would print each line break as "\\n")
+        console.print("\n\n".join(shown(paragraph) for paragraph in preface.split("\n\n")) + "\n", width=prose_width)
     console.print(trajectory_table(rows, layers=layers, wide=wide))
     for c in outcome:
         style = "green" if c["passed"] else "bold red"
