@@ -34,10 +34,8 @@ from ncaudit.audit._means_from import TrainingMeans, against_training_means, tra
 from ncaudit.audit._ood import _ood_metrics, _ood_pass, _ood_setup
 from ncaudit.audit._options import AuditOptions, ProgressTracker, _NoProgress
 from ncaudit.audit._passes import (
-    REFINE_ABOVE,
     _DecisionsPass,
     _refine,
-    _ResidualPass,
     _same_samples,
     _select,
     _setup,
@@ -140,9 +138,6 @@ def _audit(source: BatchSource, setup: _Setup, options: AuditOptions, device: to
         del decisions_pass  # frees pass 2's tables (p x 2C and more) before refinement and the assembly
         if setup.deferred:
             _same_samples(sel.stats.counts, decisions, setup.where)
-    elif closed.ls is not None and closed.estimate > REFINE_ABOVE:  # no pass 2 to ride along: a pass of its own
-        step = _ResidualPass(setup, sel, closed.ls, options, device)
-        residual = _stream(source, setup, options, progress, step, step.title, layers=False)
     if closed.ls is not None:
         closed.ls = _refine(source, setup, sel, closed, residual, options, device, progress)
     ood_mean = None

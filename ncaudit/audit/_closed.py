@@ -90,11 +90,9 @@ def _closed_form(stats: Statistics, weight: np.ndarray | None, bias: np.ndarray 
     pairs = metrics.pair_geometry(centred, variances=stats.variances, energy=plan.mean_energy) \
         if plan.mean_pairs else None
     if pairs is not None:
-        m.update({"cdnv": pairs.cdnv})
+        m.update({"cdnv": pairs.cdnv, "nc2_equiangle_means": pairs.equiangle, "nc2_maxangle_means": pairs.maxangle})
     if plan.wants("nc2_equinorm_means"):
         m["nc2_equinorm_means"] = metrics.equinorm(centred)
-    if pairs is not None:
-        m.update({"nc2_equiangle_means": pairs.equiangle, "nc2_maxangle_means": pairs.maxangle})
     if plan.wants("nc2_orthogonality_means"):
         m["nc2_orthogonality_means"] = metrics.orthogonality(stats.means)
     details: dict[str, Any] = {}
@@ -124,14 +122,13 @@ def _closed_form(stats: Statistics, weight: np.ndarray | None, bias: np.ndarray 
         rows = metrics.pair_geometry(weight, energy=plan.classifier_energy) if plan.classifier_pairs else None
         if rows is not None:
             _energy_metrics(m, details, rows.energy, "classifier")
-        if plan.wants("nc2_equinorm_classifier"):
-            m["nc2_equinorm_classifier"] = metrics.equinorm(weight)
-        if rows is not None:
             m.update({
                 "nc2_equiangle_classifier": rows.equiangle,
                 "nc2_maxangle_classifier": rows.maxangle,
                 "nc2_orthogonality_classifier": rows.orthogonality,
             })
+        if plan.wants("nc2_equinorm_classifier"):
+            m["nc2_equinorm_classifier"] = metrics.equinorm(weight)
         if plan.wants("nc3"):
             m["nc3"] = metrics.nc3(weight, centred)
         if loss is not None:

@@ -298,14 +298,21 @@ def _refine_step(sel: _Selection, ls: metrics.LeastSquares, residual: Residual) 
 
 def _refine(source: BatchSource, setup: _Setup, sel: _Selection, closed: _Closed, residual: Residual | None,
             options: AuditOptions, device: torch.device, progress: ProgressTracker) -> metrics.LeastSquares:
-    """Iterative refinement of W_LS on the samples: the step measured in pass 2, then further passes (at most
+    """Iterative refinement of W_LS on the samples when its error estimate is above ``REFINE_ABOVE``: the step
+    measured in pass 2 (``residual``; measured in a pass of its own when no pass 2 ran), then further passes (at most
     ``MAX_REFINE_STEPS`` in all) while the last correction is above ``CONVERGED_BELOW``."""
     ls = closed.ls
     assert ls is not None
+
+    def measure(ls: metrics.LeastSquares) -> Residual:
+        step = _ResidualPass(setup, sel, ls, options, device)
+        return _stream(source, setup, options, progress, step, step.title, layers=False)
+
+    if residual is None and closed.estimate > REFINE_ABOVE:  # no pass 2 rode along
+        residual = measure(ls)
     while residual is not None:
         ls, more = _refine_step(sel, ls, residual)
         if not more:
             break
-        step = _ResidualPass(setup, sel, ls, options, device)
-        residual = _stream(source, setup, options, progress, step, step.title, layers=False)
+        residual = measure(ls)
     return ls
