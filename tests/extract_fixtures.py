@@ -1,4 +1,5 @@
-"""Shared helpers for the extract tests: tiny image folders and checkpoints built in-process (no downloads)."""
+"""Shared helpers for the tests: tiny image folders and checkpoints built in-process (no downloads), the one-line
+error of a failed command."""
 
 from __future__ import annotations
 
@@ -66,3 +67,25 @@ def last_error_line(stderr: str) -> str:
     errors = [line for line in lines if line.startswith("error:")]
     assert "Traceback" not in stderr and len(errors) == 1 and lines[-1] == errors[0], stderr
     return errors[0]
+
+
+def error_line(res, *needles: str) -> str:
+    """The one ``error:`` line of a command that exited 2 (:func:`last_error_line`: what it loaded may come first),
+    holding every needle."""
+    assert res.exit_code == 2, (res.exit_code, res.stdout, res.stderr, res.exception)
+    line = last_error_line(res.stderr)
+    for needle in needles:
+        assert needle in line, line
+    return line
+
+
+def only_error_line(res, *needles: str) -> str:
+    """A command that exited 2 with one line on stderr, no traceback and nothing on stdout; the line, holding every
+    needle."""
+    assert res.exit_code == 2, (res.exit_code, res.stdout, res.stderr)
+    err = res.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    assert res.stdout == ""
+    return err

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from extract_fixtures import only_error_line
 from reference import planted
 from typer.testing import CliRunner
 
@@ -19,15 +20,6 @@ runner = CliRunner()
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(res, *needles):
-    assert res.exit_code == 2, (res.exit_code, res.stdout, res.stderr)
-    err = res.stderr.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    for needle in needles:
-        assert needle in err, err
-    assert res.stdout == ""
 
 
 def cache(path, *, C=4, p=6, sigma=1e-2, seed=40, model="planted"):
@@ -83,31 +75,31 @@ def test_a_saved_report_reads_back_as_it_was(files):
 def test_refused_baselines(files):
     tmp = files["tmp"]
     new = files["new"]
-    one_line_error(invoke("report", new, "--fail-if", "nc1 > baseline"), "compares with a baseline", "--baseline")
-    one_line_error(invoke("report", new, "--baseline", tmp / "none.json"), "no such file")
-    one_line_error(invoke("report", new, "--baseline", tmp), "is a directory")
+    only_error_line(invoke("report", new, "--fail-if", "nc1 > baseline"), "compares with a baseline", "--baseline")
+    only_error_line(invoke("report", new, "--baseline", tmp / "none.json"), "no such file")
+    only_error_line(invoke("report", new, "--baseline", tmp), "is a directory")
     (tmp / "text.json").write_text("nc1 = 0.3\n")
-    one_line_error(invoke("report", new, "--baseline", tmp / "text.json"), "neither a feature cache", "JSON report")
+    only_error_line(invoke("report", new, "--baseline", tmp / "text.json"), "neither a feature cache", "JSON report")
     saved = json.loads(files["old.json"].read_text())
     for schema, needle in (("ncaudit.report/2", "schema ncaudit.report/2, and this ncaudit reads ncaudit.report/1"),
                            ("ncaudit.trajectory/1", "is a trajectory"), ("other/1", "'other/1' is not")):
         (tmp / "v.json").write_text(json.dumps({**saved, "schema": schema}))
-        one_line_error(invoke("report", new, "--baseline", tmp / "v.json"), needle)
+        only_error_line(invoke("report", new, "--baseline", tmp / "v.json"), needle)
     (tmp / "nan.json").write_text(files["old.json"].read_text().replace('"nc1": ', '"nc1": NaN, "x": ', 1))
-    one_line_error(invoke("report", new, "--baseline", tmp / "nan.json"), "NaN is not strict JSON")
+    only_error_line(invoke("report", new, "--baseline", tmp / "nan.json"), "NaN is not strict JSON")
     (tmp / "bad.json").write_text(json.dumps({**saved, "metrics": {"nc1": "high"}}))
-    one_line_error(invoke("report", new, "--baseline", tmp / "bad.json"), "metrics.nc1 is 'high'")
+    only_error_line(invoke("report", new, "--baseline", tmp / "bad.json"), "metrics.nc1 is 'high'")
     (tmp / "u.json").write_text(json.dumps({**saved, "details": {"uncertainty": [0.1]}}))
-    one_line_error(invoke("report", new, "--baseline", tmp / "u.json"), "details.uncertainty is not an object")
+    only_error_line(invoke("report", new, "--baseline", tmp / "u.json"), "details.uncertainty is not an object")
     (tmp / "u.json").write_text(json.dumps({**saved, "details": {"uncertainty": {"nc1": "big"}}}))
-    one_line_error(invoke("compare", tmp / "u.json", files["old.json"]), "details.uncertainty is not an object")
+    only_error_line(invoke("compare", tmp / "u.json", files["old.json"]), "details.uncertainty is not an object")
     (tmp / "nometrics.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "metrics"}))
-    one_line_error(invoke("report", new, "--baseline", tmp / "nometrics.json"), "has no 'metrics'")
-    one_line_error(invoke("report", new, "--baseline", files["classes"]), "has 5 classes and this audit 4")
-    one_line_error(invoke("report", new, "--baseline", files["width"]), "has 7 features and this audit 6")
-    one_line_error(invoke("report", new, "--normalize", "--baseline", files["old.json"]),
+    only_error_line(invoke("report", new, "--baseline", tmp / "nometrics.json"), "has no 'metrics'")
+    only_error_line(invoke("report", new, "--baseline", files["classes"]), "has 5 classes and this audit 4")
+    only_error_line(invoke("report", new, "--baseline", files["width"]), "has 7 features and this audit 6")
+    only_error_line(invoke("report", new, "--normalize", "--baseline", files["old.json"]),
                    "audited without --normalize and this audit with it")
-    one_line_error(invoke("report", new, "--baseline", files["old.json"], "-o", files["old.json"]), "is the input")
+    only_error_line(invoke("report", new, "--baseline", files["old.json"], "-o", files["old.json"]), "is the input")
 
 
 def test_softer_differences_are_warnings(files):
@@ -210,13 +202,13 @@ def test_compare_gates_b_against_a(tmp_path):
 
 def test_compare_refuses_and_notes(tmp_path, files):
     a = saved(tmp_path / "a.json", {"nc1": 0.5})
-    one_line_error(invoke("compare", a, saved(tmp_path / "c.json", {"nc1": 0.5}, n_classes=5)),
+    only_error_line(invoke("compare", a, saved(tmp_path / "c.json", {"nc1": 0.5}, n_classes=5)),
                    "has 4 classes and B 5")
     res = invoke("compare", a, saved(tmp_path / "w.json", {"nc1": 0.5}, n_features=8), "--json")
     assert res.exit_code == 0 and "6 features against 8 in B" in json.loads(res.stdout)["warnings"][0]
-    one_line_error(invoke("compare", a, tmp_path / "none.json"), "B", "no such file")
-    one_line_error(invoke("compare", a, a, "--fail-if", "nc1 < baseline / 2"), "is not of the form")
-    one_line_error(invoke("compare", a, a, "--json", "--format", "markdown"), "--json and --format markdown")
+    only_error_line(invoke("compare", a, tmp_path / "none.json"), "B", "no such file")
+    only_error_line(invoke("compare", a, a, "--fail-if", "nc1 < baseline / 2"), "is not of the form")
+    only_error_line(invoke("compare", a, a, "--json", "--format", "markdown"), "--json and --format markdown")
     # a cache and a saved report of the same cache compare as equal
     res = invoke("compare", files["old.json"], files["old"], "--json", "-q")
     assert res.exit_code == 0

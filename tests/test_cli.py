@@ -10,6 +10,7 @@ import time
 import h5py
 import numpy as np
 import pytest
+from extract_fixtures import only_error_line
 from reference import planted
 from typer.testing import CliRunner
 
@@ -79,16 +80,6 @@ def test_table_output(good):
     assert "pass 1/2" not in res.stdout  # progress goes to stderr
 
 
-def one_line_error(res, *needles):
-    assert res.exit_code == 2, (res.exit_code, res.stdout, res.stderr)
-    err = res.stderr.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    for needle in needles:
-        assert needle in err, err
-    assert res.stdout == ""
-    return err
-
-
 def write_raw(path, **datasets):
     with h5py.File(path, "w") as f:
         attrs = datasets.pop("attrs", {})
@@ -101,29 +92,29 @@ def write_raw(path, **datasets):
 
 def test_bad_inputs(tmp_path, good):
     h, y, etf = planted(C=3, p=4, n=5, seed=41)
-    one_line_error(invoke("report", tmp_path / "missing.h5"), "no such file")
+    only_error_line(invoke("report", tmp_path / "missing.h5"), "no such file")
     (tmp_path / "text.h5").write_text("not hdf5")
-    one_line_error(invoke("report", tmp_path / "text.h5"), "not a readable HDF5 file")
-    one_line_error(invoke("report", write_raw(tmp_path / "nofeat.h5", labels=y)), "/features")
-    one_line_error(invoke("report", write_raw(tmp_path / "nolab.h5", features=h)), "/labels")
+    only_error_line(invoke("report", tmp_path / "text.h5"), "not a readable HDF5 file")
+    only_error_line(invoke("report", write_raw(tmp_path / "nofeat.h5", labels=y)), "/features")
+    only_error_line(invoke("report", write_raw(tmp_path / "nolab.h5", features=h)), "/labels")
     y_bad = y.copy()
     y_bad[7] = 3
-    one_line_error(invoke("report", write_raw(tmp_path / "range.h5", features=h, labels=y_bad,
+    only_error_line(invoke("report", write_raw(tmp_path / "range.h5", features=h, labels=y_bad,
                                               attrs={"num_classes": 3})), "label 3 at row 7")
     h_nan = h.copy()
     h_nan[4, 2] = np.nan
-    one_line_error(invoke("report", write_raw(tmp_path / "nan.h5", features=h_nan, labels=y,
+    only_error_line(invoke("report", write_raw(tmp_path / "nan.h5", features=h_nan, labels=y,
                                               attrs={"num_classes": 3})), "row 4", "NaN")
     h_inf = h.copy()
     h_inf[9, 0] = np.inf
-    one_line_error(invoke("report", write_raw(tmp_path / "inf.h5", features=h_inf, labels=y,
+    only_error_line(invoke("report", write_raw(tmp_path / "inf.h5", features=h_inf, labels=y,
                                               attrs={"num_classes": 3})), "row 9")
-    one_line_error(invoke("report", write_raw(tmp_path / "wshape.h5", features=h, labels=y,
+    only_error_line(invoke("report", write_raw(tmp_path / "wshape.h5", features=h, labels=y,
                                               **{"classifier/weight": etf[:, :3]})), "expected [C, p]")
     y_gap = np.where(y == 1, 2, y)
     gap = write_raw(tmp_path / "empty.h5", features=h, labels=y_gap, attrs={"num_classes": 3},
                     **{"classifier/weight": etf})
-    one_line_error(invoke("report", gap), "no samples", "--drop-empty-classes")
+    only_error_line(invoke("report", gap), "no samples", "--drop-empty-classes")
     dropped = invoke("report", gap, "--json", "-q", "--drop-empty-classes")
     assert dropped.exit_code == 0, dropped.stderr
     report = json.loads(dropped.stdout)
@@ -131,16 +122,16 @@ def test_bad_inputs(tmp_path, good):
     assert [r["class"] for r in report["per_class"]] == [0, 2]
     partial = write_raw(tmp_path / "partial.h5", features=h, labels=y,
                         attrs={"num_classes": 3, "complete": False, "n_written": 12})
-    one_line_error(invoke("report", partial), "incomplete", "--allow-partial")
+    only_error_line(invoke("report", partial), "incomplete", "--allow-partial")
     allowed = invoke("report", partial, "--json", "-q", "--allow-partial", "--drop-empty-classes")
     assert allowed.exit_code == 0 and json.loads(allowed.stdout)["n_samples"] == 12
-    one_line_error(invoke("report", good, "--fail-if", "nc1 ~ 3"), "METRIC OP NUMBER")
-    one_line_error(invoke("report", good, "--fail-if", "nc9>3"), "unknown metric 'nc9'; did you mean 'nc")
-    nearest = one_line_error(invoke("report", good, "--fail-if", "acuracy<3"), "did you mean 'accuracy'?")
+    only_error_line(invoke("report", good, "--fail-if", "nc1 ~ 3"), "METRIC OP NUMBER")
+    only_error_line(invoke("report", good, "--fail-if", "nc9>3"), "unknown metric 'nc9'; did you mean 'nc")
+    nearest = only_error_line(invoke("report", good, "--fail-if", "acuracy<3"), "did you mean 'accuracy'?")
     assert "cdnv" not in nearest  # the nearest key, not the whole list
     cased = invoke("report", good, "--json", "-q", "--fail-if", "NC1>0.5", "--fail-if", "Accuracy<0.5")
     assert cased.exit_code == 0 and [c["metric"] for c in json.loads(cased.stdout)["checks"]] == ["nc1", "accuracy"]
-    one_line_error(invoke("report", good, "--ridge", "-1"), "--ridge")
+    only_error_line(invoke("report", good, "--ridge", "-1"), "--ridge")
 
 
 def test_help_is_fast_and_imports_no_torch():

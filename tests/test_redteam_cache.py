@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from extract_fixtures import last_error_line
+from extract_fixtures import error_line
 from reference import planted
 from typer.testing import CliRunner
 
@@ -34,14 +34,6 @@ RUN = {"model": "test_resnet", "checkpoint_sha256": "e200" * 16, "data_fingerpri
 
 def invoke(*args: object):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line(res, *needles: str) -> str:
-    assert res.exit_code == 2, (res.exit_code, res.stdout, res.stderr, res.exception)
-    line = last_error_line(res.stderr)
-    for needle in needles:
-        assert needle in line, line
-    return line
 
 
 def _data(n: int = 40, seed: int = 5):
@@ -78,7 +70,7 @@ def test_external_raw_storage_cannot_print_a_local_file(tmp_path: Path) -> None:
         del f["class_names"]
         f.create_dataset("class_names", shape=(4,), dtype="S16", external=[(str(secret), 0, 64)])
     res = invoke("report", path, "-q", "--per-class", "--json")
-    line = one_line(res, "/class_names", str(secret), "--allow-external")
+    line = error_line(res, "/class_names", str(secret), "--allow-external")
     assert "TOPSECRET" not in res.stdout + line
     allowed = _accuracy(path, "--allow-external")  # read on purpose: named in the report
     assert allowed["source"]["files"] == [str(path), str(secret)]
@@ -115,7 +107,7 @@ def test_virtual_dataset_over_another_file_needs_allow_external(tmp_path: Path) 
             layout = h5py.VirtualLayout(shape=s[name].shape, dtype=s[name].dtype)
             layout[...] = h5py.VirtualSource("src.h5", name, shape=s[name].shape)
             f.create_virtual_dataset(name, layout)
-    one_line(invoke("report", path, "-q"), "/features is a virtual dataset", "src.h5", "--allow-external")
+    error_line(invoke("report", path, "-q"), "/features is a virtual dataset", "src.h5", "--allow-external")
     got, want = _accuracy(path, "--allow-external"), _accuracy(src)
     assert got["metrics"] == want["metrics"] and got["source"]["files"] == [str(path), str(src)]
 
@@ -128,12 +120,12 @@ def test_external_link_is_refused_before_it_is_followed(tmp_path: Path) -> None:
         del f["features"]
         f["features"] = h5py.SoftLink("/alias")  # a soft link on the way to the external one is followed too
         f["alias"] = h5py.ExternalLink("other.h5", "/features")
-    one_line(invoke("report", path, "-q"), "/alias is an external link to other.h5:/features", "--allow-external")
+    error_line(invoke("report", path, "-q"), "/alias is an external link to other.h5:/features", "--allow-external")
     assert _accuracy(path, "--allow-external")["source"]["files"] == [str(path), str(other)]
     with h5py.File(path, "a") as f:
         del f["alias"]
         f["alias"] = h5py.ExternalLink("other.h5", "/nothing")  # the file exists; the path in it does not
-    one_line(invoke("report", path, "-q", "--allow-external"), "target file", "holds no /nothing")
+    error_line(invoke("report", path, "-q", "--allow-external"), "target file", "holds no /nothing")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -157,9 +149,9 @@ def test_shard_of_another_run_is_refused(tmp_path: Path) -> None:
     h, y, etf = _data(seed=6)
     write_cache(shards[1], h[:13], y[:13], weight=etf, overwrite=True,  # the e000 shard of the same rows dropped in
                 attrs={**RUN, "checkpoint_sha256": "e000" * 16, "rows": [13, 26]})
-    one_line(invoke("report", joined, "-q"), shards[1].name, "checkpoint_sha256", "another run")
+    error_line(invoke("report", joined, "-q"), shards[1].name, "checkpoint_sha256", "another run")
     write_cache(shards[1], h[:13], y[:13], weight=etf, overwrite=True, attrs={**RUN, "rows": [26, 39]})
-    one_line(invoke("report", joined, "-q"), shards[1].name, "records rows [26, 39]", "renamed")
+    error_line(invoke("report", joined, "-q"), shards[1].name, "records rows [26, 39]", "renamed")
 
 
 @pytest.mark.parametrize("change", ["replace", "grow", "n_written"])
@@ -201,7 +193,7 @@ def test_missing_rows_of_a_shard_give_no_allow_partial_advice(tmp_path: Path) ->
         shape = f["features"].shape
         del f["features"]
         f.create_dataset("features", shape=shape, dtype="f8", chunks=(2, shape[1]))
-    line = one_line(invoke("report", joined, "-q"), shards[0].name, "would read the missing rows as zeros")
+    line = error_line(invoke("report", joined, "-q"), shards[0].name, "would read the missing rows as zeros")
     assert "--allow-partial" not in line
 
 
@@ -277,7 +269,7 @@ def test_control_characters_from_data_never_reach_the_terminal(tmp_path: Path) -
     bad = tmp_path / "\x1b]0;x\x07.h5"
     bad.write_bytes(b"not hdf5")
     res = invoke("report", bad, "-q")
-    line = one_line(res, "\\x1b]0;x\\x07.h5")
+    line = error_line(res, "\\x1b]0;x\\x07.h5")
     assert "\x1b" not in res.stderr and "\x07" not in line
 
 
@@ -304,5 +296,5 @@ def test_float64_features_too_large_get_no_float64_advice(tmp_path: Path) -> Non
     h, y, etf = _data()
     h = h.astype(np.float64)
     h[3, 0] = 1e200
-    line = one_line(invoke("report", write_cache(tmp_path / "c.h5", h, y, weight=etf), "-q"), "row 3 reaches 1e+200")
+    line = error_line(invoke("report", write_cache(tmp_path / "c.h5", h, y, weight=etf), "-q"), "row 3 reaches 1e+200")
     assert "store them as float64" not in line

@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from extract_fixtures import CLASSES, FAST, N_IMAGES, last_error_line, make_image_folder
+from extract_fixtures import CLASSES, FAST, N_IMAGES, error_line, last_error_line, make_image_folder
 from PIL import Image
 from reference import planted
 from typer.testing import CliRunner
@@ -72,14 +72,6 @@ def _assert_same_rows(path: Path, reference: Path, n: int | None = None) -> None
 
 def invoke(*args: object):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(res, *needles: str) -> str:
-    assert res.exit_code == 2, (res.exit_code, res.stdout, res.stderr, res.exception)
-    err = last_error_line(res.stderr)
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def write_raw(path: Path, attrs: dict | None = None, **datasets: object) -> Path:
@@ -193,12 +185,12 @@ def test_disk_full_on_a_real_tmpfs(images: Path, ckpt: Path, reference: Path, tm
         out = mnt / "c.h5"
         base = ["-m", "test_resnet", "-c", ckpt, "-d", images, "-o", out, "--img-size", "32", "-j", "0", "-b", "4",
                 "--no-progress"]
-        err = one_line_error(invoke("extract", *base), "No space left on device", "--resume")
+        err = error_line(invoke("extract", *base), "No space left on device", "--resume")
         assert "wrote" not in err
         complete, n_written = _state(out)
         assert not complete and 4 <= n_written < N_IMAGES and f"first {n_written} of {N_IMAGES} rows" in err
         _assert_same_rows(out, reference, n_written)
-        one_line_error(invoke("report", out, "-q"), "incomplete")
+        error_line(invoke("report", out, "-q"), "incomplete")
         filled[0].unlink()
         res = invoke("extract", *base, "--resume")
         assert res.exit_code == 0, res.stderr
@@ -245,7 +237,7 @@ def test_a_second_writer_is_refused_and_a_crashed_one_leaves_no_lock(images: Pat
         base = ["-m", "test_resnet", "-c", ckpt, "-d", images, "-o", out, "--img-size", "32", "-j", "0",
                 "--no-progress"]
         for flag in ("--overwrite", "--resume"):
-            err = one_line_error(invoke("extract", *base, flag), "another process", f"pid {holder.pid} on")
+            err = error_line(invoke("extract", *base, flag), "another process", f"pid {holder.pid} on")
             assert "is writing this cache" in err
         assert _state(out) == (False, 8)  # untouched by the refused writers
         errors: list[BaseException] = []
@@ -316,23 +308,23 @@ def test_missing_or_short_shard_is_named(tmp_path: Path) -> None:
     assert ok.exit_code == 0 and json.loads(ok.stdout)["class_counts"] == [25] * 4
     saved = shards[1].read_bytes()
     shards[1].unlink()
-    one_line_error(invoke("report", joined, "--json", "-q"), shards[1].name, "does not exist")
+    error_line(invoke("report", joined, "--json", "-q"), shards[1].name, "does not exist")
     h, y, etf = planted(C=4, p=6, n=3, seed=4)
     write_cache(shards[1], h[:10], y[:10], weight=etf)  # replaced by a shorter shard
-    one_line_error(invoke("report", joined, "--json", "-q"), shards[1].name, "short")
+    error_line(invoke("report", joined, "--json", "-q"), shards[1].name, "short")
     shards[1].write_bytes(saved)
     with h5py.File(shards[1], "r+") as f:  # the shard is now a partial cache that wrote 5 of its 25 rows
         f.attrs["complete"], f.attrs["n_written"] = False, 5
-    one_line_error(invoke("report", joined, "--json", "-q"), shards[1].name, "incomplete")
+    error_line(invoke("report", joined, "--json", "-q"), shards[1].name, "incomplete")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 4. Reports: never over an input or an HDF5 file; atomic on a full disk
 # ---------------------------------------------------------------------------------------------------------------------
 def test_report_output_never_replaces_the_cache(good: Path, tmp_path: Path) -> None:
-    one_line_error(invoke("report", good, "-q", "-o", good), "is the input")
+    error_line(invoke("report", good, "-q", "-o", good), "is the input")
     other = write_cache(tmp_path / "other.h5", *planted(C=3, p=4, n=5, seed=1)[:2])
-    one_line_error(invoke("report", good, "-q", "-o", other), "HDF5 file")
+    error_line(invoke("report", good, "-q", "-o", other), "HDF5 file")
     with FeatureCache(good) as cache, FeatureCache(other):
         assert cache.info.n_samples == 120  # both caches intact
     ok = invoke("report", good, "-q", "-o", tmp_path / "r.json")
@@ -348,7 +340,7 @@ def test_report_output_is_replaced_only_when_complete(good: Path, tmp_path: Path
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "replace", full)
-    one_line_error(invoke("report", good, "-q", "-o", target), "No space left on device", "unchanged")
+    error_line(invoke("report", good, "-q", "-o", target), "No space left on device", "unchanged")
     assert target.read_text() == '{"old": true}\n' and sorted(p.name for p in tmp_path.iterdir()) == [
         "good.h5", "r.json"]
 
@@ -360,7 +352,7 @@ def test_report_output_on_a_full_tmpfs_keeps_the_old_report(tmp_path: Path) -> N
         target = mnt / "r.json"
         target.write_text('{"old": true}\n')
         fill(mnt, 0)
-        one_line_error(invoke("report", cache, "-q", "-o", target), "No space left on device")
+        error_line(invoke("report", cache, "-q", "-o", target), "No space left on device")
         assert target.read_text() == '{"old": true}\n'
         assert sorted(p.name for p in mnt.iterdir()) == ["filler", "r.json"]
 
@@ -493,7 +485,7 @@ def test_partial_cache_in_class_order_warns(tmp_path: Path) -> None:
 def test_malformed_attributes_are_refused(tmp_path: Path, attrs: dict, needle: str) -> None:
     h, y, _ = planted(C=4, p=6, n=5, seed=6)
     path = write_raw(tmp_path / "bad.h5", {"num_classes": 4, **attrs}, features=h, labels=y)
-    one_line_error(invoke("report", path, "--json", "-q", "--allow-partial"), needle)
+    error_line(invoke("report", path, "--json", "-q", "--allow-partial"), needle)
 
 
 def test_whole_float_num_classes_is_accepted(tmp_path: Path) -> None:
@@ -517,21 +509,21 @@ def _huge(path: Path, **declared: tuple[tuple[int, ...], str]) -> Path:
 def test_huge_declared_sizes_are_refused_before_allocating(tmp_path: Path) -> None:
     h, y, _ = planted(C=4, p=6, n=5, seed=7)
     path = write_raw(tmp_path / "c1e9.h5", {"num_classes": 10**9}, features=h, labels=y)
-    one_line_error(invoke("report", path, "-q", "--drop-empty-classes"), "C = 1000000000", "memory")
+    error_line(invoke("report", path, "-q", "--drop-empty-classes"), "C = 1000000000", "memory")
     wide = write_raw(tmp_path / "p2e5.h5", {"num_classes": 2}, features=np.ones((2, 200_000), np.float32),
                      labels=np.array([0, 1]))
-    one_line_error(invoke("report", wide, "-q"), "p = 200000", "memory")
+    error_line(invoke("report", wide, "-q"), "p = 200000", "memory")
     names = _huge(tmp_path / "names.h5", class_names=((200_000_000,), h5py.string_dtype()))
     with h5py.File(names, "a") as f:
         f["features"], f["labels"] = h, y
-    one_line_error(invoke("report", names, "-q", "--drop-empty-classes"), "C = 200000000")
+    error_line(invoke("report", names, "-q", "--drop-empty-classes"), "C = 200000000")
     with h5py.File(names, "a") as f:
         f.attrs["num_classes"] = 4
-    one_line_error(invoke("report", names, "-q"), "/class_names has 200000000 names for 4 classes")
+    error_line(invoke("report", names, "-q"), "/class_names has 200000000 names for 4 classes")
     clf = _huge(tmp_path / "clf.h5", **{"classifier/weight": ((100_000_000, 16), "float32")})
     with h5py.File(clf, "a") as f:
         f["features"], f["labels"] = np.ones((8, 16), np.float32), np.arange(8) % 2
-    one_line_error(invoke("report", clf, "-q", "--drop-empty-classes"))
+    error_line(invoke("report", clf, "-q", "--drop-empty-classes"))
 
 
 def test_links_inside_the_file_and_negative_n_written(tmp_path: Path) -> None:
@@ -540,16 +532,16 @@ def test_links_inside_the_file_and_negative_n_written(tmp_path: Path) -> None:
     with h5py.File(path, "a") as f:
         f["features"] = h5py.SoftLink("/again")
         f["again"] = h5py.SoftLink("/features")
-    one_line_error(invoke("report", path, "-q"), "/features is a soft link to /again")
+    error_line(invoke("report", path, "-q"), "/features is a soft link to /again")
     neg = write_raw(tmp_path / "neg.h5", {"num_classes": 4, "complete": False, "n_written": -5}, features=h,
                     labels=y)
-    one_line_error(invoke("report", neg, "-q", "--allow-partial"), "n_written attribute is -5")
+    error_line(invoke("report", neg, "-q", "--allow-partial"), "n_written attribute is -5")
 
 
 def test_features_too_large_to_square_are_one_line(tmp_path: Path) -> None:
     h, y, etf = planted(C=4, p=6, n=10, sigma=0.1, seed=13)
     path = write_cache(tmp_path / "big.h5", (h * 1e30).astype(np.float32), y, weight=etf)
-    one_line_error(invoke("report", path, "-q"), "reaches", "rescale the features")
+    error_line(invoke("report", path, "-q"), "reaches", "rescale the features")
     wide = write_cache(tmp_path / "ok64.h5", h * 1e30, y, weight=etf)  # float64 statistics hold these
     assert invoke("report", wide, "--json", "-q").exit_code == 0
 
@@ -559,7 +551,7 @@ def test_class_directory_not_utf8_is_one_line(images: Path, ckpt: Path, tmp_path
     os.rename(root / CLASSES[0], os.path.join(os.fsencode(root), b"caf\xe9"))
     res = invoke("extract", "-m", "test_resnet", "-c", ckpt, "-d", root, "-o", tmp_path / "o.h5", "--img-size", "32",
                  "-j", "0", "--no-progress")
-    one_line_error(res, "not named in valid UTF-8", "caf\\xe9")
+    error_line(res, "not named in valid UTF-8", "caf\\xe9")
     assert not (tmp_path / "o.h5").exists()
 
 
@@ -587,7 +579,7 @@ def test_partially_written_rows_of_a_complete_file_are_refused(tmp_path: Path) -
         f.create_dataset("features", shape=h.shape, dtype="float32", chunks=(16, 6))
         f["features"][:100] = h[:100]  # rows 100..199 never written
         f["labels"] = y
-    one_line_error(invoke("report", path, "-q"), "chunks holding its first 200 rows were ever written")
+    error_line(invoke("report", path, "-q"), "chunks holding its first 200 rows were ever written")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -646,11 +638,11 @@ def test_bad_image_advice_is_what_resume_accepts(images: Path, ckpt: Path, refer
     out = tmp_path / "o.h5"
     base = ["-m", "test_resnet", "-c", ckpt, "-d", root, "-o", out, "--img-size", "32", "-j", "0", "-b", "2",
             "--no-progress"]
-    err = one_line_error(invoke("extract", *base), "c_eel/03.png", "replace a bad image", "--overwrite")
+    err = error_line(invoke("extract", *base), "c_eel/03.png", "replace a bad image", "--overwrite")
     kept = _state(out)[1]
     assert f"keeps its first {kept} rows" in err
     (root / "c_eel" / "03.png").unlink()  # removing the file changes the dataset: --resume says so
-    one_line_error(invoke("extract", *base, "--resume"), "the dataset changed", "--overwrite")
+    error_line(invoke("extract", *base, "--resume"), "the dataset changed", "--overwrite")
     (root / "c_eel" / "03.png").write_bytes(good)  # replacing it, as advised, resumes
     assert invoke("extract", *base, "--resume").exit_code == 0
     _assert_same_rows(out, reference)
@@ -661,9 +653,9 @@ def test_broken_external_link_is_named_with_its_target(tmp_path: Path) -> None:
     path = write_raw(tmp_path / "ext.h5", {"num_classes": 4}, labels=y)
     with h5py.File(path, "a") as f:
         f["features"] = h5py.ExternalLink("gone.h5", "/features")
-    one_line_error(invoke("report", path, "-q"), "/features is an external link to gone.h5:/features",
+    error_line(invoke("report", path, "-q"), "/features is an external link to gone.h5:/features",
                    "--allow-external")
-    one_line_error(invoke("report", path, "-q", "--allow-external"),
+    error_line(invoke("report", path, "-q", "--allow-external"),
                    "/features is an external link to gone.h5:/features", "target file gone.h5 does not exist")
 
 
