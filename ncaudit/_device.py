@@ -1,17 +1,21 @@
-"""Where the work runs: the one place that turns a ``--device`` flag into a :class:`torch.device`, and the switch that
-keeps products at full precision (no TF32) wherever they run."""
+"""Where the work runs: the one place that turns a ``--device`` flag into a :class:`torch.device` (or into the host
+without torch, :func:`resolve_host`), and the switch that keeps products at full precision (no TF32) wherever they
+run. torch is imported by the functions that need it, not by this module."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import glob
+import os
 import sys
 from collections.abc import Iterator
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ncaudit.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -41,6 +45,41 @@ def release_free_memory() -> None:
 _TRIM: Any = None
 
 
+#: Files whose presence means an NVIDIA driver (and so possibly a CUDA device) is there: Linux, containers, WSL.
+_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/dxg")
+
+
+def cuda_possible() -> bool:
+    """Whether a CUDA device may be present, decided without importing torch when it is not imported yet: no NVIDIA
+    driver file (:data:`_DRIVER_FILES`, ``/dev/nvidia0``...) means no CUDA. With a driver, torch is asked."""
+    if "torch" not in sys.modules and sys.platform.startswith("linux") and not (
+            any(os.path.exists(f) for f in _DRIVER_FILES) or glob.glob("/dev/nvidia[0-9]*")):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def resolve_host(device: str = "auto") -> torch.device | None:
+    """None when the work of ``--device`` runs on the host in NumPy, without torch (``cpu``, or ``auto`` where no
+    CUDA device can be: see :func:`cuda_possible`); else :func:`resolve_device`'s device (a CPU one included, when
+    ``device`` is a torch.device)."""
+    name = str(device)
+    if not isinstance(device, str):
+        return resolve_device(device)
+    if name == "cpu" or (name == "auto" and not cuda_possible()):
+        return None
+    resolved = resolve_device(name)
+    return None if resolved.type == "cpu" else resolved
+
+
+def torch_device(device: torch.device | None) -> torch.device:
+    """The torch device of work that needs torch: ``device``, or the CPU for the host (None)."""
+    import torch
+
+    return torch.device("cpu") if device is None else device
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` / ``cuda:N`` / ``cpu`` as given.
 
@@ -49,6 +88,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     InputError
         An unknown device name, or CUDA asked for where there is none.
     """
+    import torch
+
     name = str(device)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,17 +105,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 @contextlib.contextmanager
-def host_threads(device: torch.device) -> Iterator[None]:
-    """On the CPU, torch single-threaded inside the block (restored after); elsewhere nothing.
+def host_threads(device: torch.device | None) -> Iterator[None]:
+    """On the CPU, torch single-threaded inside the block (restored after); elsewhere nothing (on the host without
+    torch, ``device`` None, nothing either unless torch is already imported).
 
     For work whose products run in NumPy's BLAS (the audit of a cache): torch's few operations around them (labels,
     set-up of a pass) would otherwise wake its OpenMP pool, whose threads spin after each parallel region and take the
     cores the BLAS needs in any process without ``OMP_WAIT_POLICY=PASSIVE`` (measured: pass 2 25 % slower). Not for
     blocks that run a model: its forward pass wants torch's threads.
     """
-    if device.type != "cpu":
+    if (device is None and "torch" not in sys.modules) or (device is not None and device.type != "cpu"):
         yield
         return
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -86,6 +130,8 @@ def host_threads(device: torch.device) -> Iterator[None]:
 @contextlib.contextmanager
 def full_precision_matmul() -> Iterator[None]:
     """Disable TF32 and reduced-precision float32 matmuls inside the block, restoring the settings after."""
+    import torch
+
     cuda_tf32 = torch.backends.cuda.matmul.allow_tf32
     cudnn_tf32 = torch.backends.cudnn.allow_tf32
     precision = torch.get_float32_matmul_precision()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -211,14 +212,20 @@ def check_memory(widths: Sequence[int], num_classes: int, where: str) -> None:
                          "layers, a projection) first")
 
 
-def check_labels(labels: torch.Tensor, num_classes: int, start: int, where: str) -> None:
+def _is_tensor(x: Any) -> bool:
+    torch = sys.modules.get("torch")  # no tensor exists before torch is imported
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def check_labels(labels: np.ndarray | torch.Tensor, num_classes: int, start: int, where: str) -> None:
     """Labels must lie in [0, C)."""
-    if labels.numel() == 0:
+    values = labels.detach().cpu().numpy() if _is_tensor(labels) else np.asarray(labels)
+    if values.size == 0:
         return
-    lo, hi = int(labels.min()), int(labels.max())
+    lo, hi = int(values.min()), int(values.max())
     if lo < 0 or hi >= num_classes:
-        bad = int(((labels < 0) | (labels >= num_classes)).nonzero()[0, 0])
-        value = int(labels[bad])
+        bad = int(np.flatnonzero((values < 0) | (values >= num_classes))[0])
+        value = int(values[bad])
         raise InputError(f"{where}: label {value} at row {start + bad} is outside [0, {num_classes}); labels must be "
                          f"class indices below num_classes={num_classes} (fix the labels or the num_classes attribute)")
 
@@ -228,41 +235,62 @@ def check_labels(labels: torch.Tensor, num_classes: int, start: int, where: str)
 SQUARABLE = {"float32": 1e16, "float64": 1e150}
 
 
-def check_finite(features: torch.Tensor, start: int, where: str, name: str = "/features") -> None:
+def check_finite(features: np.ndarray | torch.Tensor, start: int, where: str, name: str = "/features") -> None:
     """No NaN or Inf in a batch of features, and no value so large that the statistics' products of it overflow
     (:data:`SQUARABLE`): one min/max reduction (NaN fails its comparisons), then the first bad row is located.
-    Every comparison is made in the features' own dtype."""
+    Every comparison is made in the features' own dtype; NumPy on the host (no torch thread pool woken per batch),
+    torch on a device."""
+    if _is_tensor(features):
+        import torch
+
+        if features.device.type == "cpu" and features.dtype in (torch.float16, torch.float32, torch.float64):
+            features = features.detach().numpy()
+        else:
+            _check_finite_device(features, start, where, name)
+            return
+    values = np.asarray(features)
+    if values.size == 0:
+        return
+    limit = SQUARABLE["float64" if values.dtype == np.float64 else "float32"]
+    if values.min() >= -limit and values.max() <= limit:
+        return
+    bad_rows = np.flatnonzero(~np.isfinite(values).all(axis=1))
+    if bad_rows.size:
+        raise InputError(_nonfinite(where, name, start + int(bad_rows[0])))
+    peak = np.abs(values).max(axis=1)  # finite, but too large
+    row = int(np.flatnonzero(peak > limit)[0])
+    raise InputError(_too_large(where, name, start + row, float(peak[row]), limit, str(values.dtype)))
+
+
+def _nonfinite(where: str, name: str, row: int) -> str:
+    return (f"{where}: {name} row {row} holds NaN or Inf; the features are corrupt (re-extract them, "
+            "e.g. with --precision fp32 if half precision overflowed)")
+
+
+def _too_large(where: str, name: str, row: int, peak: float, limit: float, dtype: str) -> str:
+    fix = "rescale the features" + ("" if dtype == "float64" else " (or store them as float64)")
+    return (f"{where}: {name} row {row} reaches {peak:.3g}, beyond the {limit:.0e} whose squares the {dtype} "
+            f"statistics hold; {fix}")
+
+
+def _check_finite_device(features: torch.Tensor, start: int, where: str, name: str) -> None:
     import torch
 
     if features.numel() == 0:
         return
     limit = SQUARABLE["float64" if features.dtype == torch.float64 else "float32"]
-    if features.device.type == "cpu" and features.dtype in (torch.float16, torch.float32, torch.float64):
-        values = features.detach().numpy()  # NumPy on the CPU: no torch thread pool woken per batch
-        if values.min() >= -limit and values.max() <= limit:
-            return
-    else:
-        low, high = torch.aminmax(features)
-        if bool(low >= -limit) and bool(high <= limit):
-            return
-    bad_rows = (~torch.isfinite(features)).any(dim=1).nonzero()
-    if bad_rows.numel() == 0:  # finite, but too large (or only the row sum overflowed)
-        _check_magnitude(features, limit, start, where, name)
+    low, high = torch.aminmax(features)
+    if bool(low >= -limit) and bool(high <= limit):
         return
-    row = int(bad_rows[0, 0])
-    raise InputError(f"{where}: {name} row {start + row} holds NaN or Inf; the features are corrupt (re-extract them, "
-                     "e.g. with --precision fp32 if half precision overflowed)")
-
-
-def _check_magnitude(features: torch.Tensor, limit: float, start: int, where: str, name: str) -> None:
+    bad_rows = (~torch.isfinite(features)).any(dim=1).nonzero()
+    if bad_rows.numel():
+        raise InputError(_nonfinite(where, name, start + int(bad_rows[0, 0])))
     peak = features.abs().amax(dim=1)
-    if bool((peak <= limit).all()):
+    if bool((peak <= limit).all()):  # only the reduction overflowed
         return
     row = int((peak > limit).nonzero()[0, 0])
-    dtype = str(features.dtype).replace("torch.", "")
-    fix = "rescale the features" + ("" if dtype == "float64" else " (or store them as float64)")
-    raise InputError(f"{where}: {name} row {start + row} reaches {float(peak[row]):.3g}, beyond the {limit:.0e} whose "
-                     f"squares the {dtype} statistics hold; {fix}")
+    raise InputError(_too_large(where, name, start + row, float(peak[row]), limit,
+                                str(features.dtype).replace("torch.", "")))
 
 
 def check_classifier(weight: np.ndarray, bias: np.ndarray | None, where: str) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from reference import planted
 
+from ncaudit import _device
 from ncaudit.cache import write_cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,10 +51,13 @@ def small(tmp_path_factory):
 def test_report_imports_nothing_it_does_not_need(small, tmp_path):
     loaded = modules_of(tmp_path, "report", small, "-q", "--format", "markdown", "--fail-if", "nc1>1",
                         "--junit", tmp_path / "j.xml", "-o", tmp_path / "r.json")
-    assert {"torch", "h5py", "numpy"} <= loaded  # the streaming statistics: the check itself can fail
+    assert {"h5py", "numpy"} <= loaded  # the streaming statistics: the check itself can fail
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+    # On the CPU both passes run in NumPy: the process never loads torch (~1.5 s, ~600 MiB of a CUDA build)
+    assert ("torch" in loaded) == _device.cuda_possible()
     loaded = modules_of(tmp_path, "compare", tmp_path / "r.json", small, "-q")
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+    assert ("torch" in loaded) == _device.cuda_possible()
 
 
 def test_help_imports_no_torch(tmp_path):

@@ -11,8 +11,11 @@ side by side with each metric's direction (:data:`DIRECTIONS`); :func:`parse_che
 ``--fail-if`` thresholds, absolute or relative to a baseline.
 """
 
-from ncaudit.audit._accumulator import AuditAccumulator
-from ncaudit.audit._api import audit_features, audit_model
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ncaudit.audit._audit import audit, audit_cache, audit_source
 from ncaudit.audit._baseline import (
     baseline_info,
@@ -40,6 +43,14 @@ from ncaudit.audit._trajectory import (
     training_pairs,
 )
 
+if TYPE_CHECKING:
+    from ncaudit.audit._accumulator import AuditAccumulator
+    from ncaudit.audit._api import audit_features, audit_model
+
+#: The names that need torch (the in-memory and training-loop API), imported on first access: the report of a
+#: cache on the CPU runs without torch.
+_TORCH = {"AuditAccumulator": "_accumulator", "audit_features": "_api", "audit_model": "_api"}
+
 __all__ = ["COMPARE_SCHEMA", "DIRECTIONS", "MEANS_FROM_METRICS", "METRIC_KEYS", "REPORT_SCHEMA", "TRAIN_SPLITS",
            "ArraySource", "AuditAccumulator", "AuditOptions", "AuditResult", "BatchSource", "Check", "Comparison",
            "MetricChange", "Plan", "ProgressTracker", "TrajectoryRow", "audit", "audit_cache", "audit_features",
@@ -47,3 +58,11 @@ __all__ = ["COMPARE_SCHEMA", "DIRECTIONS", "MEANS_FROM_METRICS", "METRIC_KEYS", 
            "check_comparable", "compare", "comparison_to_json", "evaluate", "gate", "gate_last_row", "json_safe",
            "load_result", "make_plan", "metric_names", "parse_checks", "read_report", "require_baseline",
            "require_baseline_metrics", "resolve_metrics", "result_from_json", "result_to_json", "training_pairs", "verdict", "with_checks"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TORCH:
+        value = getattr(importlib.import_module(f"ncaudit.audit.{_TORCH[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ncaudit.audit' has no attribute {name!r}")

@@ -15,12 +15,11 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from ncaudit._device import host_threads, resolve_device
+from ncaudit._device import host_threads, resolve_device, resolve_host
 from ncaudit.audit._closed import (
     _closed_form,
     _layer_block,
@@ -49,9 +48,13 @@ from ncaudit.audit._state import _Closed, _Selection, _Setup
 from ncaudit.audit._uncertainty import _uncertainty, _uncertainty_warnings
 from ncaudit.audit._warnings import _warnings
 from ncaudit.cache import FeatureCache
-from ncaudit.distributed import DistContext, world_size
 from ncaudit.errors import InputError
 from ncaudit.stats import Decisions
+
+if TYPE_CHECKING:
+    import torch
+
+    from ncaudit.distributed import DistContext
 
 
 def audit_cache(
@@ -78,7 +81,8 @@ def audit_cache(
     """
     progress = progress or _NoProgress()
     _check_options(options)
-    device = group.device if group is not None else resolve_device(options.device)
+    # One process on the CPU: the host path in NumPy, without importing torch (device None)
+    device = group.device if group is not None else resolve_host(options.device)
     with FeatureCache(path, allow_partial=options.allow_partial, allow_external=options.allow_external) as cache, \
             _open_ood(ood, options) as ood_cache:
         setup = _setup(cache, options, group)
@@ -117,10 +121,11 @@ def audit_source(
     return _audit(source, setup, options, device, progress, ood, ood_setup)
 
 
-def _audit(source: BatchSource, setup: _Setup, options: AuditOptions, device: torch.device,
+def _audit(source: BatchSource, setup: _Setup, options: AuditOptions, device: torch.device | None,
            progress: ProgressTracker, ood: BatchSource | None, ood_setup: _Setup | None) -> AuditResult:
     """The passes the chosen metrics need (:func:`~ncaudit.audit._plan.make_plan`; every pass by default), then the
-    assembly."""
+    assembly. ``device`` None runs the passes on the host in NumPy (no torch unless a step needs it: refinement,
+    NC5, ``--means-from``)."""
     plan = make_plan(options.metrics, options.per_class)
     stats_pass = _StatisticsPass(setup, options, device)
     title = stats_pass.title if plan.decisions else "pass 1/1: class statistics"
@@ -167,7 +172,8 @@ def _against_training_means(result: AuditResult, train: TrainingMeans, sel: _Sel
 
 def _assemble(setup: _Setup, sel: _Selection, closed: _Closed, decisions: Decisions | None,
               layer_decisions: dict[str, Decisions] | None, reference: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
-              options: AuditOptions, device: torch.device, ood_mean: Any = None, plan: Plan = FULL) -> AuditResult:
+              options: AuditOptions, device: torch.device | None, ood_mean: Any = None,
+              plan: Plan = FULL) -> AuditResult:
     """The result from the statistics, the closed forms and the decisions; before pass 2 (``decisions`` None) the
     sample-level metrics are None and ``details["pending"]`` names them. With a plan of chosen metrics, only those
     are in ``metrics`` (and ``details["computed"]`` lists them)."""
@@ -187,7 +193,7 @@ def _assemble(setup: _Setup, sel: _Selection, closed: _Closed, decisions: Decisi
                                  None if layer_decisions is None else layer_decisions.get(name), plan)
               for name in setup.layers}
     details.update(_run_details(setup, sel, options, device, closed, plan))
-    details["world_size"] = setup.group.world_size if setup.group is not None else world_size() if setup.merge else 1
+    details["world_size"] = setup.group.world_size if setup.group is not None else _world_size() if setup.merge else 1
     if not plan.full:
         details["computed"] = list(plan.keys or ())
     info = setup.info
@@ -205,6 +211,12 @@ def _assemble(setup: _Setup, sel: _Selection, closed: _Closed, decisions: Decisi
         layers=layers,
         warnings=warnings,
     )
+
+
+def _world_size() -> int:
+    from ncaudit.distributed import world_size
+
+    return world_size()
 
 
 #: Provenance attributes that hold a JSON object: the report embeds them as objects, not as strings of JSON.

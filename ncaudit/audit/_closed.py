@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ncaudit import metrics
 from ncaudit.audit._options import AuditOptions
@@ -17,6 +16,9 @@ from ncaudit.audit._plan import FULL, Plan
 from ncaudit.audit._result import _finite
 from ncaudit.audit._state import _Closed, _Selection, _Setup, _unit_rows
 from ncaudit.stats import Decisions, Statistics
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _sample_metrics(m: dict[str, float | None], details: dict[str, Any], decisions: Decisions, n: int) -> None:
@@ -54,7 +56,7 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), np.finfo(float).tiny)
 
 
-def _run_details(setup: _Setup, sel: _Selection, options: AuditOptions, device: torch.device,
+def _run_details(setup: _Setup, sel: _Selection, options: AuditOptions, device: torch.device | None,
                  closed: _Closed, plan: Plan = FULL) -> dict[str, Any]:
     info = setup.info
     ls = closed.ls
@@ -65,7 +67,7 @@ def _run_details(setup: _Setup, sel: _Selection, options: AuditOptions, device: 
             "decisions": str(setup.gemm).replace("torch.", "") if plan.decisions else None,
             "refinement": "float64" if ls is not None and ls.steps else None,
         },
-        "device": str(device),
+        "device": "cpu" if device is None else str(device),  # None: the host, without torch
         "batch_size": options.batch_size,
         "normalized": options.normalize,
         "has_classifier": sel.weight is not None,

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ncaudit import metrics
+from ncaudit._device import torch_device
 from ncaudit.audit._options import AuditOptions, ProgressTracker
 from ncaudit.audit._result import _finite
 from ncaudit.audit._state import _to_tensor
 from ncaudit.cache import CacheInfo, FeatureCache
 from ncaudit.errors import InputError
 from ncaudit.stats import Decisions, Statistics
+
+if TYPE_CHECKING:
+    import torch
 
 #: The metrics that ``--means-from`` measures against the training means (the others keep the set's own).
 MEANS_FROM_METRICS = ("ncc_accuracy", "nc4", "cdnv")
@@ -81,7 +84,7 @@ def _check_classifiers(train: FeatureCache, test: FeatureCache) -> None:
 
 
 def training_means(path: str | Path, test: FeatureCache, keep: np.ndarray, options: AuditOptions,
-                   device: torch.device, progress: ProgressTracker) -> TrainingMeans:
+                   device: torch.device | None, progress: ProgressTracker) -> TrainingMeans:
     """Check that the cache at ``path`` is the training cache of ``test``'s network and stream its class means.
 
     Raises
@@ -97,6 +100,9 @@ def training_means(path: str | Path, test: FeatureCache, keep: np.ndarray, optio
             raise InputError(f"--means-from {info.path}: not the training cache of the same network: {clash}; "
                              "pass the training split extracted from the same checkpoint")
         _check_classifiers(train, test)
+        import torch
+
+        device = torch_device(device)
         c, p = info.num_classes, info.n_features
         sums = torch.zeros(c, p, dtype=torch.float64, device=device)
         counts = torch.zeros(c, dtype=torch.float64, device=device)

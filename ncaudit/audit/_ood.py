@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ncaudit import metrics
+from ncaudit._device import torch_device
 from ncaudit._validate import check_finite
-from ncaudit.audit._deferred import DeferredChecks
 from ncaudit.audit._options import AuditOptions, ProgressTracker
 from ncaudit.audit._passes import _stream, _where
 from ncaudit.audit._source import BatchSource
 from ncaudit.audit._state import _Selection, _Setup, _to_tensor
-from ncaudit.distributed import DistContext, merge_all
 from ncaudit.errors import InputError
-from ncaudit.stats import FeatureMean
+
+if TYPE_CHECKING:
+    import torch
+
+    from ncaudit.distributed import DistContext
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,12 @@ class _OODPass:
 
     title = "NC5: out-of-distribution mean"
 
-    def __init__(self, setup: _Setup, options: AuditOptions, device: torch.device) -> None:
+    def __init__(self, setup: _Setup, options: AuditOptions, device: torch.device | None) -> None:
+        from ncaudit.audit._deferred import DeferredChecks
+        from ncaudit.stats import FeatureMean
+
         self.setup = setup
+        device = torch_device(device)
         self.acc = FeatureMean(setup.info.n_features, device=device, normalize=options.normalize)
         self.checks = DeferredChecks(1, device) if setup.deferred else None
 
@@ -69,6 +75,8 @@ class _OODPass:
 
     def finish(self) -> OODMean:
         if self.setup.merge:
+            from ncaudit.distributed import merge_all
+
             merge_all([self.acc])
         try:
             mean = self.acc.compute()
@@ -77,7 +85,7 @@ class _OODPass:
         return OODMean(mean, int(float(self.acc.count)), self.setup.where)
 
 
-def _ood_pass(source: BatchSource, setup: _Setup, options: AuditOptions, device: torch.device,
+def _ood_pass(source: BatchSource, setup: _Setup, options: AuditOptions, device: torch.device | None,
               progress: ProgressTracker) -> OODMean:
     step = _OODPass(setup, options, device)
     return _stream(source, setup, options, progress, step, step.title, layers=False)

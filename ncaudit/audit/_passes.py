@@ -8,23 +8,29 @@ training loop pushes them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ncaudit import metrics
+from ncaudit._device import torch_device
 from ncaudit._validate import check_classifier, check_finite, check_labels, check_memory, classes_to_keep
-from ncaudit.audit._deferred import DeferredChecks
 from ncaudit.audit._means_from import TrainingMeans
 from ncaudit.audit._options import AuditOptions, ProgressTracker
 from ncaudit.audit._plan import FULL, Plan
 from ncaudit.audit._source import BatchSource, SourceInfo
 from ncaudit.audit._state import _Closed, _labels, _Selection, _Setup, _to_tensor, _unit_rows
-from ncaudit.distributed import DistContext, merge_all, together
 from ncaudit.errors import InputError
-from ncaudit.stats import ClassStatistics, Decisions, LeastSquaresResidual, Residual, SampleDecisions, gemm_dtype_for
+from ncaudit.stats import Decisions, HostDecisions, HostStatistics, Residual
+from ncaudit.stats._host import gemm_name_for
+
+if TYPE_CHECKING:
+    import torch
+
+    from ncaudit.distributed import DistContext
+    from ncaudit.stats import ClassStatistics
 
 #: Refine W_LS on the samples when its estimated relative error (metrics.ls_error_estimate) is above this.
 REFINE_ABOVE = 1e-7
@@ -59,7 +65,7 @@ def _setup(source: BatchSource, options: AuditOptions, group: DistContext | None
         check_classifier(*classifier, where)
     split = group is not None and group.distributed and not live
     rows = group.rows(info.n_samples) if split and info.n_samples is not None else None
-    gemm = torch.float64 if float64_decisions else gemm_dtype_for(info.feature_dtype)
+    gemm = "float64" if float64_decisions else gemm_name_for(info.feature_dtype)
     return _Setup(info, where, layers, gemm, classifier, rows, merge=split or (live and distributed), deferred=live,
                   group=group)
 
@@ -101,7 +107,19 @@ def _n_rows(setup: _Setup) -> int | None:
 
 def _together(setup: _Setup, step: Callable[[], Any]) -> Any:
     """Run ``step``; when the ranks merge, an error on one rank stops every rank (:func:`together`)."""
-    return together(step) if setup.merge else step()
+    if not setup.merge:
+        return step()
+    from ncaudit.distributed import together
+
+    return together(step)
+
+
+def _merge(setup: _Setup, accs: Any) -> None:
+    """Merge the accumulators across the ranks (when they merge)."""
+    if setup.merge:
+        from ncaudit.distributed import merge_all
+
+        merge_all(accs)
 
 
 def _stream(source: BatchSource, setup: _Setup, options: AuditOptions, progress: ProgressTracker, step: Any,
@@ -123,20 +141,37 @@ def _stream(source: BatchSource, setup: _Setup, options: AuditOptions, progress:
 # Pass 1: class statistics
 # ---------------------------------------------------------------------------------------------------------------------
 class _StatisticsPass:
-    """Pass 1: one class-statistics accumulator for the final features (key None) and one per requested layer."""
+    """Pass 1: one class-statistics accumulator for the final features (key None) and one per requested layer
+    (:class:`~ncaudit.stats.HostStatistics` on the host, ``device`` None; else
+    :class:`~ncaudit.stats.ClassStatistics`)."""
 
     title = "pass 1/2: class statistics"
 
-    def __init__(self, setup: _Setup, options: AuditOptions, device: torch.device) -> None:
+    def __init__(self, setup: _Setup, options: AuditOptions, device: torch.device | None) -> None:
         info = setup.info
         self.setup = setup
+        self.host = device is None
         widths = {None: info.n_features, **{name: info.layers[name] for name in setup.layers}}
-        self.accs = {name: ClassStatistics(info.num_classes, width, device=device, normalize=options.normalize)
-                     for name, width in widths.items()}
-        self.checks = DeferredChecks(info.num_classes, device) if setup.deferred else None
+        if self.host:
+            self.accs: dict[str | None, Any] = {
+                name: HostStatistics(info.num_classes, width, normalize=options.normalize)
+                for name, width in widths.items()}
+        else:
+            from ncaudit.stats import ClassStatistics
+
+            self.accs = {name: ClassStatistics(info.num_classes, width, device=device, normalize=options.normalize)
+                         for name, width in widths.items()}
+        self.checks = None
+        if setup.deferred:
+            from ncaudit.audit._deferred import DeferredChecks
+
+            self.checks = DeferredChecks(info.num_classes, torch_device(device))
 
     def update(self, start: int, x: Any, y: Any, extra: Mapping[str, Any]) -> None:
         setup = self.setup
+        if self.host:  # NumPy batches of a cache
+            self._update_host(start, x, y, extra)
+            return
         h, labels = _to_tensor(x), _labels(y)
         if self.checks is not None:  # on the device, reported once by check(): no synchronisation per batch
             labels = self.checks.labels(labels, start)
@@ -153,18 +188,27 @@ class _StatisticsPass:
                 check_finite(hl, start, setup.where, f"/layers/{name}/features")
             self.accs[name].update(hl, labels)
 
+    def _update_host(self, start: int, x: np.ndarray, y: np.ndarray, extra: Mapping[str, Any]) -> None:
+        setup = self.setup
+        labels = np.asarray(y).astype(np.int64, copy=False)
+        check_labels(labels, setup.info.num_classes, start, setup.where)
+        check_finite(x, start, setup.where)
+        self.accs[None].update(x, labels)
+        for name in setup.layers:
+            check_finite(extra[name], start, setup.where, f"/layers/{name}/features")
+            self.accs[name].update(extra[name], labels)
+
     def check(self) -> None:
         """Raise the first bad label or feature row found on the device (one synchronisation per pass)."""
         if self.checks is not None:
             self.checks.raise_first(self.setup.where)
 
-    def finish(self) -> dict[str | None, ClassStatistics]:
-        if self.setup.merge:
-            merge_all(self.accs.values())
+    def finish(self) -> dict[str | None, HostStatistics | ClassStatistics]:
+        _merge(self.setup, self.accs.values())
         return self.accs
 
 
-def _select(accs: dict[str | None, ClassStatistics], setup: _Setup, options: AuditOptions) -> _Selection:
+def _select(accs: dict[str | None, HostStatistics | ClassStatistics], setup: _Setup, options: AuditOptions) -> _Selection:
     """The classes to audit and their statistics; the classifier restricted (and normalised) accordingly."""
     c_all = setup.info.num_classes
     try:
@@ -180,8 +224,8 @@ def _select(accs: dict[str | None, ClassStatistics], setup: _Setup, options: Aud
         bias = np.zeros(len(keep)) if setup.classifier[1] is None else setup.classifier[1][keep]
         if options.normalize:
             weight, bias = _unit_rows(weight), np.zeros(len(keep))
-    remap = torch.full((c_all,), -1, dtype=torch.int64)
-    remap[torch.from_numpy(keep)] = torch.arange(len(keep))
+    remap = np.full(c_all, -1, dtype=np.int64)
+    remap[keep] = np.arange(len(keep))
     layer_stats = {name: accs[name].compute().select(keep) for name in setup.layers}
     layer_bases = {name: metrics.means_basis(s.centred_means) for name, s in layer_stats.items()}
     setup.classifier = None  # the rows kept are in the selection: free the full C x p copy
@@ -199,33 +243,55 @@ class _DecisionsPass:
     title = "pass 2/2: decisions"
 
     def __init__(self, setup: _Setup, sel: _Selection, closed: _Closed, options: AuditOptions,
-                 device: torch.device, train: TrainingMeans | None = None, plan: Plan = FULL) -> None:
+                 device: torch.device | None, train: TrainingMeans | None = None, plan: Plan = FULL) -> None:
         self.setup, self.device = setup, device
+        self.host = device is None
         stats = sel.stats
-        common = dict(device=device, gemm_dtype=setup.gemm, normalize=options.normalize)
+        if self.host:  # NumPy on the host
+            decider: Any = functools.partial(HostDecisions, gemm_dtype=setup.gemm, normalize=options.normalize)
+        else:
+            import torch
+
+            from ncaudit.stats import SampleDecisions
+
+            decider = functools.partial(SampleDecisions, device=device, gemm_dtype=getattr(torch, setup.gemm),
+                                        normalize=options.normalize)
         # The classifier's columns only when a chosen metric reads its decisions (else nearest class mean only); the
         # whitener only for the per-class NC1 traces.
         weight, bias = (sel.weight, sel.bias) if plan.classifier_decisions else (None, None)
         whitener = closed.basis.whitener if closed.basis is not None else np.zeros((stats.n_features, 0))
-        self.dec = SampleDecisions(stats.means, stats.global_mean, weight, bias, whitener, anchors=stats.anchors,
-                                   per_class=plan.per_class_nc1, **common)
-        setup.gemm = self.dec.gemm_dtype  # float64 when the classifier's scale needs it (reported in the details)
+        self.dec = decider(stats.means, stats.global_mean, weight, bias, whitener, anchors=stats.anchors,
+                           per_class=plan.per_class_nc1)
+        # float64 when the classifier's scale needs it (reported in the details)
+        setup.gemm = str(self.dec.gemm_dtype).replace("torch.", "")
         # --means-from: the same decisions against the training class means (NCC accuracy, NC4)
-        self.train_dec = None if train is None or not plan.any(("ncc_accuracy", "nc4")) else SampleDecisions(
-            train.means, train.global_mean, weight, bias, whitener, anchors=stats.anchors, per_class=False, **common)
+        self.train_dec = None if train is None or not plan.any(("ncc_accuracy", "nc4")) else decider(
+            train.means, train.global_mean, weight, bias, whitener, anchors=stats.anchors, per_class=False)
         self.layer_dec = {
-            name: SampleDecisions(s.means, s.global_mean, None, None, sel.layer_bases[name].whitener,
-                                  anchors=s.anchors, per_class=False, **common)
+            name: decider(s.means, s.global_mean, None, None, sel.layer_bases[name].whitener, anchors=s.anchors,
+                          per_class=False)
             for name, s in sel.layer_stats.items()
         } if plan.wants("ncc_accuracy") else {}
         self.residual = None
         if closed.ls is not None and closed.estimate > REFINE_ABOVE:
-            self.residual = LeastSquaresResidual(closed.ls.weight, stats.global_mean, stats.priors, device=device,
-                                                 normalize=options.normalize)
-        self.remap = sel.remap.to(device)
+            from ncaudit.stats import LeastSquaresResidual
+
+            self.residual = LeastSquaresResidual(closed.ls.weight, stats.global_mean, stats.priors,
+                                                 device=torch_device(device), normalize=options.normalize)
+        self.remap = _remap(sel.remap, device)
         self.last = len(sel.remap) - 1
 
     def update(self, start: int, x: Any, y: Any, extra: Mapping[str, Any]) -> None:
+        if self.host:
+            labels = self.remap[np.asarray(y)]
+            self.dec.update(x, labels)
+            if self.train_dec is not None:
+                self.train_dec.update(x, labels)
+            if self.residual is not None:
+                self.residual.update(_to_tensor(x), _labels(labels))
+            for name, dec in self.layer_dec.items():
+                dec.update(extra[name], labels)
+            return
         labels = _labels(y).to(self.device, non_blocking=True)
         if self.setup.deferred:  # labels were checked in pass 1; a loader that changed them shows in the counts
             labels = labels.clamp(0, self.last)
@@ -243,11 +309,20 @@ class _DecisionsPass:
         pass
 
     def finish(self) -> tuple[Decisions, dict[str, Decisions], Residual | None, Decisions | None]:
-        if self.setup.merge:
-            merge_all([self.dec, *self.layer_dec.values(), self.residual, self.train_dec])
+        _merge(self.setup, [self.dec, *self.layer_dec.values(), self.residual, self.train_dec])
         return self.dec.compute(), {name: d.compute() for name, d in self.layer_dec.items()}, \
             None if self.residual is None else self.residual.compute(), \
             None if self.train_dec is None else self.train_dec.compute()
+
+
+def _remap(remap: np.ndarray, device: torch.device | None) -> Any:
+    """The label remap (class index among those kept) where the pass's labels are: NumPy on the host, else a
+    tensor on ``device``."""
+    if device is None:
+        return remap
+    import torch
+
+    return torch.from_numpy(remap).to(device)
 
 
 def _same_samples(stats_counts: np.ndarray, decisions: Decisions, where: str) -> None:
@@ -265,13 +340,16 @@ class _ResidualPass:
     """One refinement pass: the sums of the normal equations' residual of the current W_LS on the samples."""
 
     def __init__(self, setup: _Setup, sel: _Selection, ls: metrics.LeastSquares, options: AuditOptions,
-                 device: torch.device) -> None:
+                 device: torch.device | None) -> None:
+        from ncaudit.stats import LeastSquaresResidual
+
+        device = torch_device(device)
         self.setup, self.device = setup, device
         self.title = f"refinement {ls.steps + 1}: least squares"
         stats = sel.stats
         self.acc = LeastSquaresResidual(ls.weight, stats.global_mean, stats.priors, device=device,
                                         normalize=options.normalize)
-        self.remap = sel.remap.to(device)
+        self.remap = _remap(sel.remap, device)
         self.last = len(sel.remap) - 1
 
     def update(self, start: int, x: Any, y: Any, extra: Mapping[str, Any]) -> None:
@@ -284,8 +362,7 @@ class _ResidualPass:
         pass
 
     def finish(self) -> Residual:
-        if self.setup.merge:
-            merge_all([self.acc])
+        _merge(self.setup, [self.acc])
         return self.acc.compute()
 
 
@@ -297,7 +374,7 @@ def _refine_step(sel: _Selection, ls: metrics.LeastSquares, residual: Residual) 
 
 
 def _refine(source: BatchSource, setup: _Setup, sel: _Selection, closed: _Closed, residual: Residual | None,
-            options: AuditOptions, device: torch.device, progress: ProgressTracker) -> metrics.LeastSquares:
+            options: AuditOptions, device: torch.device | None, progress: ProgressTracker) -> metrics.LeastSquares:
     """Iterative refinement of W_LS on the samples when its error estimate is above ``REFINE_ABOVE``: the step
     measured in pass 2 (``residual``; measured in a pass of its own when no pass 2 ran), then further passes (at most
     ``MAX_REFINE_STEPS`` in all) while the last correction is above ``CONVERGED_BELOW``."""

@@ -7,18 +7,27 @@ over a data loader. The passes see only this protocol, so every source gives the
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import numpy as np
-import torch
 
 from ncaudit.errors import InputError
 
+if TYPE_CHECKING:
+    import torch
+
 #: An array of features or labels: NumPy, or a torch tensor on any device.
-Array = np.ndarray | torch.Tensor
+Array: TypeAlias = "np.ndarray | torch.Tensor"
+
+
+def is_tensor(x: Any) -> bool:
+    """Whether ``x`` is a torch tensor (without importing torch: no tensor exists before it is imported)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 class SourceInfo(Protocol):
@@ -88,13 +97,15 @@ def as_float64(x: Array | None) -> np.ndarray | None:
     """A host float64 copy of a classifier array (NumPy or a tensor on any device)."""
     if x is None:
         return None
-    if isinstance(x, torch.Tensor):
+    if is_tensor(x):
+        import torch
+
         return x.detach().to("cpu", torch.float64).numpy().copy()
     return np.array(x, dtype=np.float64)
 
 
 def _rows_of(x: Array, name: str) -> Array:
-    if isinstance(x, torch.Tensor):
+    if is_tensor(x):
         return x.detach()
     if isinstance(x, np.ndarray):
         return x
@@ -183,6 +194,10 @@ class ArraySource:
             return None
         index = np.asarray(as_float64(self.reference[0]), dtype=np.int64)
         ref = as_float64(self.reference[1])
-        stored = self.features[torch.as_tensor(index)] if isinstance(self.features, torch.Tensor) \
-            else self.features[index]
+        if is_tensor(self.features):
+            import torch
+
+            stored = self.features[torch.as_tensor(index)]
+        else:
+            stored = self.features[index]
         return index, np.asarray(as_float64(stored)), np.asarray(ref)

@@ -4,15 +4,18 @@ and the closed forms computed so far."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ncaudit import metrics
 from ncaudit.audit._source import SourceInfo
-from ncaudit.distributed import DistContext
 from ncaudit.stats import Statistics
+
+if TYPE_CHECKING:
+    import torch
+
+    from ncaudit.distributed import DistContext
 
 
 def _unit_rows(a: np.ndarray) -> np.ndarray:
@@ -23,12 +26,16 @@ def _unit_rows(a: np.ndarray) -> np.ndarray:
 def _to_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Features as a tensor where they are (no copy of a float32 / float64 batch); half precision widened to float32,
     which is exact."""
+    import torch
+
     t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
     return t.to(torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _labels(y: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Labels as an int64 tensor where they are."""
+    import torch
+
     t = y if isinstance(y, torch.Tensor) else torch.from_numpy(np.asarray(y))
     return t.to(torch.int64)
 
@@ -40,7 +47,7 @@ class _Setup:
     info: SourceInfo
     where: str
     layers: list[str]
-    gemm: torch.dtype
+    gemm: str  # the decision GEMM's dtype: "float32" or "float64"
     classifier: tuple[np.ndarray, np.ndarray | None] | None
     rows: range | None = None  # this rank's contiguous rows of a cache (None: all of them, or a live source)
     merge: bool = False  # merge the passes' states across the ranks of the default process group
@@ -59,7 +66,7 @@ class _Selection:
     layer_bases: dict[str, metrics.MeansBasis]
     weight: np.ndarray | None
     bias: np.ndarray | None
-    remap: torch.Tensor
+    remap: np.ndarray  # (C_all,) int64: a class's index among those kept, -1 for a class dropped
 
 
 @dataclass

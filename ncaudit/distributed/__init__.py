@@ -14,7 +14,11 @@ a duplicated sample would bias every statistic. Accumulators (:class:`~ncaudit.s
 accumulated over the concatenated slices (to floating-point rounding). States travel as tensors (no pickles).
 """
 
-from ncaudit.distributed._collectives import all_equal, any_rank, barrier, broadcast_ints, together
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ncaudit.distributed._launch import (
     WIRED_COMMANDS,
     DistContext,
@@ -30,10 +34,27 @@ from ncaudit.distributed._launch import (
     rank_rows,
     world_size,
 )
-from ncaudit.distributed._merge import Mergeable, merge_all, merge_states, spawn
-from ncaudit.distributed._progress import GlobalProgress
+
+if TYPE_CHECKING:
+    from ncaudit.distributed._collectives import all_equal, any_rank, barrier, broadcast_ints, together
+    from ncaudit.distributed._merge import Mergeable, merge_all, merge_states, spawn
+    from ncaudit.distributed._progress import GlobalProgress
+
+#: The names that need torch (collectives, merges, the global progress), imported on first access; launch detection
+#: and the rows of each rank do not load torch.
+_TORCH = {"all_equal": "_collectives", "any_rank": "_collectives", "barrier": "_collectives",
+          "broadcast_ints": "_collectives", "together": "_collectives", "Mergeable": "_merge", "merge_all": "_merge",
+          "merge_states": "_merge", "spawn": "_merge", "GlobalProgress": "_progress"}
 
 __all__ = ["DistContext", "GlobalProgress", "Launch", "Mergeable", "WIRED_COMMANDS", "all_equal", "any_rank",
            "backend_for", "barrier", "broadcast_ints", "check_launch", "is_active", "is_main", "launch_env",
            "local_device", "merge_all", "merge_states", "process_group", "rank", "rank_rows", "spawn", "together",
            "world_size"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TORCH:
+        value = getattr(importlib.import_module(f"ncaudit.distributed.{_TORCH[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ncaudit.distributed' has no attribute {name!r}")

@@ -5,15 +5,17 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from ncaudit._device import resolve_device
 from ncaudit.cache._shards import split_rows
 from ncaudit.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 #: How long a collective (a barrier after uneven extraction slices included) may wait before the run fails.
 DEFAULT_TIMEOUT = _dt.timedelta(minutes=60)
@@ -98,6 +100,8 @@ def check_launch(command: str, environ: Mapping[str, str] | None = None) -> None
 
 def backend_for(device: torch.device) -> str:
     """NCCL for ranks on CUDA devices (when built in), gloo otherwise."""
+    import torch.distributed as dist
+
     return "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
 
 
@@ -113,6 +117,8 @@ def local_device(device: str | torch.device = "auto", launch: Launch | None = No
     resolved = resolve_device(device)
     if str(device) not in ("auto", "cuda") or resolved.type != "cuda":
         return resolved  # an explicit device, or auto without CUDA
+    import torch
+
     count = torch.cuda.device_count()
     if launch.local_rank >= count:
         raise InputError(f"LOCAL_RANK {launch.local_rank} but this node sees {count} CUDA device(s): launch at most "
@@ -159,6 +165,9 @@ def process_group(device: str | torch.device = "auto", *,
     InputError
         The launch variables are inconsistent, the device is unavailable, or the group cannot start.
     """
+    import torch
+    import torch.distributed as dist
+
     launch = launch_env()
     dev = local_device(device, launch)
     if dev.type == "cuda":
@@ -184,18 +193,30 @@ def process_group(device: str | torch.device = "auto", *,
 
 
 def is_active() -> bool:
-    """Whether a process group is initialised in this process."""
+    """Whether a process group is initialised in this process (none can be before torch is imported)."""
+    if "torch" not in sys.modules:
+        return False
+    import torch.distributed as dist
+
     return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
     """This process's rank (from the group, else from the launch variables; 0 alone)."""
-    return dist.get_rank() if is_active() else launch_env().rank
+    if is_active():
+        import torch.distributed as dist
+
+        return dist.get_rank()
+    return launch_env().rank
 
 
 def world_size() -> int:
     """Number of ranks (from the group, else from the launch variables; 1 alone)."""
-    return dist.get_world_size() if is_active() else launch_env().world_size
+    if is_active():
+        import torch.distributed as dist
+
+        return dist.get_world_size()
+    return launch_env().world_size
 
 
 def is_main() -> bool:

@@ -2,59 +2,14 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from ncaudit import _device
-from ncaudit._validate import SQUARABLE
 from ncaudit.stats._gemm import Workspace, mm
-from ncaudit.stats._host import HostDecider
+from ncaudit.stats._host import HostDecider, decision_tables, decisions_from_state, host_decider
+from ncaudit.stats._results import Decisions
 from ncaudit.stats._state import _Sums
-
-
-@dataclass(frozen=True)
-class Decisions:
-    """Per-sample decision counts from the second pass (numpy arrays, C classes).
-
-    Attributes
-    ----------
-    counts : ndarray of shape (C,), int64
-        Samples per class seen in this pass.
-    correct : ndarray of shape (C,), int64 or None
-        Samples of class c with argmax_c' (w_c'^T h + b_c') = c (None without a classifier).
-    ncc_correct : ndarray of shape (C,), int64
-        Samples of class c whose nearest class mean is mu_c.
-    disagree : int or None
-        Samples where the classifier's and the nearest-class-mean decisions differ (NC4 numerator).
-    squared_error : float or None
-        sum_i ||W h_i + b - e_{y_i}||^2, evaluated sample by sample (checks the closed form of the MSE loss).
-    whitened_scatter : ndarray of shape (C,)
-        sum_{y_i=c} ||S^-1 U^T (h_i - mu_c)||^2, so that class c's NC1 = whitened_scatter_c / n_c.
-    """
-
-    counts: np.ndarray
-    correct: np.ndarray | None
-    ncc_correct: np.ndarray
-    disagree: int | None
-    squared_error: float | None
-    whitened_scatter: np.ndarray
-
-
-#: The largest float32 score the decision GEMM may form: a quarter of the float32 maximum (sums of partial products
-#: stay below it).
-_FLOAT32_SCORES = float(torch.finfo(torch.float32).max) / 4
-
-
-def _may_overflow_float32(col_norm: torch.Tensor, p: int) -> bool:
-    """Whether float32 scores (h - a)^T [M | W] could overflow: each |h_i| <= SQUARABLE (the first pass refuses
-    larger features), so ||h - a|| <= 2 SQUARABLE sqrt(p), and a score is at most that times its column's norm."""
-    if col_norm.numel() == 0:
-        return False
-    bound = 2.0 * SQUARABLE["float32"] * math.sqrt(p)
-    return float(col_norm.max()) * bound > _FLOAT32_SCORES
 
 
 class SampleDecisions(_Sums):
@@ -126,55 +81,36 @@ class SampleDecisions(_Sums):
         memory_budget: int = 128 << 20,
     ) -> None:
         self.device = torch.device(device)
-        self.gemm_dtype = gemm_dtype
         self.normalize = normalize
         self.per_class = per_class
         f64 = dict(dtype=torch.float64, device=self.device)
-        self.means = torch.as_tensor(means, **f64)
-        self.global_mean = torch.as_tensor(global_mean, **f64)
-        self.num_classes, self.num_features = self.means.shape
-        c, p = self.num_classes, self.num_features
+        tables = decision_tables(means, global_mean, weight, bias, gemm=str(gemm_dtype).replace("torch.", ""),
+                                 normalize=normalize, anchors=anchors, memory_budget=memory_budget)
+        self.gemm_dtype = gemm_dtype = getattr(torch, tables.gemm)  # float64 where float32 scores could overflow
         self.has_classifier = weight is not None
-        centred = self.means - self.global_mean
-        self._rows64 = torch.empty(p, 2 * c if weight is not None else c, **f64)  # [M | W^T], (p, C or 2C)
-        self._rows64[:, :c] = centred.T
-        consts = [-0.5 * centred.square().sum(1)]
-        del centred  # C x p: only the columns above are kept
-        if weight is not None:
-            w = torch.as_tensor(weight, **f64)
-            b = torch.zeros(c, **f64) if bias is None else torch.as_tensor(bias, **f64)
-            self._rows64[:, c:] = w.T
-            consts.append(w @ self.global_mean + b)
-        self._const = torch.cat(consts)
-        self._col_norm = torch.linalg.vector_norm(self._rows64, dim=0)
-        if gemm_dtype == torch.float32 and not normalize and _may_overflow_float32(self._col_norm, p):
-            gemm_dtype = self.gemm_dtype = torch.float64  # decided once: a huge classifier's float32 scores overflow
-        host = self.device.type == "cpu" and _device.HOST_NUMPY  # NumPy per batch on the CPU (ncaudit.stats._host)
-        self._rows: torch.Tensor | None = None if host else self._rows64.to(gemm_dtype)
-        self._white: torch.Tensor | None = torch.as_tensor(whitener, **f64)
-        ncols = self._rows64.shape[1]
+        self.num_classes, self.num_features = np.shape(means)
+        ncols = tables.rows64.shape[1]
         # Rows per chunk: the float64 score block (rows x ncols) and its float32 twin stay within the budget.
         self._chunk = max(16, memory_budget // (16 * max(ncols, 1)))
-        self.anchored = anchors is not None and gemm_dtype == torch.float32 and not normalize
-        self._label_table: torch.Tensor | None = None
-        if self.anchored:  # samples of float32 / float16 features: exact in float32
-            self._anchors = torch.as_tensor(anchors, dtype=torch.float32, device=self.device)
-            if self.num_classes * ncols * 8 <= memory_budget:
-                self._label_table = self._label_constants(torch.arange(self.num_classes, device=self.device))
+        self.anchored = tables.anchors64 is not None
         self._workspace = Workspace(self.device)
         self._host: HostDecider | None = None
-        if host:  # the host path keeps its own tables; the device path's copies are dropped (memory)
-            self._host = HostDecider(
-                self._rows64.numpy(), self._const.numpy(), self.global_mean.numpy(), self.means.numpy(),
-                np.asarray(whitener, dtype=np.float64),
-                self._anchors.to(torch.float64).numpy() if self.anchored else None,
-                np.dtype(str(gemm_dtype).replace("torch.", "")), per_class=per_class, normalize=normalize,
-                has_classifier=self.has_classifier,
-                label_table=None if self._label_table is None else self._label_table.numpy())
-            self._white = self._anchors = None  # type: ignore[assignment]
-            if self._host.means is None:
-                self.means = None  # type: ignore[assignment]
-            _device.release_free_memory()  # what the closed forms and the set-up above freed
+        if self.device.type == "cpu" and _device.HOST_NUMPY:  # NumPy per batch on the CPU (ncaudit.stats._host)
+            self._host = host_decider(tables, means, global_mean, whitener, per_class=per_class, normalize=normalize,
+                                      has_classifier=self.has_classifier)
+            self._label_table = tables.label_table  # the decider's own (NumPy), or None beyond the budget
+        else:
+            self.means = torch.as_tensor(means, **f64)
+            self.global_mean = torch.as_tensor(global_mean, **f64)
+            self._rows64 = torch.as_tensor(tables.rows64, **f64)  # [M | W^T], (p, C or 2C)
+            self._const = torch.as_tensor(tables.const, **f64)
+            self._col_norm = torch.as_tensor(tables.col_norm, **f64)
+            self._rows = self._rows64.to(gemm_dtype)
+            self._white = torch.as_tensor(whitener, **f64)
+            if self.anchored:  # samples of float32 / float16 features: exact in float32
+                self._anchors = torch.as_tensor(tables.anchors64, dtype=torch.float32, device=self.device)
+            self._label_table = None if tables.label_table is None else torch.as_tensor(tables.label_table, **f64)
+        del tables
         self.reset()
 
     def _label_constants(self, labels: torch.Tensor) -> torch.Tensor:
@@ -284,12 +220,5 @@ class SampleDecisions(_Sums):
     def compute(self) -> Decisions:
         if self._host is not None:
             self._host.release()  # scratch buffers, reallocated by a later update
-        as_np = lambda t: t.detach().cpu().numpy()  # noqa: E731
-        return Decisions(
-            counts=as_np(self.count),
-            correct=as_np(self.correct) if self.has_classifier else None,
-            ncc_correct=as_np(self.ncc_correct),
-            disagree=int(self.disagree) if self.has_classifier else None,
-            squared_error=float(self.squared_error) if self.has_classifier else None,
-            whitened_scatter=as_np(self.whitened_scatter),
-        )
+        return decisions_from_state({name: getattr(self, name).detach().cpu().numpy() for name in self.STATE},
+                                    self.has_classifier)

@@ -7,13 +7,13 @@ import numpy as np
 import torch
 
 from ncaudit._device import full_precision_matmul
+from ncaudit.stats._host import gemm_name_for
 
 
 def gemm_dtype_for(feature_dtype: str | torch.dtype | np.dtype) -> torch.dtype:
-    """The dtype of the second pass's decision GEMM for features of this dtype: float64 for float64 features, else
-    float32 (rows centred on a sample of their class; close calls are decided again in float64)."""
-    name = str(feature_dtype).replace("torch.", "")
-    return torch.float64 if name == "float64" else torch.float32
+    """The dtype of the second pass's decision GEMM for features of this dtype (:func:`gemm_name_for` as a torch
+    dtype)."""
+    return getattr(torch, gemm_name_for(feature_dtype))
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:

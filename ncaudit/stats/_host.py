@@ -27,8 +27,13 @@ projects h - mu_y on the whitener U S^-1 in a float64 product of its own, as in 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
+
+from ncaudit._device import release_free_memory
+from ncaudit._validate import SQUARABLE
+from ncaudit.stats._results import Decisions
 
 _U32 = float(np.finfo(np.float32).eps) / 2
 _U64 = float(np.finfo(np.float64).eps) / 2
@@ -37,6 +42,25 @@ _U64 = float(np.finfo(np.float64).eps) / 2
 BLOCK_BYTES = 1 << 19
 #: Bytes of scratch per chunk of rows (inputs of the products and their results).
 CHUNK_BYTES = 24 << 20
+
+
+class Scratch:
+    """Reusable NumPy scratch arrays by name (contents undefined): a fresh large array per batch costs more in page
+    faults than the arithmetic done on it."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: np.dtype | type = np.float64) -> np.ndarray:
+        """An array of ``shape`` (the first dimension may be smaller than the one kept), grown when needed."""
+        buf = self._arrays.get(name)
+        if buf is None or buf.dtype != dtype or buf.shape[0] < shape[0] or buf.shape[1:] != shape[1:]:
+            buf = self._arrays[name] = np.empty((max(shape[0], 1), *shape[1:]), dtype)
+        return buf[:shape[0]]
+
+    def clear(self) -> None:
+        """Free every array (allocated again on next use)."""
+        self._arrays.clear()
 
 
 def _orthonormal(whitener: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -114,11 +138,11 @@ class HostDecider:
         row_bytes = p * 12 + r * 12 + 8 * ncols + 8
         self.chunk = int(max(64, CHUNK_BYTES // row_bytes))
         self.block = int(max(16, BLOCK_BYTES // (8 * max(p, ncols))))
-        self._bufs: dict[str, np.ndarray] = {}
+        self._scratch = Scratch()
 
     def release(self) -> None:
         """Free the scratch buffers (they are allocated again by the next update)."""
-        self._bufs.clear()
+        self._scratch.clear()
 
     def _class_means(self) -> np.ndarray:
         if self.means is None:
@@ -142,11 +166,7 @@ class HostDecider:
             self._chunk(h[a:a + self.chunk], y[a:a + self.chunk], state)
 
     def _buf(self, name: str, shape: tuple[int, ...], dtype: np.dtype | type = np.float64) -> np.ndarray:
-        """A reusable scratch array (contents undefined): fresh large arrays per chunk cost page faults."""
-        buf = self._bufs.get(name)
-        if buf is None or buf.dtype != dtype or buf.shape[0] < shape[0] or buf.shape[1:] != shape[1:]:
-            buf = self._bufs[name] = np.empty(shape, dtype)
-        return buf[:shape[0]]
+        return self._scratch.get(name, shape, dtype)
 
     @staticmethod
     def _gather(table: np.ndarray, labels: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -274,3 +294,147 @@ class HostDecider:
                 exact[np.arange(len(rows)), y[rows]] -= 1.0
                 sq[0] += float(np.einsum("bc,bc->", exact, exact)) - float(np.einsum("bc,bc->", approx, approx))
         return pred
+
+
+def gemm_name_for(feature_dtype: object) -> str:
+    """The dtype of the second pass's decision GEMM for features of this dtype (a NumPy or torch dtype, or its
+    name): ``"float64"`` for float64 features, else ``"float32"`` (rows centred on a sample of their class; close
+    calls are decided again in float64)."""
+    return "float64" if str(feature_dtype).replace("torch.", "") == "float64" else "float32"
+
+
+#: The largest float32 score the decision GEMM may form: a quarter of the float32 maximum (sums of partial products
+#: stay below it).
+FLOAT32_SCORES = float(np.finfo(np.float32).max) / 4
+
+
+def may_overflow_float32(col_norm: np.ndarray, p: int) -> bool:
+    """Whether float32 scores (h - a)^T [M | W] could overflow: each |h_i| <= SQUARABLE (the first pass refuses
+    larger features), so ||h - a|| <= 2 SQUARABLE sqrt(p), and a score is at most that times its column's norm."""
+    if col_norm.size == 0:
+        return False
+    bound = 2.0 * SQUARABLE["float32"] * math.sqrt(p)
+    return float(col_norm.max()) * bound > FLOAT32_SCORES
+
+
+@dataclass
+class DecisionTables:
+    """What the decision pass fixes before its first row (float64 NumPy arrays).
+
+    Attributes
+    ----------
+    rows64 : ndarray of shape (p, C or 2C)
+        [M | W^T], M the columns mu_c - mu_G.
+    const : ndarray of shape (C or 2C,)
+        [-1/2 ||mu_c - mu_G||^2 | W mu_G + b].
+    col_norm : ndarray of shape (C or 2C,)
+        The columns' norms (error bounds of low-precision scores).
+    gemm : str
+        The decision GEMM's dtype: the one asked for, or float64 where float32 scores could overflow.
+    anchors64 : ndarray of shape (C, p) or None
+        The class anchors (float32 values) when rows are centred on them (float32 GEMM, unnormalised features).
+    label_table : ndarray of shape (C, C or 2C) or None
+        Per-label constants (a_y - mu_G)^T [M | W] + const, when within the memory budget.
+    """
+
+    rows64: np.ndarray
+    const: np.ndarray
+    col_norm: np.ndarray
+    gemm: str
+    anchors64: np.ndarray | None
+    label_table: np.ndarray | None
+
+
+def decision_tables(means: np.ndarray, global_mean: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None,
+                    *, gemm: str, normalize: bool, anchors: np.ndarray | None, memory_budget: int) -> DecisionTables:
+    """The tables of :class:`DecisionTables` for class means ``means`` (C, p), mu_G and the classifier (W, b)."""
+    means = np.asarray(means, dtype=np.float64)
+    global_mean = np.asarray(global_mean, dtype=np.float64)
+    c, p = means.shape
+    centred = means - global_mean
+    rows64 = np.empty((p, 2 * c if weight is not None else c))
+    rows64[:, :c] = centred.T
+    consts = [-0.5 * np.einsum("cp,cp->c", centred, centred)]
+    del centred  # C x p: only the columns above are kept
+    if weight is not None:
+        w = np.asarray(weight, dtype=np.float64)
+        rows64[:, c:] = w.T
+        consts.append(w @ global_mean + (0.0 if bias is None else np.asarray(bias, dtype=np.float64)))
+    const = np.concatenate(consts)
+    col_norm = np.linalg.norm(rows64, axis=0)
+    if gemm == "float32" and not normalize and may_overflow_float32(col_norm, p):
+        gemm = "float64"  # decided once: a huge classifier's float32 scores overflow
+    anchors64 = label_table = None
+    if anchors is not None and gemm == "float32" and not normalize:  # samples of float32 / float16 features
+        anchors64 = np.asarray(anchors, dtype=np.float32).astype(np.float64)
+        if c * rows64.shape[1] * 8 <= memory_budget:
+            label_table = (anchors64 - global_mean) @ rows64 + const
+    return DecisionTables(rows64, const, col_norm, gemm, anchors64, label_table)
+
+
+def host_decider(tables: DecisionTables, means: np.ndarray, global_mean: np.ndarray, whitener: np.ndarray, *,
+                 per_class: bool, normalize: bool, has_classifier: bool) -> HostDecider:
+    """The :class:`HostDecider` of these tables (its own copies; the set-up's temporaries handed back to the OS)."""
+    decider = HostDecider(tables.rows64, tables.const, np.asarray(global_mean, dtype=np.float64),
+                          np.asarray(means, dtype=np.float64), np.asarray(whitener, dtype=np.float64),
+                          tables.anchors64, np.dtype(tables.gemm), per_class=per_class, normalize=normalize,
+                          has_classifier=has_classifier, label_table=tables.label_table)
+    release_free_memory()
+    return decider
+
+
+def decisions_from_state(state: dict[str, np.ndarray], has_classifier: bool) -> Decisions:
+    """The :class:`Decisions` of a decision state (NumPy arrays named as :attr:`HostDecisions.STATE`)."""
+    return Decisions(
+        counts=np.array(state["count"]),
+        correct=np.array(state["correct"]) if has_classifier else None,
+        ncc_correct=np.array(state["ncc_correct"]),
+        disagree=int(state["disagree"]) if has_classifier else None,
+        squared_error=float(state["squared_error"]) if has_classifier else None,
+        whitened_scatter=np.array(state["whitened_scatter"]),
+    )
+
+
+class HostDecisions:
+    """The second pass accumulated in NumPy on the host: ``update`` per batch, ``compute`` into :class:`Decisions`,
+    ``reset``; the same arithmetic (and the same parameters) as :class:`~ncaudit.stats.SampleDecisions` on the CPU,
+    which the report of a cache on the CPU uses without importing torch.
+
+    ``gemm_dtype`` is ``"float32"`` (rows centred on their class anchor, close calls decided again in float64) or
+    ``"float64"``; after construction it says which one runs (float64 where float32 scores could overflow).
+    """
+
+    #: The arrays that make up the state (all sums).
+    STATE: tuple[str, ...] = ("count", "correct", "ncc_correct", "disagree", "squared_error", "whitened_scatter")
+
+    def __init__(self, means: np.ndarray, global_mean: np.ndarray, weight: np.ndarray | None,
+                 bias: np.ndarray | None, whitener: np.ndarray, *, gemm_dtype: str = "float64",
+                 normalize: bool = False, per_class: bool = True, anchors: np.ndarray | None = None,
+                 memory_budget: int = 128 << 20) -> None:
+        tables = decision_tables(means, global_mean, weight, bias, gemm=gemm_dtype, normalize=normalize,
+                                 anchors=anchors, memory_budget=memory_budget)
+        self.gemm_dtype = tables.gemm
+        self.num_classes = int(np.shape(means)[0])
+        self.has_classifier = weight is not None
+        self._decider = host_decider(tables, means, global_mean, whitener, per_class=per_class, normalize=normalize,
+                                     has_classifier=self.has_classifier)
+        self.reset()
+
+    def reset(self) -> None:
+        """Restore the empty state."""
+        c = self.num_classes
+        self.state = {"count": np.zeros(c, np.int64), "correct": np.zeros(c, np.int64),
+                      "ncc_correct": np.zeros(c, np.int64), "disagree": np.zeros((), np.int64),
+                      "squared_error": np.zeros(()), "whitened_scatter": np.zeros(c)}
+
+    def update(self, features: np.ndarray, labels: np.ndarray) -> None:
+        """Decide one batch: ``features`` (B, p), ``labels`` (B,) in [0, C)."""
+        h = np.asarray(features)
+        if h.dtype not in (np.float16, np.float32, np.float64):
+            h = h.astype(np.float64)
+        self._decider.update(h, np.asarray(labels).astype(np.int64, copy=False), self.state)
+
+    def compute(self) -> Decisions:
+        """The decisions so far (the batches' scratch is released first)."""
+        self._decider.release()
+        return decisions_from_state(self.state, self.has_classifier)

@@ -2,32 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from ncaudit.stats._gemm import Workspace, mm
+from ncaudit.stats._results import Residual
 from ncaudit.stats._state import _Sums
-
-
-@dataclass(frozen=True)
-class Residual:
-    """Sums over the samples for one iterative-refinement step of the least-squares classifier W_0.
-
-    Attributes
-    ----------
-    gradient : ndarray of shape (C, p)
-        (1/N) sum_i r_i (h_i - mu_G)^T with r_i = (e_{y_i} - pi) - W_0 (h_i - mu_G): Sigma_YH - W_0 Sigma_T,
-        the residual of the normal equations, evaluated on the samples.
-    loss : float
-        (1/2N) sum_i ||r_i||^2 = L(W_0, b_0), the loss of W_0 evaluated sample by sample.
-    n_samples : int
-    """
-
-    gradient: np.ndarray
-    loss: float
-    n_samples: int
 
 
 class LeastSquaresResidual(_Sums):

@@ -51,107 +51,15 @@ eigenvalue below it.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from ncaudit import _device
-from ncaudit.stats._gemm import Workspace, gram, unit_roundoff
+from ncaudit.stats._gemm import Workspace, gram
+from ncaudit.stats._host import Scratch
+from ncaudit.stats._host_statistics import error_bound, host_update, statistics_from_state
+from ncaudit.stats._results import Statistics
 from ncaudit.stats._state import _State
-
-
-@dataclass(frozen=True)
-class Statistics:
-    """Class statistics of a feature set (float64 numpy arrays; C classes, p features, N samples).
-
-    Attributes
-    ----------
-    counts : ndarray of shape (C,), int64
-        n_c, samples per class.
-    origin : ndarray of shape (p,)
-        A sample of the data; class means are held relative to it, so that differences of means keep their full
-        precision even when the features carry a large common offset.
-    offsets : ndarray of shape (C, p)
-        mu_c - origin.
-    sigma_w : ndarray of shape (p, p)
-        Within-class covariance Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T (normalised by N).
-    variances : ndarray of shape (C,)
-        Var_c = (1/n_c) sum_{y_i=c} ||h_i - mu_c||^2 (normalised by n_c), the trace of class c's covariance.
-    anchors : ndarray of shape (C, p) or None
-        One sample of each class (the accumulator's shifts): h - anchor_y is small and exact in the features' own
-        precision, which lets the second pass centre rows by class without float64 arithmetic.
-    error_bound : float
-        Bound on the spectral norm of the rounding error of ``sigma_w`` (u sqrt(n) tr(S) / N, see the module notes);
-        eigenvalues of Sigma_T below it are not resolved by how the statistics were accumulated.
-    gemm_dtype : str
-        dtype of the products that accumulated the scatter (``float64``; ``float32`` only in comparisons).
-    """
-
-    counts: np.ndarray
-    origin: np.ndarray
-    offsets: np.ndarray
-    sigma_w: np.ndarray
-    variances: np.ndarray
-    anchors: np.ndarray | None = None
-    error_bound: float = 0.0
-    gemm_dtype: str = "float64"
-
-    @property
-    def n_samples(self) -> int:
-        return int(self.counts.sum())
-
-    @property
-    def n_classes(self) -> int:
-        return int(self.counts.shape[0])
-
-    @property
-    def n_features(self) -> int:
-        return int(self.offsets.shape[1])
-
-    @property
-    def priors(self) -> np.ndarray:
-        """pi_c = n_c / N, shape (C,)."""
-        return self.counts / self.counts.sum()
-
-    @property
-    def means(self) -> np.ndarray:
-        """Class means mu_c = (1/n_c) sum_{y_i=c} h_i, shape (C, p)."""
-        return self.origin + self.offsets
-
-    @property
-    def global_mean(self) -> np.ndarray:
-        """mu_G = (1/N) sum_i h_i = sum_c pi_c mu_c, shape (p,)."""
-        return self.origin + self.priors @ self.offsets
-
-    @property
-    def centred_means(self) -> np.ndarray:
-        """M^T: rows mu_c - mu_G, shape (C, p), computed from the offsets (no cancellation of a common offset)."""
-        return self.offsets - self.priors @ self.offsets
-
-    @property
-    def sigma_b(self) -> np.ndarray:
-        """Between-class covariance Sigma_B = (1/C) M M^T, shape (p, p) (unweighted over classes)."""
-        m = self.centred_means
-        return m.T @ m / self.n_classes
-
-    @property
-    def sigma_t(self) -> np.ndarray:
-        """Total covariance Sigma_T = Sigma_W + M diag(pi) M^T, shape (p, p) (normalised by N)."""
-        m = self.centred_means
-        return self.sigma_w + (m.T * self.priors) @ m
-
-    def select(self, classes: np.ndarray) -> Statistics:
-        """The statistics restricted to ``classes`` (in that order); every class left out must be empty."""
-        classes = np.asarray(classes, dtype=np.int64)
-        if np.array_equal(classes, np.arange(self.n_classes)):
-            return self  # every class, in order: no copy of the (C, p) arrays
-        if self.counts[classes].sum() != self.counts.sum():
-            raise ValueError("select() may only leave out classes without samples")
-        anchors = None if self.anchors is None else self.anchors[classes]
-        return Statistics(self.counts[classes], self.origin, self.offsets[classes], self.sigma_w,
-                          self.variances[classes], anchors, self.error_bound, self.gemm_dtype)
 
 
 class ClassStatistics(_State):
@@ -214,6 +122,7 @@ class ClassStatistics(_State):
         self.max_rows = torch.zeros((), dtype=f64, device=dev)  # rows of the largest product (error bound)
         self.products = torch.zeros((), dtype=f64, device=dev)  # products added into the scatter (error bound)
         self._workspace = Workspace(dev)
+        self._scratch = Scratch()
         self._host = dev.type == "cpu" and _device.HOST_NUMPY  # NumPy on the CPU; the sync-free path elsewhere
 
     @torch.no_grad()
@@ -269,59 +178,15 @@ class ClassStatistics(_State):
         self.max_rows.clamp_(min=float(b))
         self.products += 1.0
 
-    #: Rows per block of the host path: a block of float64 rows and its gathered shifts stay in cache.
-    HOST_BLOCK_BYTES = 1 << 20
-
     def _update_host(self, h: torch.Tensor, y: torch.Tensor) -> None:
-        """CPU: the whole update in NumPy, no torch operation (torch's OpenMP threads, woken by an element-wise op,
-        spin and take the cores of the BLAS product in a process without ``OMP_WAIT_POLICY=PASSIVE``).
-
-        Per block of rows that stays in cache: cast to float64, claim the shifts, x = h - s_y, ||x||^2 and the
-        per-class sums u_c (one row sum when the block holds one class, as in caches in class order); then one
-        ``syrk`` of the batch. The class sums need no one-hot columns in the product here (those cost (p + C)^2 / p^2
-        more flops at C = p/5)."""
+        """CPU: the whole update in NumPy on views of the state (:func:`~ncaudit.stats._host_statistics.host_update`),
+        no torch operation (torch's OpenMP threads, woken by an element-wise op, spin and take the cores of the BLAS
+        product in a process without ``OMP_WAIT_POLICY=PASSIVE``)."""
         if h.dtype not in (torch.float16, torch.float32, torch.float64):
             h = h.to(torch.float32)  # bfloat16 has no NumPy dtype: exact in float32
-        hn, yn = h.detach().numpy(), y.detach().numpy().astype(np.int64, copy=False)
-        b, p, c = len(yn), self.num_features, self.num_classes
-        xn = self._workspace.get("wide", b, p, torch.float64).numpy()
-        shift, seen, sums = self.shift.numpy(), self.seen.numpy(), self.shifted_sum.numpy()
-        sq = np.empty(b)
-        step = max(16, self.HOST_BLOCK_BYTES // (16 * p))
-        gathered = self._workspace.get("gathered", min(step, b), p, torch.float64).numpy()
-        for a in range(0, b, step):
-            rows, labels = xn[a:a + step], yn[a:a + step]
-            rows[...] = hn[a:a + step]  # float16 / float32 -> float64 is exact
-            if self.normalize:
-                norms = np.sqrt(np.einsum("bp,bp->b", rows, rows))
-                rows /= np.maximum(norms, np.finfo(np.float64).tiny)[:, None]
-            one = labels[0] == labels[-1] and bool((labels == labels[0]).all())
-            if one and seen[labels[0]]:
-                rows -= shift[labels[0]]
-            else:
-                if not seen[labels].all():  # host memory: no synchronisation to speak of
-                    classes, first = np.unique(labels, return_index=True)
-                    new = ~seen[classes]
-                    shift[classes[new]] = rows[first[new]]
-                    seen[classes[new]] = True
-                rows -= np.take(shift, labels, axis=0, out=gathered[:len(labels)])
-            np.einsum("bp,bp->b", rows, rows, out=sq[a:a + step])
-            if one:
-                sums[labels[0]] += rows.sum(0)
-            else:
-                np.add.at(sums, labels, rows)
-        if self.gemm_dtype == torch.float64:
-            product = np.matmul(xn.T, xn, out=self._workspace.get("gram", p, p, torch.float64).numpy())  # syrk
-        else:
-            low = self._workspace.get("wide_low", b, p, self.gemm_dtype).numpy()
-            low[...] = xn
-            product = np.matmul(low.T, low, out=self._workspace.get("gram_low", p, p, self.gemm_dtype).numpy())
-        scatter = self.scatter.numpy()
-        scatter += product
-        self.count.numpy()[...] += np.bincount(yn, minlength=c)
-        self.shifted_sqnorm.numpy()[...] += np.bincount(yn, weights=sq, minlength=c)
-        self.max_rows.numpy()[...] = max(float(self.max_rows), float(b))
-        self.products.numpy()[...] += 1.0
+        state = {name: getattr(self, name).numpy() for name in self.STATE}
+        host_update(state, h.detach().numpy(), y.detach().numpy().astype(np.int64, copy=False),
+                    normalize=self.normalize, gemm=str(self.gemm_dtype).replace("torch.", ""), scratch=self._scratch)
 
     def _prepare_device(self, h: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Any device, without host synchronisation: shifts claimed with masked writes (no ``nonzero``, no Python
@@ -382,47 +247,25 @@ class ClassStatistics(_State):
         self.products += other.products.to(self.device) + 1.0
         return self
 
+    def _host_state(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name).detach().cpu().numpy() for name in self.STATE}
+
     def error_bound(self) -> float:
         """Bound on ||computed - exact||_2 of Sigma_W: u_gemm sqrt(rows per product) tr(S)/N plus the float64
         accumulation of the products, u_64 sqrt(products) tr(S)/N (probabilistic bounds, Higham & Mary 2019)."""
-        total = float(self.count.sum())
-        if total == 0:
-            return 0.0
-        trace = float(self.shifted_sqnorm.sum()) / total
-        return trace * (unit_roundoff(self.gemm_dtype) * math.sqrt(float(self.max_rows))
-                        + unit_roundoff(torch.float64) * (math.sqrt(float(self.products)) + 2.0))
+        return error_bound(self._host_state(), str(self.gemm_dtype).replace("torch.", ""))
 
     @torch.no_grad()
     def compute(self) -> Statistics:
-        """The :class:`Statistics` of everything seen so far (float64 numpy arrays).
+        """The :class:`Statistics` of everything seen so far (float64 numpy arrays; the closed form of
+        :func:`~ncaudit.stats._host_statistics.statistics_from_state`, on the host whatever the device).
 
         Raises
         ------
         ValueError
             No sample has been seen.
         """
-        n = self.count
-        total = float(n.sum())
-        if total == 0:
-            raise ValueError("no samples were accumulated")
         if self._host:
+            self._scratch.clear()
             _device.release_free_memory()  # the batches of the pass just read
-        safe_n = n.clamp_min(1.0)
-        d = self.shifted_sum / safe_n[:, None]  # d_c = mu_c - s_c
-        sigma_w = (self.scatter - d.T @ (d * n[:, None])) / total
-        sigma_w = 0.5 * (sigma_w + sigma_w.T)
-        variances = ((self.shifted_sqnorm - n * d.square().sum(1)) / safe_n).clamp_min(0.0)
-        origin = self.shift[int(self.seen.nonzero()[0, 0])]
-        # mu_c - origin = (s_c - origin) + d_c: the shift difference is exact for nearby values (Sterbenz).
-        offsets = torch.where(self.seen[:, None], (self.shift - origin) + d, torch.zeros_like(d))
-        as_np = lambda t: t.detach().cpu().numpy()  # noqa: E731
-        return Statistics(
-            counts=np.rint(as_np(n)).astype(np.int64),
-            origin=as_np(origin).copy(),
-            offsets=as_np(offsets),
-            sigma_w=as_np(sigma_w),
-            variances=as_np(variances),
-            anchors=as_np(self.shift).copy(),
-            error_bound=self.error_bound(),
-            gemm_dtype=str(self.gemm_dtype).replace("torch.", ""),
-        )
+        return statistics_from_state(self._host_state(), str(self.gemm_dtype).replace("torch.", ""))
