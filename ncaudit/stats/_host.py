@@ -260,12 +260,16 @@ class HostDecider:
         step = max(16, BLOCK_BYTES // (8 * c))
         anchored = consts.ndim == 2
         scores = self._buf("scores", (min(step, b), c))
-        gathered = self._buf("gathered_scores", (min(step, b), c))
-        table = consts[:, cols] if anchored else consts[cols]
         for a in range(0, b, step):
             s = scores[:min(step, b - a)]
             s[...] = raw[a:a + step]
-            s += self._gather(table, label_rows[a:a + step], gathered) if anchored else table
+            if anchored:  # the per-label constants of these rows: one row when the block holds one class
+                labels = label_rows[a:a + step]
+                one = labels[0] == labels[-1] and bool((labels == labels[0]).all())
+                # fancy rows with a column slice: np.take of a column view would copy the whole table per call
+                s += consts[labels[0], cols] if one else consts[labels, cols]
+            else:
+                s += consts[cols]
             top = s.argmax(1)
             pred[a:a + step] = top
             idx = np.arange(len(s))
