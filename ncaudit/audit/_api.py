@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ncaudit._device import resolve_device
+from ncaudit._device import host_threads, resolve_device
 from ncaudit.audit._audit import audit_source
 from ncaudit.audit._options import AuditOptions, ProgressTracker
 from ncaudit.audit._result import AuditResult
@@ -127,8 +127,9 @@ def audit_features(
     options = AuditOptions(batch_size=batch_size, device=str(dev), ridge=ridge, rcond=rcond,
                            drop_empty_classes=drop_empty_classes, normalize=normalize,
                            layers=[] if source.layers else None, metrics=metrics, per_class=per_class)
-    return audit_source(source, options, progress, distributed=distributed_default(distributed), device=dev,
-                        ood=ood, float64_decisions=float64_decisions)
+    with host_threads(dev):  # on the CPU the products are NumPy's: torch's pool must not spin beside them
+        return audit_source(source, options, progress, distributed=distributed_default(distributed), device=dev,
+                            ood=ood, float64_decisions=float64_decisions)
 
 
 def audit_model(
