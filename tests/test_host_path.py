@@ -163,3 +163,34 @@ def test_numpy_checks_of_labels_and_features():
     # a CPU tensor takes the same NumPy checks
     with pytest.raises(InputError, match=r"row 3 reaches"):
         check_finite(torch.from_numpy(h), 0, "x.h5")
+
+
+def test_audit_features_on_cpu_arrays_runs_on_the_host(monkeypatch):
+    """NumPy arrays and CPU tensors take the host path (HostStatistics); float64 decisions the torch one; same
+    metrics."""
+    import ncaudit.audit._passes as passes
+    from ncaudit import audit_features
+
+    h, y, w, b = _data(seed=4, order="mixed")
+    made = []
+
+    class Counting(passes.HostStatistics):
+        def __init__(self, *args, **kwargs):
+            made.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(passes, "HostStatistics", Counting)
+    host = audit_features(h, y, w, b)
+    tensors = audit_features(torch.from_numpy(h), torch.from_numpy(y), w, b)
+    assert len(made) == 2
+    ref = audit_features(h, y, w, b, float64_decisions=True)  # the torch accumulators
+    assert len(made) == 2
+    for result in (host, tensors):
+        assert result.details["device"] == "cpu"
+        for key, want in ref.metrics.items():
+            got = result.metrics[key]
+            assert (got is None) if want is None else got == pytest.approx(want, rel=1e-9, abs=1e-13), key
+    with pytest.raises(InputError, match="label 5 at row 3"):
+        bad = y.copy()
+        bad[3] = 5
+        audit_features(h, bad, w, b)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,6 +34,17 @@ def _device_of(x: Any, device: str | torch.device | None) -> torch.device:
     if device is not None:
         return resolve_device(device)
     return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+
+
+def _host_view(x: Any) -> np.ndarray | None:
+    """A NumPy view of a NumPy array or a CPU tensor of a NumPy dtype (no copy); None for anything else."""
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dtype in (
+            torch.float16, torch.float32, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8,
+            torch.uint8):
+        return x.detach().numpy()
+    return None
 
 
 def audit_features(
@@ -116,6 +128,15 @@ def audit_features(
     and again for each refinement step of the least-squares classifier its error estimate asks for.
     """
     dev = _device_of(features, device)
+    distributed = distributed_default(distributed)
+    host = dev.type == "cpu" and not distributed and not float64_decisions
+    if host:  # NumPy views of CPU arrays: the passes run in NumPy, as for a cache (no torch operation per batch)
+        arrays = [features, labels, ood_features, *(layers or {}).values()]
+        host = all(x is None or _host_view(x) is not None for x in arrays)
+    if host:
+        features, labels = _host_view(features), _host_view(labels)
+        ood_features = None if ood_features is None else _host_view(ood_features)
+        layers = None if layers is None else {name: _host_view(x) for name, x in layers.items()}
     source = ArraySource(features, labels, weight, bias, num_classes=num_classes, layers=layers,
                          class_names=class_names, attrs=attrs, reference=reference)
     ood = None
@@ -128,8 +149,8 @@ def audit_features(
                            drop_empty_classes=drop_empty_classes, normalize=normalize,
                            layers=[] if source.layers else None, metrics=metrics, per_class=per_class)
     with host_threads(dev):  # on the CPU the products are NumPy's: torch's pool must not spin beside them
-        return audit_source(source, options, progress, distributed=distributed_default(distributed), device=dev,
-                            ood=ood, float64_decisions=float64_decisions)
+        return audit_source(source, options, progress, distributed=distributed, device=dev, ood=ood,
+                            float64_decisions=float64_decisions, host=host)
 
 
 def audit_model(

@@ -104,16 +104,27 @@ def audit_source(
     device: torch.device | None = None,
     ood: BatchSource | None = None,
     float64_decisions: bool | None = None,
+    host: bool = False,
 ) -> AuditResult:
     """Every metric of a live source (features in memory, a model over a loader): the passes of :func:`audit_cache`.
 
     The source is this process's shard when ``distributed`` (each rank passes its own rows; every pass merges exactly
     across the ranks of the default process group). Labels and finiteness are checked on the device and reported once
     per pass; ``float64_decisions`` (default: on any device but the CPU) decides with float64 products, which need no
-    data-dependent recheck.
+    data-dependent recheck. ``host`` (one process, a source of NumPy batches) runs the passes on the host in NumPy as
+    :func:`audit_cache` does on the CPU, checking each batch as it comes.
     """
     progress = progress or _NoProgress()
     _check_options(options)
+    if host:
+        if distributed:
+            raise ValueError("host=True runs one process: it cannot merge across ranks")
+        setup = _setup(source, options, None, live=True, float64_decisions=bool(float64_decisions))
+        ood_setup = None if ood is None else _ood_setup(ood, setup, options, None, live=True)
+        for s in (setup, ood_setup):
+            if s is not None:
+                s.deferred = False  # NumPy batches: checked one by one, as a cache's
+        return _audit(source, setup, options, None, progress, ood, ood_setup)
     device = device if device is not None else resolve_device(options.device)
     exact = device.type != "cpu" if float64_decisions is None else float64_decisions
     setup = _setup(source, options, None, live=True, distributed=distributed, float64_decisions=exact)
