@@ -70,7 +70,9 @@ def audit_cache(
     With ``group`` (a torch.distributed process group, :func:`ncaudit.distributed.process_group`), every rank streams
     its contiguous slice of the rows, and the accumulators of each pass merge exactly across the ranks before the
     next step: every rank returns the same result, which equals the single-process one to rounding. ``ood``, a cache
-    of out-of-distribution features from the same network, adds NC5 (its labels are not read).
+    of out-of-distribution features from the same network, adds NC5 (its labels are not read). One process on the
+    CPU (``options.device`` ``cpu``, or ``auto`` without a CUDA device) runs both passes on the host in NumPy
+    (:class:`~ncaudit.stats.HostStatistics`, :class:`~ncaudit.stats.HostDecisions`) without importing torch.
 
     Raises
     ------

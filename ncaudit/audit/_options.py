@@ -28,7 +28,7 @@ class AuditOptions:
     Attributes
     ----------
     batch_size : rows per streamed batch (results do not depend on it).
-    device : ``cpu``, ``cuda`` or ``auto``.
+    device : ``cpu``, ``cuda`` or ``auto`` (the report of a cache on the CPU runs in NumPy, without torch).
     ridge : lambda >= 0 of the least-squares classifier.
     rcond : relative eigenvalue cut-off of Sigma_T^dagger (default p * eps).
     allow_partial : read the written rows of an incomplete cache.

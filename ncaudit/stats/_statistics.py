@@ -253,7 +253,9 @@ class ClassStatistics(_State):
     def error_bound(self) -> float:
         """Bound on ||computed - exact||_2 of Sigma_W: u_gemm sqrt(rows per product) tr(S)/N plus the float64
         accumulation of the products, u_64 sqrt(products) tr(S)/N (probabilistic bounds, Higham & Mary 2019)."""
-        return error_bound(self._host_state(), str(self.gemm_dtype).replace("torch.", ""))
+        names = ("count", "shifted_sqnorm", "max_rows", "products")  # not the p x p scatter
+        return error_bound({name: getattr(self, name).detach().cpu().numpy() for name in names},
+                           str(self.gemm_dtype).replace("torch.", ""))
 
     @torch.no_grad()
     def compute(self) -> Statistics:
