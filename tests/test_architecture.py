@@ -11,7 +11,7 @@ PACKAGE = ROOT / "ncaudit"
 
 #: Layer of each unit (a top-level module or a subpackage); an import must go to a strictly lower layer.
 LAYERS = {
-    "errors": 0,
+    "errors": 0, "_lazy": 0,
     "_device": 1, "_validate": 1, "_text": 1,
     "data": 2, "models": 2, "stats": 2, "cache": 2,
     "metrics": 3, "distributed": 3,

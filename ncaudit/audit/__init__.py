@@ -13,9 +13,9 @@ side by side with each metric's direction (:data:`DIRECTIONS`); :func:`parse_che
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ncaudit._lazy import lazy_attributes
 from ncaudit.audit._audit import audit, audit_cache, audit_source
 from ncaudit.audit._baseline import (
     baseline_info,
@@ -59,10 +59,4 @@ __all__ = ["COMPARE_SCHEMA", "DIRECTIONS", "MEANS_FROM_METRICS", "METRIC_KEYS", 
            "load_result", "make_plan", "metric_names", "parse_checks", "read_report", "require_baseline",
            "require_baseline_metrics", "resolve_metrics", "result_from_json", "result_to_json", "training_pairs", "verdict", "with_checks"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _TORCH:
-        value = getattr(importlib.import_module(f"ncaudit.audit.{_TORCH[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ncaudit.audit' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _TORCH)

@@ -16,9 +16,9 @@ accumulated over the concatenated slices (to floating-point rounding). States tr
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ncaudit._lazy import lazy_attributes
 from ncaudit.distributed._launch import (
     WIRED_COMMANDS,
     DistContext,
@@ -51,10 +51,4 @@ __all__ = ["DistContext", "GlobalProgress", "Launch", "Mergeable", "WIRED_COMMAN
            "local_device", "merge_all", "merge_states", "process_group", "rank", "rank_rows", "spawn", "together",
            "world_size"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _TORCH:
-        value = getattr(importlib.import_module(f"ncaudit.distributed.{_TORCH[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ncaudit.distributed' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _TORCH)

@@ -13,9 +13,9 @@ the torch accumulators are imported on first use, so that ``import ncaudit.stats
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ncaudit._lazy import lazy_attributes
 from ncaudit.stats._host import HostDecisions
 from ncaudit.stats._host_statistics import HostStatistics
 from ncaudit.stats._results import Decisions, Residual, Statistics
@@ -34,10 +34,4 @@ _TORCH = {"ClassStatistics": "_statistics", "SampleDecisions": "_decisions", "Le
 __all__ = ["ClassStatistics", "Decisions", "FeatureMean", "HostDecisions", "HostStatistics", "LeastSquaresResidual",
            "Residual", "SampleDecisions", "Statistics", "full_precision_matmul", "gemm_dtype_for"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _TORCH:
-        value = getattr(importlib.import_module(f"ncaudit.stats.{_TORCH[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ncaudit.stats' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _TORCH)
