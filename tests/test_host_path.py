@@ -194,3 +194,38 @@ def test_audit_features_on_cpu_arrays_runs_on_the_host(monkeypatch):
         bad = y.copy()
         bad[3] = 5
         audit_features(h, bad, w, b)
+
+
+@pytest.mark.parametrize("order", ["class", "mixed"])
+def test_host_merges_equal_one_pass(order):
+    """Two shards merged (a class only in the second shard, others in both with other shifts) = one pass over all."""
+    h, y, w, b = _data(seed=5, order=order)
+    one = HostStatistics(5, h.shape[1])
+    one.update(h, y)
+    cut = len(y) // 3
+    first = HostStatistics(5, h.shape[1])
+    keep = y[:cut] != 4  # class 4 is seen by the second shard only
+    first.update(h[:cut][keep], y[:cut][keep])
+    second = HostStatistics(5, h.shape[1])
+    second.update(np.concatenate([h[:cut][~keep], h[cut:]]), np.concatenate([y[:cut][~keep], y[cut:]]))
+    got, want = first.merge(second).compute(), one.compute()
+    np.testing.assert_array_equal(got.counts, want.counts)
+    for name in ("offsets", "sigma_w", "variances"):
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-10,
+                                   atol=1e-12 * np.abs(getattr(want, name)).max())
+    np.testing.assert_allclose(got.global_mean, want.global_mean, rtol=1e-14)
+    with pytest.raises(ValueError, match="different shapes"):
+        one.merge(HostStatistics(4, h.shape[1]))
+
+    from ncaudit import metrics
+
+    s = want
+    args = (s.means, s.global_mean, w, b, metrics.means_basis(s.centred_means).whitener)
+    whole, a, z = (HostDecisions(*args, gemm_dtype="float32", anchors=s.anchors) for _ in range(3))
+    whole.update(h, y)
+    a.update(h[:cut], y[:cut])
+    z.update(h[cut:], y[cut:])
+    got_d, want_d = a.merge(z).compute(), whole.compute()
+    np.testing.assert_array_equal(got_d.correct, want_d.correct)
+    np.testing.assert_array_equal(got_d.ncc_correct, want_d.ncc_correct)
+    assert got_d.squared_error == pytest.approx(want_d.squared_error, rel=1e-12)

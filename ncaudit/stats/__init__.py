@@ -5,7 +5,7 @@ and ``reset``; none does I/O or distributed communication. :class:`ClassStatisti
 Sigma_W, Sigma_T, per-class variances, float64-accurate), :class:`SampleDecisions` (pass 2: per-sample decisions)
 and :class:`LeastSquaresResidual` (refinement of the least-squares classifier); :class:`FeatureMean` (the mean of
 out-of-distribution features, NC5). :class:`HostStatistics` and :class:`HostDecisions` are the first two in NumPy on
-the host (the report of a cache on the CPU), with the same arithmetic.
+the host (the report of a cache on the CPU), with the same arithmetic and the same update / merge / compute.
 
 The results (:class:`Statistics`, :class:`Decisions`, :class:`Residual`) and the host accumulators import no torch;
 the torch accumulators are imported on first use, so that ``import ncaudit.stats`` does not load torch.

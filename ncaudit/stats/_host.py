@@ -400,8 +400,8 @@ def decisions_from_state(state: dict[str, np.ndarray], has_classifier: bool) -> 
 
 
 class HostDecisions:
-    """The second pass accumulated in NumPy on the host: ``update`` per batch, ``compute`` into :class:`Decisions`,
-    ``reset``; the same arithmetic (and the same parameters) as :class:`~ncaudit.stats.SampleDecisions` on the CPU,
+    """The second pass accumulated in NumPy on the host: ``update`` per batch, ``merge`` (sums), ``compute`` into
+    :class:`Decisions`, ``reset``; the same arithmetic (and the same parameters) as :class:`~ncaudit.stats.SampleDecisions` on the CPU,
     which the report of a cache on the CPU uses without importing torch.
 
     ``gemm_dtype`` is ``"float32"`` (rows centred on their class anchor, close calls decided again in float64) or
@@ -437,6 +437,12 @@ class HostDecisions:
         if h.dtype not in (np.float16, np.float32, np.float64):
             h = h.astype(np.float64)
         self._decider.update(h, np.asarray(labels).astype(np.int64, copy=False), self.state)
+
+    def merge(self, other: HostDecisions) -> HostDecisions:
+        """Add ``other``'s sums (decisions of other rows against the same tables) and return ``self``."""
+        for name in self.STATE:
+            self.state[name] += other.state[name]
+        return self
 
     def compute(self) -> Decisions:
         """The decisions so far (the batches' scratch is released first)."""

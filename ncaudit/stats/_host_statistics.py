@@ -136,8 +136,9 @@ def statistics_from_state(state: dict[str, np.ndarray], gemm: str) -> Statistics
 
 
 class HostStatistics:
-    """The class statistics of pass 1 accumulated in NumPy on the host: ``update`` per batch, ``compute`` into a
-    :class:`Statistics`, ``reset``; the same arithmetic as :class:`~ncaudit.stats.ClassStatistics` on the CPU.
+    """The class statistics of pass 1 accumulated in NumPy on the host: ``update`` per batch, ``merge`` of two states
+    (shards, files), ``compute`` into a :class:`Statistics`, ``reset``; the same arithmetic as
+    :class:`~ncaudit.stats.ClassStatistics` on the CPU.
 
     The report of a cache on the CPU uses it, so that its process never imports torch (about 1.5 s and 600 MiB of
     a CUDA build); states that travel between processes or devices are :class:`~ncaudit.stats.ClassStatistics`'.
@@ -187,6 +188,29 @@ class HostStatistics:
         if h.dtype not in (np.float16, np.float32, np.float64):
             h = h.astype(np.float64)
         host_update(self.state, h, y, normalize=self.normalize, gemm=self.gemm_dtype, scratch=self._scratch)
+
+    def merge(self, other: HostStatistics) -> HostStatistics:
+        """Add ``other``'s samples to this state (exactly, as :meth:`ClassStatistics.merge
+        <ncaudit.stats.ClassStatistics.merge>`: the other's sums re-expressed around this state's shifts,
+        S += S_o + U_o^T D + D^T U_o + D^T diag(n_o) D with D_c = s_c^other - s_c) and return ``self``."""
+        if (other.num_classes, other.num_features) != (self.num_classes, self.num_features):
+            raise ValueError("cannot merge statistics of different shapes")
+        if other.normalize != self.normalize:
+            raise ValueError("cannot merge normalised and unnormalised statistics")
+        a, o = self.state, other.state
+        adopt = o["seen"] & ~a["seen"]  # classes only the other has seen adopt its shift
+        a["shift"][adopt] = o["shift"][adopt]
+        a["seen"] |= o["seen"]
+        delta = np.where(o["seen"][:, None], o["shift"] - a["shift"], 0.0)
+        nd = o["count"][:, None] * delta
+        a["scatter"] += o["scatter"] + o["shifted_sum"].T @ delta + delta.T @ o["shifted_sum"] + delta.T @ nd
+        a["shifted_sqnorm"] += (o["shifted_sqnorm"] + 2 * np.einsum("cp,cp->c", o["shifted_sum"], delta)
+                                + o["count"] * np.einsum("cp,cp->c", delta, delta))
+        a["shifted_sum"] += o["shifted_sum"] + nd
+        a["count"] += o["count"]
+        a["max_rows"][...] = max(float(a["max_rows"]), float(o["max_rows"]))
+        a["products"][...] += float(o["products"]) + 1.0
+        return self
 
     def error_bound(self) -> float:
         """See :func:`error_bound`."""
