@@ -212,14 +212,15 @@ def check_memory(widths: Sequence[int], num_classes: int, where: str) -> None:
                          "layers, a projection) first")
 
 
-def _is_tensor(x: Any) -> bool:
-    torch = sys.modules.get("torch")  # no tensor exists before torch is imported
+def is_tensor(x: Any) -> bool:
+    """Whether ``x`` is a torch tensor (without importing torch: no tensor exists before it is imported)."""
+    torch = sys.modules.get("torch")
     return torch is not None and isinstance(x, torch.Tensor)
 
 
 def check_labels(labels: np.ndarray | torch.Tensor, num_classes: int, start: int, where: str) -> None:
     """Labels must lie in [0, C)."""
-    values = labels.detach().cpu().numpy() if _is_tensor(labels) else np.asarray(labels)
+    values = labels.detach().cpu().numpy() if is_tensor(labels) else np.asarray(labels)
     if values.size == 0:
         return
     lo, hi = int(values.min()), int(values.max())
@@ -240,7 +241,7 @@ def check_finite(features: np.ndarray | torch.Tensor, start: int, where: str, na
     (:data:`SQUARABLE`): one min/max reduction (NaN fails its comparisons), then the first bad row is located.
     Every comparison is made in the features' own dtype; NumPy on the host (no torch thread pool woken per batch),
     torch on a device."""
-    if _is_tensor(features):
+    if is_tensor(features):
         import torch
 
         if features.device.type == "cpu" and features.dtype in (torch.float16, torch.float32, torch.float64):

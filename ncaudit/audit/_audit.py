@@ -121,11 +121,9 @@ def audit_source(
     if host:
         if distributed:
             raise ValueError("host=True runs one process: it cannot merge across ranks")
-        setup = _setup(source, options, None, live=True, float64_decisions=bool(float64_decisions))
+        # NumPy batches: checked one by one, as a cache's
+        setup = _setup(source, options, None, live=True, float64_decisions=bool(float64_decisions), deferred=False)
         ood_setup = None if ood is None else _ood_setup(ood, setup, options, None, live=True)
-        for s in (setup, ood_setup):
-            if s is not None:
-                s.deferred = False  # NumPy batches: checked one by one, as a cache's
         return _audit(source, setup, options, None, progress, ood, ood_setup)
     device = device if device is not None else resolve_device(options.device)
     exact = device.type != "cpu" if float64_decisions is None else float64_decisions

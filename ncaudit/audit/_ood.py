@@ -33,7 +33,8 @@ class OODMean:
 
 def _ood_setup(source: BatchSource, setup: _Setup, options: AuditOptions, group: DistContext | None, *,
                live: bool = False) -> _Setup:
-    """The OOD source's set-up: the in-distribution features' width, its own rows per rank, no classifier."""
+    """The OOD source's set-up: the in-distribution features' width, its own rows per rank, no classifier; its
+    checks deferred when the audited source's are."""
     info = source.info
     where = _where(info)
     if info.n_features != setup.info.n_features:
@@ -44,7 +45,8 @@ def _ood_setup(source: BatchSource, setup: _Setup, options: AuditOptions, group:
         raise InputError(f"{where}: the OOD cache holds no samples; extract some first")
     split = group is not None and group.distributed and not live
     rows = group.rows(info.n_samples) if split and info.n_samples is not None else None
-    return _Setup(info, where, [], setup.gemm, None, rows, merge=setup.merge, deferred=live, group=group)
+    return _Setup(info, where, [], setup.gemm, None, rows, merge=setup.merge, deferred=setup.deferred,
+                  group=group)
 
 
 class _OODPass:

@@ -44,14 +44,15 @@ MAX_REFINE_STEPS = 3
 # Set-up
 # ---------------------------------------------------------------------------------------------------------------------
 def _setup(source: BatchSource, options: AuditOptions, group: DistContext | None, *, live: bool = False,
-           distributed: bool = False, float64_decisions: bool = False) -> _Setup:
+           distributed: bool = False, float64_decisions: bool = False, deferred: bool | None = None) -> _Setup:
     """What the passes need to know before reading a row.
 
     A cache (``live`` False) is split into contiguous rows per rank when ``group`` is distributed; a live source
     (arrays in memory, a model over a loader, an accumulator) is already this rank's shard, merged across ranks when
     ``distributed``, and checked on the device (:class:`DeferredChecks`). ``float64_decisions`` makes the decision
     GEMM float64 whatever the features' dtype: exact without the float32 path's data-dependent recheck, so that pass
-    2 never waits for the device (the live default on CUDA).
+    2 never waits for the device (the live default on CUDA). ``deferred`` (default: ``live``) checks labels and
+    finiteness on the device once per pass instead of batch by batch (False for NumPy batches of a live source).
     """
     info = source.info
     where = _where(info)
@@ -66,8 +67,8 @@ def _setup(source: BatchSource, options: AuditOptions, group: DistContext | None
     split = group is not None and group.distributed and not live
     rows = group.rows(info.n_samples) if split and info.n_samples is not None else None
     gemm = "float64" if float64_decisions else gemm_name_for(info.feature_dtype)
-    return _Setup(info, where, layers, gemm, classifier, rows, merge=split or (live and distributed), deferred=live,
-                  group=group)
+    return _Setup(info, where, layers, gemm, classifier, rows, merge=split or (live and distributed),
+                  deferred=live if deferred is None else deferred, group=group)
 
 
 def _where(info: SourceInfo) -> str:
@@ -161,6 +162,8 @@ class _StatisticsPass:
 
             self.accs = {name: ClassStatistics(info.num_classes, width, device=device, normalize=options.normalize)
                          for name, width in widths.items()}
+        # The batches as the accumulators take them: NumPy on the host, tensors elsewhere
+        self._rows, self._as_labels = (np.asarray, _host_labels) if self.host else (_to_tensor, _labels)
         self.checks = None
         if setup.deferred:
             from ncaudit.audit._deferred import DeferredChecks
@@ -169,10 +172,7 @@ class _StatisticsPass:
 
     def update(self, start: int, x: Any, y: Any, extra: Mapping[str, Any]) -> None:
         setup = self.setup
-        if self.host:  # NumPy batches of a cache
-            self._update_host(start, x, y, extra)
-            return
-        h, labels = _to_tensor(x), _labels(y)
+        h, labels = self._rows(x), self._as_labels(y)
         if self.checks is not None:  # on the device, reported once by check(): no synchronisation per batch
             labels = self.checks.labels(labels, start)
             self.checks.features(h, start)
@@ -181,22 +181,12 @@ class _StatisticsPass:
             check_finite(h, start, setup.where)
         self.accs[None].update(h, labels)
         for name in setup.layers:
-            hl = _to_tensor(extra[name])
+            hl = self._rows(extra[name])
             if self.checks is not None:
                 self.checks.features(hl, start, f"layers/{name}")
             else:
                 check_finite(hl, start, setup.where, f"/layers/{name}/features")
             self.accs[name].update(hl, labels)
-
-    def _update_host(self, start: int, x: np.ndarray, y: np.ndarray, extra: Mapping[str, Any]) -> None:
-        setup = self.setup
-        labels = np.asarray(y).astype(np.int64, copy=False)
-        check_labels(labels, setup.info.num_classes, start, setup.where)
-        check_finite(x, start, setup.where)
-        self.accs[None].update(x, labels)
-        for name in setup.layers:
-            check_finite(extra[name], start, setup.where, f"/layers/{name}/features")
-            self.accs[name].update(extra[name], labels)
 
     def check(self) -> None:
         """Raise the first bad label or feature row found on the device (one synchronisation per pass)."""
@@ -282,28 +272,21 @@ class _DecisionsPass:
         self.last = len(sel.remap) - 1
 
     def update(self, start: int, x: Any, y: Any, extra: Mapping[str, Any]) -> None:
-        if self.host:
-            labels = self.remap[np.asarray(y)]
-            self.dec.update(x, labels)
-            if self.train_dec is not None:
-                self.train_dec.update(x, labels)
-            if self.residual is not None:
-                self.residual.update(_to_tensor(x), _labels(labels))
-            for name, dec in self.layer_dec.items():
-                dec.update(extra[name], labels)
-            return
-        labels = _labels(y).to(self.device, non_blocking=True)
-        if self.setup.deferred:  # labels were checked in pass 1; a loader that changed them shows in the counts
-            labels = labels.clamp(0, self.last)
-        labels = self.remap[labels]
-        h = _to_tensor(x)
+        if self.host:  # NumPy batches
+            labels, rows = self.remap[_host_labels(y)], np.asarray
+        else:
+            labels = _labels(y).to(self.device, non_blocking=True)
+            if self.setup.deferred:  # labels were checked in pass 1; a loader that changed them shows in the counts
+                labels = labels.clamp(0, self.last)
+            labels, rows = self.remap[labels], _to_tensor
+        h = rows(x)
         self.dec.update(h, labels)
         if self.train_dec is not None:
             self.train_dec.update(h, labels)
-        if self.residual is not None:
-            self.residual.update(h, labels)
+        if self.residual is not None:  # torch's accumulator on any path
+            self.residual.update(_to_tensor(h), _labels(labels))
         for name, dec in self.layer_dec.items():
-            dec.update(_to_tensor(extra[name]), labels)
+            dec.update(rows(extra[name]), labels)
 
     def check(self) -> None:
         pass
@@ -313,6 +296,11 @@ class _DecisionsPass:
         return self.dec.compute(), {name: d.compute() for name, d in self.layer_dec.items()}, \
             None if self.residual is None else self.residual.compute(), \
             None if self.train_dec is None else self.train_dec.compute()
+
+
+def _host_labels(y: Any) -> np.ndarray:
+    """Labels of a NumPy batch as int64 (no copy when they are)."""
+    return np.asarray(y).astype(np.int64, copy=False)
 
 
 def _remap(remap: np.ndarray, device: torch.device | None) -> Any:

@@ -7,7 +7,6 @@ over a data loader. The passes see only this protocol, so every source gives the
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import numpy as np
 
+from ncaudit._validate import is_tensor
 from ncaudit.errors import InputError
 
 if TYPE_CHECKING:
@@ -22,12 +22,6 @@ if TYPE_CHECKING:
 
 #: An array of features or labels: NumPy, or a torch tensor on any device.
 Array: TypeAlias = "np.ndarray | torch.Tensor"
-
-
-def is_tensor(x: Any) -> bool:
-    """Whether ``x`` is a torch tensor (without importing torch: no tensor exists before it is imported)."""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(x, torch.Tensor)
 
 
 class SourceInfo(Protocol):

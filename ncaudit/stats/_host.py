@@ -44,6 +44,12 @@ BLOCK_BYTES = 1 << 19
 CHUNK_BYTES = 24 << 20
 
 
+def one_class(labels: np.ndarray) -> bool:
+    """Whether a non-empty block of labels holds one class (the common case of caches in class order: its rows then
+    take one row of a table, broadcast, instead of a gather)."""
+    return bool(labels[0] == labels[-1] and (labels == labels[0]).all())
+
+
 class Scratch:
     """Reusable NumPy scratch arrays by name (contents undefined): a fresh large array per batch costs more in page
     faults than the arithmetic done on it."""
@@ -172,7 +178,7 @@ class HostDecider:
     def _gather(table: np.ndarray, labels: np.ndarray, out: np.ndarray) -> np.ndarray:
         """``table[labels]``: the one row itself when the block holds one class (caches in class order), else
         gathered into ``out``."""
-        if labels[0] == labels[-1] and (labels == labels[0]).all():
+        if one_class(labels):
             return table[labels[0]]
         return np.take(table, labels, axis=0, out=out[:len(labels)])
 
@@ -265,9 +271,8 @@ class HostDecider:
             s[...] = raw[a:a + step]
             if anchored:  # the per-label constants of these rows: one row when the block holds one class
                 labels = label_rows[a:a + step]
-                one = labels[0] == labels[-1] and bool((labels == labels[0]).all())
                 # fancy rows with a column slice: np.take of a column view would copy the whole table per call
-                s += consts[labels[0], cols] if one else consts[labels, cols]
+                s += consts[labels[0], cols] if one_class(labels) else consts[labels, cols]
             else:
                 s += consts[cols]
             top = s.argmax(1)

@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from ncaudit._device import release_free_memory
-from ncaudit.stats._host import Scratch
+from ncaudit.stats._host import Scratch, one_class
 from ncaudit.stats._results import Statistics
 
 #: Rows per block of element-wise work: a block of float64 rows and its gathered shifts stay in cache.
@@ -53,7 +53,7 @@ def host_update(state: dict[str, np.ndarray], h: np.ndarray, y: np.ndarray, *, n
         if normalize:
             norms = np.sqrt(np.einsum("bp,bp->b", rows, rows))
             rows /= np.maximum(norms, np.finfo(np.float64).tiny)[:, None]
-        one = labels[0] == labels[-1] and bool((labels == labels[0]).all())
+        one = one_class(labels)
         if one and seen[labels[0]]:
             rows -= shift[labels[0]]
         else:
