@@ -81,6 +81,15 @@ def host_update(state: dict[str, np.ndarray], h: np.ndarray, y: np.ndarray, *, n
     state["products"][...] += 1.0
 
 
+def check_batch(features: tuple[int, ...], labels: tuple[int, ...], num_features: int) -> bool:
+    """The shapes of a batch, (B, p) features and (B,) labels, checked (ValueError); whether it holds any row."""
+    if len(features) != 2 or features[1] != num_features:
+        raise ValueError(f"features must have shape (B, {num_features}), got {features}")
+    if labels != (features[0],):
+        raise ValueError(f"labels must have shape ({features[0]},), got {labels}")
+    return features[0] > 0
+
+
 def _add_by_label(sums: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> None:
     """sums[labels[i]] += rows[i]: one row sum per run of equal labels (``reduceat``; sorted first when the labels
     are not in order). Three times faster than ``np.add.at`` on a block that straddles two classes."""
@@ -179,11 +188,7 @@ class HostStatistics:
         """Accumulate one batch: ``features`` (B, p) float16/32/64, ``labels`` (B,) integers in [0, C) (checked by
         the caller)."""
         h, y = np.asarray(features), np.asarray(labels).astype(np.int64, copy=False)
-        if h.ndim != 2 or h.shape[1] != self.num_features:
-            raise ValueError(f"features must have shape (B, {self.num_features}), got {h.shape}")
-        if y.shape != (h.shape[0],):
-            raise ValueError(f"labels must have shape ({h.shape[0]},), got {y.shape}")
-        if h.shape[0] == 0:
+        if not check_batch(tuple(h.shape), tuple(y.shape), self.num_features):
             return
         if h.dtype not in (np.float16, np.float32, np.float64):
             h = h.astype(np.float64)

@@ -57,7 +57,7 @@ import torch
 from ncaudit import _device
 from ncaudit.stats._gemm import Workspace, gram
 from ncaudit.stats._host import Scratch
-from ncaudit.stats._host_statistics import error_bound, host_update, statistics_from_state
+from ncaudit.stats._host_statistics import check_batch, error_bound, host_update, statistics_from_state
 from ncaudit.stats._results import Statistics
 from ncaudit.stats._state import _State
 
@@ -135,11 +135,7 @@ class ClassStatistics(_State):
         """
         h = torch.as_tensor(features)
         y = torch.as_tensor(labels)
-        if h.ndim != 2 or h.shape[1] != self.num_features:
-            raise ValueError(f"features must have shape (B, {self.num_features}), got {tuple(h.shape)}")
-        if y.shape != (h.shape[0],):
-            raise ValueError(f"labels must have shape ({h.shape[0]},), got {tuple(y.shape)}")
-        if h.shape[0] == 0:
+        if not check_batch(tuple(h.shape), tuple(y.shape), self.num_features):
             return
         if self._host:
             self._update_host(h.cpu(), y.cpu())
